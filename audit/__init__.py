@@ -1,0 +1,35 @@
+"""mcaudit: audit medical CLIP models for robustness and trustworthiness.
+
+The public API for plugin authors is importable from here; importing it loads no plugin.
+"""
+
+__version__ = "0.1.0"
+
+from mcaudit.checks import Check, CheckResult, Figure, Param, Table  # noqa: E402
+from mcaudit.errors import InputError  # noqa: E402
+from mcaudit.hookimpl import hookimpl  # noqa: E402
+from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, ReportSection  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch) only when a plugin asks for these names.
+    if name == "AuditContext":
+        from mcaudit.context import AuditContext
+
+        return AuditContext
+    if name in ("ModelAdapter", "ZeroShotClassifier"):
+        from mcaudit.models import adapter
+
+        return getattr(adapter, name)
+    if name in ("AuditDataset", "Record"):
+        from mcaudit.data import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "__version__", "hookimpl", "Check", "CheckResult", "Param", "Table", "Figure", "InputError",
+    "LoaderInfo", "FormatInfo", "ModelRequest", "DataRequest", "ReportSection",
+    "AuditContext", "ModelAdapter", "ZeroShotClassifier", "AuditDataset", "Record",
+]

@@ -1,0 +1,163 @@
+"""The shape every audit check has, built-in or third-party.
+
+A check is a class with declarative metadata (what it measures, its parameters with their
+defaults, the metrics it reports and its default gate thresholds) and one method,
+:meth:`Check.run`, that turns an :class:`mcaudit.AuditContext` into a :class:`CheckResult`.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from mcaudit.context import AuditContext
+
+
+@dataclass(frozen=True)
+class Param:
+    """A check parameter: its default value (which also fixes its type) and what it means."""
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    def coerce(self, value: Any, where: str) -> Any:
+        from mcaudit.errors import InputError
+
+        default = self.default
+        ok = True
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                value = float(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif isinstance(default, (list, tuple)):
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                value = [value]
+            ok = isinstance(value, (list, tuple))
+            if ok:
+                value = list(value)
+        if not ok:
+            raise InputError(
+                f"{where}: expected a {type(default).__name__} like {default!r}, got {value!r}"
+            )
+        if self.choices is not None and value not in self.choices:
+            raise InputError(f"{where}: {value!r} is not one of {list(self.choices)}")
+        return value
+
+
+@dataclass
+class Table:
+    """A table for the report; cells are plain values that the renderer escapes."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+@dataclass
+class Figure:
+    """An image for the report: PNG bytes, embedded as a data URI so the report stays one file."""
+
+    title: str
+    png: bytes
+    caption: str = ""
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class CheckResult:
+    """What a check returns.
+
+    ``metrics`` is a flat map from metric name to number; it is what gates read and what
+    results.json stores. ``intervals`` maps some of those names to (low, high) confidence
+    bounds. ``details`` holds any further JSON-serialisable data. ``per_image`` adds columns to
+    samples.csv (named ``check.column``): one value per row of the shared forward pass, with
+    ``None`` for images the check did not look at.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    summary: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    per_image: dict[str, Any] = field(default_factory=dict)  # column -> values per forward row
+    status: str = "ok"  # "ok", or "skipped" when the check does not apply to this data
+
+    @classmethod
+    def skipped(cls, reason: str) -> "CheckResult":
+        return cls(status="skipped", summary=reason)
+
+    def clean_metrics(self) -> dict[str, float | None]:
+        # JSON has no NaN/inf: an undefined metric is stored as null.
+        out: dict[str, float | None] = {}
+        for key, value in self.metrics.items():
+            value = float(value)
+            out[key] = value if math.isfinite(value) else None
+        return out
+
+
+class Check(abc.ABC):
+    """Base class for audit checks.
+
+    Subclasses set the class attributes and implement :meth:`run`. ``uses_model`` is False for
+    a check that needs only the shared forward pass (features, logits, probabilities); a check
+    that runs the model again (attacks, attributions) sets it True.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+    metrics: ClassVar[dict[str, str]] = {}
+    default_thresholds: ClassVar[dict[str, str]] = {}
+    uses_model: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def run(self, ctx: AuditContext, params: dict[str, Any]) -> CheckResult:
+        """Run the check on one audit; ``params`` are resolved against :attr:`params`."""
+
+    @classmethod
+    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        from mcaudit.errors import InputError
+
+        unknown = sorted(set(given) - set(cls.params))
+        if unknown:
+            known = ", ".join(sorted(cls.params)) or "none"
+            raise InputError(
+                f"check {cls.name!r} has no parameter {unknown[0]!r} (its parameters: {known})"
+            )
+        resolved = {}
+        for key, param in cls.params.items():
+            value = given.get(key, param.default)
+            resolved[key] = param.coerce(value, f"{cls.name}.{key}")
+        return resolved
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "uses_model": cls.uses_model,
+            "params": {
+                k: {"default": p.default, "help": p.help}
+                | ({"choices": list(p.choices)} if p.choices else {})
+                for k, p in cls.params.items()
+            },
+            "metrics": dict(cls.metrics),
+            "default_thresholds": dict(cls.default_thresholds),
+        }

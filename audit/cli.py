@@ -1,0 +1,254 @@
+"""The ``mcaudit`` command line: run, plugins, gate, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from mcaudit import __version__
+from mcaudit.errors import InputError
+
+
+class McauditGroup(click.Group):
+    """Turns mcaudit's exceptions into the documented exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            click.echo(f"mcaudit: error: {exc}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("mcaudit: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - anything else is a bug worth a traceback
+            click.echo(traceback.format_exc(), err=True)
+            click.echo(f"mcaudit: internal error: {type(exc).__name__}: {exc}", err=True)
+            ctx.exit(3)
+
+
+plugin_option = click.option(
+    "-p", "plugin_args", multiple=True, metavar="MODULE|no:NAME",
+    help="Load a plugin module (dotted name or .py file), or block one with no:NAME.",
+)
+
+
+def split_plugin_args(args) -> tuple[list[str], list[str]]:
+    load = [a for a in args if not a.startswith("no:")]
+    block = [a[3:] for a in args if a.startswith("no:")]
+    return load, block
+
+
+@click.group(cls=McauditGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mcaudit")
+def cli():
+    """Audit medical CLIP models for robustness and trustworthiness."""
+
+
+@cli.command()
+@click.option("--model", help="Model spec: ARCH, arch.json, FOLDER, hf-hub:ORG/NAME, demo, or a plugin's form.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Weights (.safetensors/.pt/.pth/.bin).")
+@click.option("--data", help="Data: manifest.csv, an image folder, a MedMNIST .npz, or phantom:.")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Prompt TOML: class phrasings and templates.")
+@click.option("--group", "groups", multiple=True, help="Subgroup column for fairness (repeatable).")
+@click.option("--checks", help="Comma-separated checks to run (default: all).")
+@click.option("--out", help="Output folder (default mcaudit-report).")
+@click.option("--gate", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Apply thresholds (from FILE, else mcaudit.toml / pyproject.toml, plus check defaults).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
+@click.option("--batch-size", type=int, help="Images per batch (default 64).")
+@click.option("--seed", type=int, help="Seed for subsampling and attacks (default 0).")
+@click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--split", help="Split of a MedMNIST .npz (default test).")
+@click.option("--ood", help="Out-of-distribution data for the anomaly check (any data format).")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Format option, e.g. dicom_frame=middle.")
+@click.option("--set", "set_params", multiple=True, metavar="CHECK.PARAM=VALUE", help="Check parameter.")
+@click.option("--strict", is_flag=True, default=None, help="Stop at the first unreadable image.")
+@click.option("--allow-network", is_flag=True, default=None, help="Allow downloading model files.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars or summary.")
+@plugin_option
+@click.pass_context
+def run(ctx, config_file, set_params, data_options, plugin_args, quiet, **options):
+    """Audit a model on a labelled image set; with no --model and --data, run the demo."""
+    from mcaudit.config import RunConfig, apply_config_file, default_config_file, parse_data_options, parse_set
+    from mcaudit.plugin_manager import make_plugin_manager
+    from mcaudit.reports.writer import write_outputs
+    from mcaudit.runner import apply_demo_defaults, run_audit
+
+    cfg = RunConfig()
+    source = Path(config_file) if config_file else default_config_file()
+    if config_file and not Path(config_file).is_file():
+        raise InputError(f"--config {config_file}: no such file")
+    if source is not None:
+        apply_config_file(cfg, source)
+    for key, value in options.items():
+        if value is None or value == ():
+            continue
+        if key == "checks":
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        elif key == "groups":
+            value = list(value)
+        setattr(cfg, key, value)
+    cfg.quiet = quiet
+    cfg.data_options.update(parse_data_options(list(data_options)))
+    for check, params in parse_set(list(set_params)).items():
+        cfg.check_params.setdefault(check, {}).update(params)
+    demo = apply_demo_defaults(cfg)
+    load, block = split_plugin_args(plugin_args)
+    manager = make_plugin_manager(load=load, block=block)
+    if not quiet:
+        for failed in manager.failed:
+            click.echo(f"mcaudit: warning: plugin {failed.name} failed to load and was skipped: {failed.error}", err=True)
+        if demo:
+            click.echo("mcaudit: no --model/--data given: auditing the embedded demo model on synthetic phantoms", err=True)
+    audit = run_audit(cfg, manager)
+    out = Path(cfg.out)
+    write_outputs(audit, out, manager)
+    if not quiet:
+        print_summary(audit.results)
+    click.echo(f"report: {out / 'index.html'}")
+    ctx.exit(audit.exit_code)
+
+
+def print_summary(results) -> None:
+    d = results["dataset"]
+    click.echo(f"{results['model']['spec']} on {d['spec']}: {d['images']} images scored, {d['skipped']} skipped")
+    for name, check in results["checks"].items():
+        click.echo(f"  {name:<20} {check['status']:<8} {check.get('summary', '')}")
+    gate = results.get("gate") or {}
+    if gate.get("applied"):
+        failed = [g for g in gate["results"] if not g["passed"]]
+        click.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'} ({len(gate['results']) - len(failed)}/{len(gate['results'])} thresholds met)")
+        for g in failed:
+            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+            click.echo(f"  FAIL {g['name']} = {value}, needs {g['op']} {g['bound']:g} {g['reason']}".rstrip())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@plugin_option
+def plugins(as_json, plugin_args):
+    """List plugins, checks (with metrics and parameters), model loaders and data formats."""
+    from mcaudit.catalog import build_catalog
+    from mcaudit.plugin_manager import make_plugin_manager
+
+    load, block = split_plugin_args(plugin_args)
+    manager = make_plugin_manager(load=load, block=block)
+    catalog = build_catalog(manager)
+    pm = manager.pm
+    info = {
+        "plugins": [
+            {
+                "name": name,
+                "source": manager.sources.get(name, ""),
+                "hooks": sorted({hc.name for hc in (pm.get_hookcallers(plugin) or [])}),
+            }
+            for name, plugin in pm.list_name_plugin()
+        ],
+        "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
+        "checks": [cls.describe() | {"plugin": catalog.check_plugins[name]} for name, cls in catalog.checks.items()],
+        "loaders": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.loaders],
+        "formats": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.formats],
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo("Plugins:")
+    for p in info["plugins"]:
+        click.echo(f"  {p['name']:<22} {p['source']}")
+    for f in info["failed"]:
+        click.echo(f"  {f['name']:<22} FAILED to load: {f['error']}")
+    click.echo("\nChecks:")
+    for c in info["checks"]:
+        click.echo(f"  {c['name']} ({c['plugin']}): {c['description']}")
+        for k, p in c["params"].items():
+            click.echo(f"      --set {c['name']}.{k}={p['default']!r}  {p['help']}")
+        for k, m in c["metrics"].items():
+            click.echo(f"      metric {k}: {m}")
+        for k, t in c["default_thresholds"].items():
+            click.echo(f"      default threshold {c['name']}.{k} {t}")
+    click.echo("\nModel loaders:")
+    for ld in info["loaders"]:
+        click.echo(f"  {ld['name']} ({ld['plugin']}): {ld['description']}")
+        for form in ld["spec_forms"]:
+            click.echo(f"      --model {form}")
+    click.echo("\nData formats:")
+    for fm in info["formats"]:
+        click.echo(f"  {fm['name']} ({fm['plugin']}): {fm['description']}")
+
+
+def read_results(path: str) -> dict:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a results.json file ({exc})") from exc
+    if not isinstance(results, dict) or "checks" not in results:
+        raise InputError(f"{path}: not a mcaudit results.json (no 'checks')")
+    return results
+
+
+@cli.command()
+@click.argument("results_file", type=click.Path(dir_okay=False))
+@click.option("--thresholds", type=click.Path(dir_okay=False), help="Threshold TOML (default: mcaudit.toml / pyproject.toml).")
+@click.option("--no-defaults", is_flag=True, help="Ignore the checks' default thresholds.")
+@plugin_option
+@click.pass_context
+def gate(ctx, results_file, thresholds, no_defaults, plugin_args):
+    """Re-apply thresholds to a results.json without running anything."""
+    from mcaudit.catalog import build_catalog
+    from mcaudit.gating import apply_gate, collect_thresholds
+    from mcaudit.plugin_manager import make_plugin_manager
+
+    results = read_results(results_file)
+    defaults = {}
+    if not no_defaults:
+        load, block = split_plugin_args(plugin_args)
+        catalog = build_catalog(make_plugin_manager(load=load, block=block))
+        for name in results["checks"]:
+            cls = catalog.checks.get(name)
+            if cls is not None:
+                defaults.update({f"{name}.{m}": v for m, v in cls.default_thresholds.items()})
+    found = collect_thresholds(thresholds or "", {}, defaults)
+    if not found:
+        raise InputError("no thresholds: pass --thresholds FILE or add [thresholds] to mcaudit.toml")
+    results["gate"] = apply_gate(results, found)
+    print_summary(results)
+    errored = any(c.get("status") == "error" for c in results["checks"].values())
+    ctx.exit(0 if results["gate"]["passed"] and not errored else 1)
+
+
+@cli.command()
+@click.argument("results_file", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="HTML file to write (default: index.html beside results.json).")
+@plugin_option
+def report(results_file, out, plugin_args):
+    """Re-render the HTML report from a results.json."""
+    from mcaudit.plugin_manager import make_plugin_manager
+    from mcaudit.reports.atomic import write_files_atomically
+    from mcaudit.reports.html import render_html
+    from mcaudit.reports.writer import plugin_sections
+
+    results = read_results(results_file)
+    load, block = split_plugin_args(plugin_args)
+    manager = make_plugin_manager(load=load, block=block)
+    target = Path(out) if out else Path(results_file).parent / "index.html"
+    write_files_atomically(target.parent, {target.name: render_html(results, plugin_sections(manager, results))})
+    click.echo(f"report: {target}")
+
+
+def main() -> None:
+    cli(prog_name="mcaudit")
+
+
+if __name__ == "__main__":
+    main()

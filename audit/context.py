@@ -1,0 +1,112 @@
+"""What a check sees: the model, the data, the shared forward outputs and run settings."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from mcaudit.data.dataset import AuditDataset
+from mcaudit.devices import autocast
+from mcaudit.forward import ForwardOutputs
+from mcaudit.models.adapter import ModelAdapter, ZeroShotClassifier
+from mcaudit.progress import progress
+from mcaudit.prompts import PromptSet
+
+
+@dataclass
+class AuditContext:
+    """Everything a check may use. Rows are positions in :attr:`forward` (readable images)."""
+
+    model: ModelAdapter
+    dataset: AuditDataset
+    prompts: PromptSet
+    class_features: torch.Tensor
+    forward: ForwardOutputs
+    device: torch.device
+    precision: str = "fp32"
+    batch_size: int = 64
+    seed: int = 0
+    workers: int = 0
+    show_progress: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    open_dataset: Callable[[str], AuditDataset] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def is_grey(self) -> bool:
+        """True when every audited image was grey (X-ray, CT, MRI), as most medical images are."""
+        return bool(len(self.forward.grey)) and bool(self.forward.grey.all())
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        return self.dataset.group_columns
+
+    def group_values(self, column: str) -> np.ndarray:
+        recs = self.dataset.records
+        return np.array([recs[i].groups.get(column, "") for i in self.forward.indices], dtype=object)
+
+    def rng(self, name: str) -> np.random.Generator:
+        """A generator seeded from the run seed and ``name``, stable across runs and checks."""
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def torch_generator(self, name: str) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(self.rng(name).integers(0, 2**62)))
+        return g
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    def classifier(self) -> ZeroShotClassifier:
+        """pixels in [0, 1] -> class logits, differentiable, on the run's device."""
+        return self.model.zero_shot_classifier(self.class_features).to(self.device).eval()
+
+    def stratified_rows(self, n: int, name: str) -> np.ndarray:
+        """Up to ``n`` rows, classes in proportion to the data (at least one each), seeded."""
+        labels = self.forward.labels
+        total = len(labels)
+        if n <= 0 or n >= total:
+            return np.arange(total)
+        rng = self.rng(name)
+        chosen = []
+        classes, counts = np.unique(labels, return_counts=True)
+        quotas = np.maximum(1, np.floor(counts / total * n).astype(int))
+        while quotas.sum() > n:
+            quotas[np.argmax(quotas)] -= 1
+        leftover = n - quotas.sum()
+        order = np.argsort(-(counts / total * n - np.floor(counts / total * n)))
+        for k in order[:leftover]:
+            quotas[k] += 1
+        for cls, quota in zip(classes, quotas):
+            rows = np.flatnonzero(labels == cls)
+            chosen.append(rng.choice(rows, size=min(quota, len(rows)), replace=False))
+        return np.sort(np.concatenate(chosen))
+
+    def load_pixels(self, rows: np.ndarray | list[int]) -> torch.Tensor:
+        """Pixels of the given rows, (len(rows), 3, H, W) in [0, 1], on the run's device."""
+        items = [self.dataset[int(self.forward.indices[r])] for r in rows]
+        return torch.stack([it["pixels"] for it in items]).to(self.device)
+
+    def iter_batches(self, rows: np.ndarray, batch_size: int | None = None, desc: str = "") -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(rows, pixels, labels) batches over ``rows``, pixels on the device."""
+        bs = batch_size or self.batch_size
+        rows = np.asarray(rows)
+        chunks = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+        for chunk in progress(chunks, desc or "batches", enabled=self.show_progress):
+            pixels = self.load_pixels(chunk)
+            labels = torch.as_tensor(self.forward.labels[chunk], device=self.device)
+            yield chunk, pixels, labels
+
+    def load_mask(self, row: int) -> torch.Tensor | None:
+        return self.dataset.load_mask(int(self.forward.indices[row]))
+
+    def source(self, row: int) -> str:
+        return self.dataset.records[int(self.forward.indices[row])].source

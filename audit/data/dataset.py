@@ -1,0 +1,112 @@
+"""The dataset every format becomes: records in a fixed order, decoded one at a time."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from mcaudit.data.images import UnreadableImage, read_image
+
+
+@dataclass
+class Record:
+    """One image: where it comes from, its class index, its subgroup values and mask."""
+
+    source: str
+    label: int
+    groups: dict[str, str] = field(default_factory=dict)
+    mask: str | None = None
+    path: Path | None = None
+
+
+class AuditDataset(torch.utils.data.Dataset):
+    """A labelled image set in a fixed order.
+
+    Subclasses override :meth:`load_pixels` when images do not live in files. Items are
+    dicts: ``pixels`` (3 x H x W float in [0, 1], or None when the image could not be read),
+    ``index``, ``grey`` and ``error``.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        records: list[Record],
+        classes: list[str],
+        image_size: tuple[int, int],
+        fingerprint: str,
+        format_name: str,
+        group_columns: tuple[str, ...] = (),
+        options: dict[str, Any] | None = None,
+        warnings: list[str] | None = None,
+    ):
+        self.spec = spec
+        self.records = records
+        self.classes = list(classes)
+        self.image_size = tuple(image_size)
+        self.fingerprint = fingerprint
+        self.format_name = format_name
+        self.group_columns = tuple(group_columns)
+        self.options = dict(options or {})
+        self.warnings = list(warnings or [])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_pixels(self, index: int) -> tuple[np.ndarray, bool]:
+        """H x W x 3 float32 in [0, 1] and whether the source was grey."""
+        record = self.records[index]
+        if record.path is None:
+            raise UnreadableImage(f"{record.source}: no file")
+        return read_image(record.path, self.options)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            arr, grey = self.load_pixels(index)
+            pixels = to_model_size(arr, self.image_size)
+            return {"pixels": pixels, "index": index, "grey": grey, "error": None}
+        except UnreadableImage as exc:
+            return {"pixels": None, "index": index, "grey": False, "error": str(exc)}
+
+    def load_mask(self, index: int) -> torch.Tensor | None:
+        """The record's binary mask at the model's resolution (H x W bool), or None."""
+        record = self.records[index]
+        if not record.mask:
+            return None
+        arr, _ = read_image(Path(record.mask), {})
+        mask = to_model_size(arr, self.image_size, interpolation="nearest")[0] > 0.5
+        return mask
+
+
+def to_model_size(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize the shorter side and centre-crop, as CLIP preprocessing does, in pixel space."""
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
+    h, w = t.shape[1:]
+    th, tw = size
+    if (h, w) != (th, tw):
+        scale = max(th / h, tw / w)
+        new = (max(th, round(h * scale)), max(tw, round(w * scale)))
+        mode = TF.InterpolationMode.NEAREST if interpolation == "nearest" else TF.InterpolationMode.BICUBIC
+        t = TF.resize(t, list(new), interpolation=mode, antialias=interpolation != "nearest")
+        t = TF.center_crop(t, [th, tw])
+    return t.clamp_(0.0, 1.0)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [it for it in items if it["pixels"] is not None]
+    return {
+        "pixels": torch.stack([it["pixels"] for it in ok]) if ok else None,
+        "index": torch.tensor([it["index"] for it in ok], dtype=torch.long),
+        "grey": [it["grey"] for it in ok],
+        "failed": [(it["index"], it["error"]) for it in items if it["pixels"] is None],
+    }
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

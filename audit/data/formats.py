@@ -1,0 +1,224 @@
+"""Built-in data formats: CSV manifests, ImageFolder trees, MedMNIST .npz, DICOM, phantoms.
+
+Registered through the same hooks a third-party data-format plugin implements.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from mcaudit.data.dataset import AuditDataset, Record
+from mcaudit.data.images import UnreadableImage, is_dicom
+from mcaudit.data.medmnist_names import MEDMNIST_CLASSES
+from mcaudit.errors import InputError
+from mcaudit.hookimpl import hookimpl
+from mcaudit.registry import DataRequest, FormatInfo
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
+RESERVED_COLUMNS = {"path", "label", "mask"}
+
+
+@hookimpl
+def mcaudit_register_data_formats(register):
+    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask and subgroup columns; images may be PNG, JPEG, TIFF or DICOM"))
+    register(FormatInfo("imagefolder", ("FOLDER/CLASS/IMAGE",), "a folder with one sub-folder of images per class"))
+    register(FormatInfo("medmnist", ("FILE.npz",), "MedMNIST .npz; pick the split with --split (train, val, test)"))
+    register(FormatInfo("dicom", ("FILE.dcm in a manifest or folder",), "DICOM via pydicom: rescale slope/intercept, VOI window, MONOCHROME1 inverted; multi-frame needs --data-option dicom_frame=N|middle"))
+    register(FormatInfo("phantom", ("phantom:", "phantom:n=400,seed=0"), "synthetic chest-radiograph phantoms with and without focal opacities, with site and sex attributes (the demo data)"))
+
+
+@hookimpl
+def mcaudit_load_dataset(spec: str, request: DataRequest) -> AuditDataset | None:
+    if spec.startswith("phantom:") or spec == "phantom":
+        from mcaudit.demo.phantoms import PhantomDataset
+
+        return PhantomDataset.from_spec(spec, request)
+    path = Path(spec)
+    if ":" in spec.split("/")[0] and not path.exists():
+        return None
+    if not path.exists():
+        raise InputError(f"--data {spec}: no such file or folder")
+    if path.is_dir():
+        return load_image_folder(path, request)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return load_manifest(path, request)
+    if suffix == ".npz":
+        return load_medmnist(path, request)
+    if suffix in IMAGE_SUFFIXES or is_dicom(path):
+        raise InputError(f"--data {spec}: a single image has no label; list it in a CSV manifest with path,label")
+    return None
+
+
+def _known_classes(request: DataRequest) -> list[str] | None:
+    classes = request.options.get("classes")
+    return list(classes) if classes else None
+
+
+def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    for needed in ("path", "label"):
+        if needed not in columns:
+            raise InputError(f"{path}: the manifest needs a '{needed}' column (found: {', '.join(columns) or 'none'})")
+    group_columns = [c for c in columns if c not in RESERVED_COLUMNS]
+    for g in request.groups:
+        if g not in columns or g in RESERVED_COLUMNS:
+            raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(group_columns) or 'none'})")
+    rows = []
+    for line_no, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not row.get("path"):
+            raise InputError(f"{path} line {line_no}: empty path")
+        if row.get("label", "") == "":
+            raise InputError(f"{path} line {line_no}: empty label")
+        rows.append((line_no, row))
+    if not rows:
+        raise InputError(f"{path}: the manifest lists no images")
+    classes = _known_classes(request) or sorted({r["label"] for _, r in rows}, key=_natural)
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    base = path.parent
+    for line_no, row in rows:
+        label = row["label"]
+        if label not in index:
+            raise InputError(
+                f"{path} line {line_no}: label {label!r} is not a known class (known: {', '.join(classes)})"
+            )
+        image_path = Path(row["path"])
+        image_path = image_path if image_path.is_absolute() else base / image_path
+        mask = row.get("mask") or None
+        if mask:
+            mask_path = Path(mask)
+            mask = str(mask_path if mask_path.is_absolute() else base / mask_path)
+        records.append(
+            Record(
+                source=row["path"],
+                label=index[label],
+                groups={c: row.get(c, "") for c in group_columns},
+                mask=mask,
+                path=image_path,
+            )
+        )
+    return AuditDataset(
+        spec=str(path),
+        records=records,
+        classes=classes,
+        image_size=request.image_size,
+        fingerprint=hashlib.sha256(raw).hexdigest(),
+        format_name="csv",
+        group_columns=tuple(request.groups),
+        options=request.options,
+    )
+
+
+def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
+    if request.groups:
+        raise InputError(f"--group {request.groups[0]}: an image folder has no subgroup columns; use a CSV manifest")
+    class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: _natural(d.name))
+    if not class_dirs:
+        raise InputError(f"--data {path}: expected one sub-folder per class (FOLDER/CLASS/IMAGE), found none")
+    known = _known_classes(request)
+    classes = known or [d.name for d in class_dirs]
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    listing = hashlib.sha256()
+    for d in class_dirs:
+        if d.name not in index:
+            raise InputError(f"--data {path}: folder {d.name!r} is not a known class (known: {', '.join(classes)})")
+        for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            if f.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(f):
+                continue
+            rel = f.relative_to(path).as_posix()
+            listing.update(rel.encode() + b"\0" + str(f.stat().st_size).encode() + b"\n")
+            records.append(Record(source=rel, label=index[d.name], path=f))
+    if not records:
+        raise InputError(f"--data {path}: no images found in the class folders")
+    return AuditDataset(
+        spec=str(path),
+        records=records,
+        classes=classes,
+        image_size=request.image_size,
+        fingerprint=listing.hexdigest(),
+        format_name="imagefolder",
+        options=request.options,
+    )
+
+
+class NpzDataset(AuditDataset):
+    def __init__(self, images: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.images = images
+
+    def load_pixels(self, index: int):
+        from mcaudit.data.images import to_rgb
+
+        img = self.images[index]
+        if img.dtype == np.uint8:
+            arr = img.astype(np.float32) / 255.0
+        elif img.dtype == np.uint16:
+            arr = img.astype(np.float32) / 65535.0
+        else:
+            arr = img.astype(np.float32)
+            if arr.min() < 0 or arr.max() > 1:
+                raise UnreadableImage(f"{self.records[index].source}: float pixels outside [0, 1]")
+        return to_rgb(arr)
+
+
+def load_medmnist(path: Path, request: DataRequest) -> AuditDataset:
+    if request.groups:
+        raise InputError(f"--group {request.groups[0]}: a MedMNIST file has no subgroup columns")
+    split = request.split
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
+    with npz:
+        key_img, key_lab = f"{split}_images", f"{split}_labels"
+        if key_img not in npz.files or key_lab not in npz.files:
+            splits = sorted({k.rsplit("_", 1)[0] for k in npz.files if k.endswith("_images")})
+            raise InputError(f"{path}: no split {split!r} (splits: {', '.join(splits) or 'none'}); choose one with --split")
+        images = npz[key_img]
+        labels = np.asarray(npz[key_lab])
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise InputError(f"{path}: multi-label MedMNIST sets are not supported (labels have {labels.shape[1]} columns)")
+    labels = labels.reshape(-1).astype(np.int64)
+    if images.ndim not in (3, 4) or len(images) != len(labels):
+        raise InputError(f"{path}: {key_img} has shape {images.shape}, expected N x H x W (x C) with N = {len(labels)}")
+    known = _known_classes(request)
+    stem = path.stem.split("_")[0].lower()
+    classes = known or MEDMNIST_CLASSES.get(stem) or [f"class {i}" for i in range(int(labels.max()) + 1)]
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(
+            f"{path}: {key_lab}[{i}] = {labels[i]} is not a known class index (known: "
+            + ", ".join(f"{k}={c}" for k, c in enumerate(classes)) + ")"
+        )
+    records = [Record(source=f"{path.name}#{split}/{i}", label=int(lab)) for i, lab in enumerate(labels)]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return NpzDataset(
+        images,
+        spec=str(path),
+        records=records,
+        classes=classes,
+        image_size=request.image_size,
+        fingerprint=digest,
+        format_name="medmnist",
+        options=request.options,
+    )
+
+
+def _natural(text: str):
+    import re
+
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]

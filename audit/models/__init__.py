@@ -1,0 +1,1 @@
+"""Model adapters and the built-in model loaders."""

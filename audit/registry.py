@@ -1,0 +1,60 @@
+"""Small value types passed through the hooks in :mod:`mcaudit.hookspecs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoaderInfo:
+    """A model loader as ``mcaudit plugins`` lists it."""
+
+    name: str
+    spec_forms: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """A data format as ``mcaudit plugins`` lists it."""
+
+    name: str
+    spec_forms: tuple[str, ...]
+    description: str
+
+
+@dataclass
+class ModelRequest:
+    """What a model loader is asked for besides the spec."""
+
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    allow_network: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataRequest:
+    """What a data format is asked for besides the spec.
+
+    ``image_size`` is the model's (height, width); images are resized and centre-cropped to
+    it in pixel space [0, 1], so that the model's normalisation stays inside the adapter.
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    split: str = "test"
+    groups: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    role: str = "audit"  # "audit" for the audited set, "ood" for an out-of-distribution set
+
+
+@dataclass
+class ReportSection:
+    """Extra content for the HTML report. ``html`` is inserted as is: escape user data."""
+
+    title: str
+    html: str
+    anchor: str = ""

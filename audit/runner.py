@@ -1,0 +1,275 @@
+"""One audit, start to finish: load, forward pass, checks, results, gate.
+
+The order of the steps is the order of this module's functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcaudit import __version__
+from mcaudit.catalog import Catalog, build_catalog
+from mcaudit.checks import Check, CheckResult
+from mcaudit.config import RunConfig
+from mcaudit.context import AuditContext
+from mcaudit.data.dataset import AuditDataset
+from mcaudit.devices import PRECISIONS, resolve_device
+from mcaudit.errors import InputError
+from mcaudit.forward import run_forward
+from mcaudit.gating import apply_gate, collect_thresholds
+from mcaudit.models.adapter import ModelAdapter
+from mcaudit.plugin_manager import PluginManager
+from mcaudit.prompts import PromptSet, load_prompts
+from mcaudit.registry import DataRequest, ModelRequest
+
+SCHEMA_VERSION = 1
+DEMO_GROUPS = ["site", "sex"]
+
+
+@dataclass
+class AuditRun:
+    """The outcome of a run: results.json content, check results and per-image rows."""
+
+    results: dict[str, Any]
+    check_results: dict[str, CheckResult] = field(default_factory=dict)
+    context: AuditContext | None = None
+
+    @property
+    def exit_code(self) -> int:
+        errored = any(c["status"] == "error" for c in self.results["checks"].values())
+        gate = self.results.get("gate") or {}
+        failed = gate.get("applied") and not gate.get("passed")
+        return 1 if errored or failed else 0
+
+
+def apply_demo_defaults(cfg: RunConfig) -> bool:
+    """No model and no data means the embedded demo; returns whether it applies."""
+    if cfg.model is None and cfg.data is None:
+        cfg.model = "demo"
+        cfg.data = "phantom:"
+        if cfg.prompts is None:
+            cfg.prompts = str(resources.files("mcaudit.demo") / "prompts.toml")
+        if not cfg.groups:
+            cfg.groups = list(DEMO_GROUPS)
+        return True
+    if cfg.model is None:
+        raise InputError("--model is required when --data is given (or give neither for the demo)")
+    if cfg.data is None:
+        raise InputError("--data is required when --model is given (or give neither for the demo)")
+    return False
+
+
+def select_checks(catalog: Catalog, cfg: RunConfig) -> dict[str, tuple[type[Check], dict[str, Any]]]:
+    names = cfg.checks or list(catalog.checks)
+    unknown = [n for n in names if n not in catalog.checks]
+    if unknown:
+        raise InputError(f"--checks: unknown check {unknown[0]!r} (available: {', '.join(catalog.checks) or 'none'})")
+    for name in cfg.check_params:
+        if name not in catalog.checks:
+            raise InputError(f"parameters given for unknown check {name!r} (available: {', '.join(catalog.checks)})")
+    return {n: (catalog.checks[n], catalog.checks[n].resolve_params(cfg.check_params.get(n, {}))) for n in names}
+
+
+def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> ModelAdapter:
+    request = ModelRequest(
+        checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
+        device=str(device),
+        precision=cfg.precision,
+        allow_network=cfg.allow_network,
+    )
+    if request.checkpoint is not None and not request.checkpoint.is_file():
+        raise InputError(f"--checkpoint {cfg.checkpoint}: no such file")
+    adapter = manager.hook.mcaudit_load_model(spec=cfg.model, request=request)
+    if adapter is None:
+        raise InputError(f"--model {cfg.model}: no loader claims this spec (see `mcaudit plugins` for the spec forms)")
+    return adapter.to(device).eval()
+
+
+def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None):
+    def open_dataset(spec: str, role: str = "audit", groups: tuple[str, ...] = ()) -> AuditDataset:
+        options = dict(cfg.data_options)
+        if classes:
+            options["classes"] = classes
+        request = DataRequest(image_size=tuple(image_size), split=cfg.split, groups=groups, options=options, role=role)
+        dataset = manager.hook.mcaudit_load_dataset(spec=spec, request=request)
+        if dataset is None:
+            raise InputError(f"--data {spec}: no data format claims this (see `mcaudit plugins` for the formats)")
+        return dataset
+
+    return open_dataset
+
+
+def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[str, Any], dict[str, CheckResult]]:
+    entries, results = {}, {}
+    for name, (cls, params) in selected.items():
+        start = time.perf_counter()
+        entry: dict[str, Any] = {"description": cls.description, "params": params}
+        try:
+            torch.manual_seed(int(ctx.rng(f"torch:{name}").integers(0, 2**62)))
+            result = cls().run(ctx, dict(params))
+            if not isinstance(result, CheckResult):
+                raise TypeError(f"check {name!r} returned {type(result).__name__}, not CheckResult")
+            results[name] = result
+            entry.update(result_entry(result))
+        except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others
+            entry.update(
+                status="error",
+                summary=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                error=traceback.format_exc(),
+                metrics={},
+            )
+            if show_progress:
+                print(f"mcaudit: check {name} failed: {entry['summary']}", file=sys.stderr)
+        entry["duration_s"] = round(time.perf_counter() - start, 4)
+        entries[name] = entry
+    return entries, results
+
+
+def result_entry(result: CheckResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "summary": result.summary,
+        "metrics": result.clean_metrics(),
+        "intervals": {k: [float(a), float(b)] for k, (a, b) in result.intervals.items()},
+        "warnings": list(result.warnings),
+        "tables": [{"title": t.title, "columns": t.columns, "rows": _jsonable(t.rows), "note": t.note} for t in result.tables],
+        "figures": [{"title": f.title, "caption": f.caption, "data_uri": f.data_uri} for f in result.figures],
+        "details": _jsonable(result.details),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if np.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def environment(device: torch.device, precision: str) -> dict[str, Any]:
+    import open_clip
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "open_clip": getattr(open_clip, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "mcaudit": __version__,
+        "device": str(device),
+        "precision": precision,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    show = not cfg.quiet
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    catalog = build_catalog(manager)
+    selected = select_checks(catalog, cfg)
+    defaults = {f"{n}.{m}": v for n, (cls, _) in selected.items() for m, v in cls.default_thresholds.items()}
+    thresholds = collect_thresholds(cfg.gate, cfg.thresholds, defaults, cfg.config_file or "config") if cfg.gate is not None else []
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
+    device = resolve_device(cfg.device)
+    model = load_model(manager, cfg, device)
+    open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
+    dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
+    if prompts.classes:
+        missing = [c for c in dataset.classes if c not in prompts.phrasings]
+        if missing:
+            raise InputError(f"{prompts.source}: no prompts for class {missing[0]!r} (classes: {', '.join(dataset.classes)})")
+    with torch.inference_mode():
+        class_prompts = prompts.class_prompts(dataset.classes)
+        class_features = model.class_text_features(class_prompts).float()
+    forward = run_forward(
+        model, dataset, class_features,
+        batch_size=cfg.batch_size, precision=cfg.precision, workers=cfg.workers,
+        strict=cfg.strict, show_progress=show,
+    )
+    ctx = AuditContext(
+        model=model, dataset=dataset, prompts=prompts, class_features=class_features,
+        forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,
+        seed=cfg.seed, workers=cfg.workers, show_progress=show,
+        options={"ood": cfg.ood},
+        open_dataset=lambda spec: open_dataset(spec, "ood", ()),
+    )
+    entries, check_results = run_checks(ctx, selected, show)
+    finished = dt.datetime.now(dt.timezone.utc)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "mcaudit_version": __version__,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - t0, 3),
+        "model": {
+            "spec": cfg.model,
+            "checkpoint": cfg.checkpoint,
+            "loader": model.loader,
+            "weights_sha256": model.weights_sha256,
+            "image_size": list(model.image_size),
+            "logit_scale": model.logit_scale,
+        },
+        "dataset": {
+            "spec": cfg.data,
+            "format": dataset.format_name,
+            "sha256": dataset.fingerprint,
+            "images": len(forward),
+            "listed": len(dataset),
+            "skipped": len(forward.failures),
+            "skipped_images": [
+                {"source": dataset.records[i].source, "error": err} for i, err in forward.failures[:1000]
+            ],
+            "classes": dataset.classes,
+            "class_counts": {c: int((forward.labels == k).sum()) for k, c in enumerate(dataset.classes)},
+            "group_columns": list(dataset.group_columns),
+            "grey": ctx.is_grey,
+            "warnings": dataset.warnings,
+        },
+        "prompts": {
+            "source": prompts.source,
+            "classes": {c: p for c, p in zip(dataset.classes, class_prompts)},
+        },
+        "config": _jsonable(cfg.public()),
+        "environment": environment(device, cfg.precision),
+        "plugins": {
+            "loaded": [{"name": n, "source": manager.sources.get(n, "")} for n in manager.plugin_names()],
+            "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
+        },
+        "checks": entries,
+        "gate": {"applied": False, "passed": None, "results": []},
+    }
+    if cfg.gate is not None:
+        results["gate"] = apply_gate(results, thresholds)
+    return AuditRun(results=results, check_results=check_results, context=ctx)

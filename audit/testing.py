@@ -1,0 +1,162 @@
+"""Fixtures and helpers for testing mcaudit plugins (a pytest plugin, loaded automatically).
+
+Fixtures:
+
+* ``mcaudit_demo_model``: the embedded demo model (trained on phantoms), on the CPU.
+* ``mcaudit_tiny_model``: a tiny untrained open_clip model, for plumbing tests.
+* ``mcaudit_phantoms``: a function ``(n=120, seed=1, groups=("site", "sex")) -> AuditDataset``.
+* ``mcaudit_context``: a function ``(model, dataset, **settings) -> AuditContext`` that runs
+  the shared forward pass, so a check's ``run`` can be called directly.
+* ``mcaudit_run``: a function ``(*args) -> RunOutcome`` that runs ``mcaudit run`` in-process
+  with ``--out`` in a temporary folder and returns the exit code, output and parsed results.
+
+Nothing heavy is imported until a fixture is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TINY_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+def tiny_openclip(seed: int = 0, cfg: dict[str, Any] | None = None):
+    """A randomly initialised tiny open_clip model (not an adapter) from ``cfg``."""
+    import torch
+
+    from mcaudit.models.openclip_loader import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg or TINY_MODEL_CFG, None).eval()
+
+
+def save_openclip_folder(model, folder: Path, cfg: dict[str, Any] | None = None, mean=None, std=None, fmt: str = "safetensors") -> Path:
+    """Save ``model`` in the hub layout (open_clip_config.json + weights), as BiomedCLIP ships."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": cfg or TINY_MODEL_CFG, "preprocess_cfg": {}}
+    if mean is not None:
+        config["preprocess_cfg"] = {"mean": list(mean), "std": list(std)}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "open_clip_model.safetensors"))
+    else:
+        import torch
+
+        torch.save(state, folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def load_adapter(spec: str, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """Load a model through the plugin hooks, as ``mcaudit run`` does."""
+    from mcaudit.plugin_manager import make_plugin_manager
+    from mcaudit.registry import ModelRequest
+
+    manager = make_plugin_manager(autoload=False)
+    request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=device)
+    adapter = manager.hook.mcaudit_load_model(spec=spec, request=request)
+    assert adapter is not None, f"no loader claims {spec}"
+    return adapter.eval()
+
+
+def phantom_dataset(n: int = 120, seed: int = 1, groups=("site", "sex"), image_size=(64, 64)):
+    from mcaudit.demo.phantoms import PhantomDataset
+    from mcaudit.registry import DataRequest
+
+    return PhantomDataset.from_spec(f"phantom:n={n},seed={seed}", DataRequest(image_size=tuple(image_size), groups=tuple(groups)))
+
+
+def demo_prompts():
+    from importlib import resources
+
+    from mcaudit.prompts import load_prompts
+
+    return load_prompts(Path(str(resources.files("mcaudit.demo") / "prompts.toml")))
+
+
+def make_context(model, dataset, prompts=None, seed: int = 0, batch_size: int = 64, precision: str = "fp32", options=None, open_dataset=None):
+    """Run the shared forward pass and return the :class:`AuditContext` a check receives."""
+    import torch
+
+    from mcaudit.context import AuditContext
+    from mcaudit.forward import run_forward
+    from mcaudit.prompts import PromptSet
+
+    prompts = prompts or (demo_prompts() if dataset.format_name == "phantom" else PromptSet())
+    with torch.inference_mode():
+        class_features = model.class_text_features(prompts.class_prompts(dataset.classes)).float()
+    forward = run_forward(model, dataset, class_features, batch_size=batch_size, precision=precision)
+    return AuditContext(
+        model=model, dataset=dataset, prompts=prompts, class_features=class_features, forward=forward,
+        device=model.device, precision=precision, batch_size=batch_size, seed=seed,
+        options=dict(options or {}), open_dataset=open_dataset,
+    )
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    output: str
+    out_dir: Path
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return json.loads((self.out_dir / "results.json").read_text())
+
+    @property
+    def html(self) -> str:
+        return (self.out_dir / "index.html").read_text()
+
+
+def run_cli(args: list[str], out_dir: Path | None = None) -> RunOutcome:
+    """Invoke the ``mcaudit`` CLI in-process; adds ``--out`` when ``args`` starts with ``run``."""
+    from click.testing import CliRunner
+
+    from mcaudit.cli import cli
+
+    args = [str(a) for a in args]
+    if out_dir is not None and args and args[0] == "run" and "--out" not in args:
+        args += ["--out", str(out_dir)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return RunOutcome(result.exit_code, result.output, Path(out_dir) if out_dir else Path("."))
+
+
+@pytest.fixture(scope="session")
+def mcaudit_demo_model():
+    return load_adapter("demo")
+
+
+@pytest.fixture(scope="session")
+def mcaudit_tiny_model(tmp_path_factory):
+    folder = save_openclip_folder(tiny_openclip(0), tmp_path_factory.mktemp("tiny-model"))
+    return load_adapter(str(folder))
+
+
+@pytest.fixture
+def mcaudit_phantoms():
+    return phantom_dataset
+
+
+@pytest.fixture
+def mcaudit_context():
+    return make_context
+
+
+@pytest.fixture
+def mcaudit_run(tmp_path):
+    def run(*args) -> RunOutcome:
+        return run_cli(["run", "--quiet", *args], tmp_path / "out")
+
+    return run

@@ -1,0 +1,1 @@
+"""Outputs of a run: results.json, samples.csv and the self-contained HTML report."""

@@ -1,0 +1,56 @@
+"""Matplotlib figures as PNG bytes for the report (headless backend, fixed style)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mcaudit.checks import Figure  # noqa: E402
+
+
+def new_figure(width: float = 5.0, height: float = 3.6):
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    return fig, ax
+
+
+def to_figure(fig, title: str, caption: str = "") -> Figure:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return Figure(title=title, png=buf.getvalue(), caption=caption)
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str = "Confusion matrix") -> Figure:
+    n = len(classes)
+    size = min(9.0, 2.5 + 0.5 * n)
+    fig, ax = new_figure(size, size * 0.85)
+    row_sums = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, np.maximum(row_sums, 1))
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    short = [c if len(c) <= 18 else c[:16] + "…" for c in classes]
+    ax.set_xticks(range(n), short, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(n), short)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", color="white" if frac[i, j] > 0.5 else "black", fontsize=9)
+    return to_figure(fig, title, "counts; colour is the share of the true class (row)")
+
+
+def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, cell: float = 1.8, cmap=None) -> "plt.Figure":
+    rows = max(1, (len(images) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.3)), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img, cmap=cmap, vmin=None if cmap is None else 0, vmax=None if cmap is None else 1)
+        ax.set_title(title, fontsize=8)
+    return fig
