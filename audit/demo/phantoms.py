@@ -67,8 +67,8 @@ def render_phantom(seed: int, index: int, label: int | None = None, site: str | 
         r = np.sqrt(rng.random())
         t = rng.random() * 2 * np.pi
         ox, oy = cx + 0.6 * r * rx * np.cos(t), cy + 0.6 * r * ry * np.sin(t)
-        sigma = rng.uniform(0.035, 0.06)
-        amp = rng.uniform(0.28, 0.4)
+        sigma = rng.uniform(0.05, 0.08)
+        amp = rng.uniform(0.3, 0.45)
         img += amp * np.exp(-(((xx - ox) ** 2 + (yy - oy) ** 2) / (2 * sigma**2)))
 
     contrast, noise, blur = {"A": (1.0, 0.03, 0), "B": (1.1, 0.02, 0), "C": (0.55, 0.09, 1)}[site]

@@ -86,6 +86,21 @@ class ModelAdapter(nn.Module, abc.ABC):
             start += len(prompts)
         return torch.stack(out)
 
+    def encode_text_with_context(self, context: torch.Tensor, class_names: list[str]) -> torch.Tensor:
+        """CoOp-style prompt learning: L2-normalised features, one per class name.
+
+        ``context`` holds learned token embeddings, shape (n_ctx, text_width), placed before
+        each class name's tokens in place of a hand-written template. The result must be
+        differentiable with respect to ``context``; the ``backdoor`` check relies on it.
+        Adapters that cannot do this keep this default, and checks that need it are skipped.
+        """
+        raise TypeError(f"the {type(self).__name__} adapter has no learned-context text path")
+
+    @property
+    def text_width(self) -> int:
+        """Width of the text tower's token embeddings (the size of one context vector)."""
+        raise TypeError(f"the {type(self).__name__} adapter has no learned-context text path")
+
     def zero_shot_classifier(self, class_features: torch.Tensor) -> "ZeroShotClassifier":
         return ZeroShotClassifier(self, class_features)
 

@@ -26,6 +26,7 @@ import torch
 from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
+from mcaudit.models.openclip_adapter import OpenClipAdapter
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
 from mcaudit.registry import LoaderInfo, ModelRequest
 
@@ -39,24 +40,6 @@ DIR_WEIGHT_NAMES = (
     "model.safetensors",
     "pytorch_model.bin",
 )
-
-
-class OpenClipAdapter(ModelAdapter):
-    def __init__(self, model: torch.nn.Module, tokenizer, **kwargs):
-        super().__init__(**kwargs)
-        self.model = model
-        self.tokenizer = tokenizer
-
-    def _encode_normalized_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts).to(self.device)
-        return self.model.encode_text(tokens)
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
 
 
 @hookimpl
