@@ -103,3 +103,135 @@ def bootstrap_interval(
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates, thresholds) of "score >= threshold".
+
+    One point per distinct score, highest threshold first, starting at (0, 0): tied scores
+    move the curve diagonally, as scikit-learn's ``roc_curve`` does.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(p)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    tpr = np.r_[0.0, tp / n_pos] if n_pos else np.full(len(tp) + 1, np.nan)
+    fpr = np.r_[0.0, fp / n_neg] if n_neg else np.full(len(fp) + 1, np.nan)
+    return fpr, tpr, np.r_[np.inf, s[last_of_tie]]
+
+
+def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve as the step sum of precision x recall gain.
+
+    Tied scores form one threshold (no interpolation), which is scikit-learn's
+    ``average_precision_score``.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    if n_pos == 0 or n_pos == len(positive):
+        return float("nan") if n_pos == 0 else 1.0
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(p)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / n_pos
+    return float(np.sum(precision * recall_gain))
+
+
+def fpr_at_tpr(positive: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Share of negatives scoring at or above the highest threshold that keeps ``tpr`` of the
+    positives, i.e. the false positive rate at the first ROC point reaching that TPR."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = np.sort(scores[positive])[::-1], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    k = int(np.ceil(tpr * len(pos) - 1e-9))  # positives that must score >= the threshold
+    threshold = pos[max(k, 1) - 1]
+    return float(np.mean(neg >= threshold))
+
+
+# --- calibration -----------------------------------------------------------------------------
+# Bins are half-open [lo, hi) with the last one closed, as numpy.histogram and netcal bin;
+# a confidence on an inner edge falls in the upper bin.
+
+
+def equal_width_edges(n_bins: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def equal_mass_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Edges at the confidence quantiles, so each bin holds about the same number of images."""
+    edges = np.quantile(np.asarray(confidence, dtype=np.float64), np.linspace(0.0, 1.0, n_bins + 1))
+    edges[0], edges[-1] = 0.0, 1.0
+    return edges
+
+
+def calibration_bins(confidence: np.ndarray, outcome: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: image count, mean confidence and mean outcome (NaN in empty bins)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    n_bins = len(edges) - 1
+    idx = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    conf_sum = np.bincount(idx, weights=confidence, minlength=n_bins)
+    out_sum = np.bincount(idx, weights=np.asarray(outcome, dtype=np.float64), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts, conf_sum / counts, out_sum / counts
+
+
+def expected_calibration_error(confidence: np.ndarray, outcome: np.ndarray, edges: np.ndarray) -> float:
+    """Count-weighted mean of |mean outcome - mean confidence| over the bins."""
+    counts, conf, acc = calibration_bins(confidence, outcome, edges)
+    if counts.sum() == 0:
+        return float("nan")
+    full = counts > 0
+    return float(np.sum(counts[full] * np.abs(acc[full] - conf[full])) / counts.sum())
+
+
+def max_calibration_error(confidence: np.ndarray, outcome: np.ndarray, edges: np.ndarray) -> float:
+    """Largest |mean outcome - mean confidence| over the non-empty bins."""
+    counts, conf, acc = calibration_bins(confidence, outcome, edges)
+    full = counts > 0
+    return float(np.max(np.abs(acc[full] - conf[full]))) if full.any() else float("nan")
+
+
+def top_label(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence of the predicted class and whether that prediction is right."""
+    preds = np.argmax(probs, axis=1)
+    return probs[np.arange(len(preds)), preds], (preds == labels).astype(np.float64)
+
+
+def top_label_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    confidence, correct = top_label(probs, labels)
+    return expected_calibration_error(confidence, correct, equal_width_edges(n_bins))
+
+
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Mean over classes of the ECE of each class's probability against "is this class"."""
+    edges = equal_width_edges(n_bins)
+    return float(np.mean([expected_calibration_error(probs[:, k], labels == k, edges) for k in range(probs.shape[1])]))
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared error of the probability vector against the one-hot label.
+
+    Summed over classes (range 0 to 2) for more than two classes; halved for two classes,
+    where it equals the mean of (p(positive) - y)^2 (range 0 to 1), as scikit-learn reports it.
+    """
+    onehot = np.eye(probs.shape[1])[labels]
+    score = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    return score / 2 if probs.shape[1] == 2 else score
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log softmax(logits)[label], from logits so that a near-zero probability stays finite."""
+    z = np.asarray(logits, dtype=np.float64)
+    zmax = z.max(axis=1, keepdims=True)
+    log_norm = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
