@@ -11,7 +11,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,6 @@ def apply_demo_defaults(cfg: RunConfig) -> bool:
     if cfg.model is None and cfg.data is None:
         cfg.model = "demo"
         cfg.data = "phantom:"
-        if cfg.prompts is None:
-            cfg.prompts = str(resources.files("mcaudit.demo") / "prompts.toml")
         if not cfg.groups:
             cfg.groups = list(DEMO_GROUPS)
         return True
@@ -99,7 +96,8 @@ def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> 
 def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None):
     def open_dataset(spec: str, role: str = "audit", groups: tuple[str, ...] = ()) -> AuditDataset:
         options = dict(cfg.data_options)
-        if classes:
+        if classes and role == "audit":
+            # An OOD set's labels are never used, so they need not be the audited classes.
             options["classes"] = classes
         request = DataRequest(image_size=tuple(image_size), split=cfg.split, groups=groups, options=options, role=role)
         dataset = manager.hook.mcaudit_load_dataset(spec=spec, request=request)
@@ -201,9 +199,11 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     device = resolve_device(cfg.device)
     model = load_model(manager, cfg, device)
+    if cfg.prompts is None and getattr(model, "default_prompts", None) is not None:
+        cfg.prompts = str(model.default_prompts)
+    prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
     if prompts.classes:
