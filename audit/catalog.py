@@ -25,6 +25,8 @@ def build_catalog(manager: PluginManager) -> Catalog:
     formats: list[tuple[str, FormatInfo]] = []
     pm = manager.pm
     for plugin_name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked with -p no:NAME
+            continue
         hooks = {hc.name for hc in pm.get_hookcallers(plugin) or []}
 
         def add_check(cls: type[Check], _owner=plugin_name) -> None:

@@ -152,6 +152,7 @@ def plugins(as_json, plugin_args):
                 "hooks": sorted({hc.name for hc in (pm.get_hookcallers(plugin) or [])}),
             }
             for name, plugin in pm.list_name_plugin()
+            if plugin is not None
         ],
         "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
         "checks": [cls.describe() | {"plugin": catalog.check_plugins[name]} for name, cls in catalog.checks.items()],

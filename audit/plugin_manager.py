@@ -55,7 +55,8 @@ class PluginManager:
         return self.pm.hook
 
     def plugin_names(self) -> list[str]:
-        return [name for name, _ in self.pm.list_name_plugin() if name is not None]
+        # blocked names stay in the registry with a None plugin
+        return [name for name, plugin in self.pm.list_name_plugin() if plugin is not None]
 
 
 def _import_plugin(spec: str) -> ModuleType:
@@ -135,8 +136,13 @@ def make_plugin_manager(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin_name!r}: {_one_line(exc)}") from exc
+        raise PluginError(f"plugin {_plugin_name(pm, exc)!r}: {_one_line(exc)}") from exc
     return manager
+
+
+def _plugin_name(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> str:
+    plugin = getattr(exc, "plugin", None)
+    return pm.get_name(plugin) or str(plugin) if plugin is not None else "?"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,8 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Two cores on CI: keep intra-op threads from oversubscribing when pytest-xdist runs workers.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Two cores on CI: with pytest-xdist workers, one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)

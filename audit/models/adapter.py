@@ -36,6 +36,9 @@ class ModelAdapter(nn.Module, abc.ABC):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.weights_sha256 = weights_sha256
         self.loader = loader
+        # A model folder may ship the prompts it was trained with (prompts.toml); they are
+        # the default when the user gives none.
+        self.default_prompts = None
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

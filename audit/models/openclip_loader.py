@@ -10,6 +10,12 @@ Spec forms:
 * ``hf-hub:org/name``: the same layout served from the local Hugging Face cache; the network
   is used only with ``--allow-network``.
 * ``demo``: the tiny model that ships inside mcaudit.
+
+A Hugging Face text tower (``text_cfg.hf_model_name``, the BiomedCLIP layout) and its
+tokenizer (``hf_tokenizer_name``) are resolved to local files before open_clip sees them:
+the model folder, a local folder of that name, then the Hugging Face cache; the hub is
+asked only with ``--allow-network``. Only the tower's config and tokenizer are needed:
+the checkpoint holds every weight.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,10 +77,10 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
             f"--model {spec}: no weights given; pass --checkpoint FILE "
             f"(.safetensors, .pt, .pth or .bin)"
         )
-    model = build_model(model_cfg, tokenizer_dir)
+    model = build_model(model_cfg, tokenizer_dir, allow_network=request.allow_network)
     load_into(model, read_state_dict(weights), str(weights))
     model.eval().requires_grad_(False)
-    tokenizer = make_tokenizer(model_cfg, tokenizer_dir)
+    tokenizer = make_tokenizer(model_cfg, tokenizer_dir, allow_network=request.allow_network)
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     adapter = OpenClipAdapter(
@@ -86,6 +93,8 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
         weights_sha256=sha256_file(weights),
         loader="openclip",
     )
+    if tokenizer_dir is not None and (tokenizer_dir / "prompts.toml").is_file():
+        adapter.default_prompts = tokenizer_dir / "prompts.toml"
     return adapter.to(request.device)
 
 
@@ -95,7 +104,13 @@ def _resolve(spec: str, request: ModelRequest):
         folder = Path(str(resources.files("mcaudit.demo")))
         return _from_folder(folder, spec, request.checkpoint)
     if spec.startswith("hf-hub:"):
-        folder = hub_folder(spec[len("hf-hub:"):], request.allow_network)
+        repo_id = spec[len("hf-hub:"):]
+        folder = hub_folder(repo_id, request.allow_network, allow_patterns=HUB_MODEL_FILES)
+        if not (folder / "open_clip_config.json").is_file() and _is_transformers_clip(folder):
+            raise InputError(
+                f"--model {spec}: this repository holds a transformers CLIPModel, not an open_clip "
+                f"model; use --model {repo_id} (needs pip install \"mcaudit[hf]\")"
+            )
         return _from_folder(folder, spec, request.checkpoint)
     if ":" in spec.split("/")[0] and not Path(spec).exists():
         return None  # another loader's scheme (medclip:, transformers:, ...)
@@ -118,6 +133,8 @@ def _resolve(spec: str, request: ModelRequest):
 
     cfg = open_clip.get_model_config(spec)
     if cfg is None:
+        if HUB_ID.fullmatch(spec):
+            return None  # ORG/NAME: a hub id for the transformers loader
         if os.sep in spec or Path(spec).suffix:
             raise InputError(f"--model {spec}: no such file or folder")
         return None
@@ -153,35 +170,160 @@ def _check_cfg(cfg: Any, spec: str) -> None:
         raise InputError(f"--model {spec}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
 
 
-def hub_folder(repo_id: str, allow_network: bool) -> Path:
-    """The local snapshot folder of a hub repository, downloading only when allowed."""
+# A repository id on the Hugging Face hub: ``org/name``.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a model needs from a hub repository; example images and notebooks are left behind.
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.bin", "*.pth", "*.pt", "*.txt", "*.model"]
+# What a Hugging Face text tower needs when the checkpoint holds its weights.
+TEXT_TOWER_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "*.model"]
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time.
+
+    huggingface_hub reads ``HF_HUB_CACHE`` and ``HF_HOME`` once, at import; reading them
+    here as well honours a cache chosen later in the same process (notebooks, tests).
+    """
+    from huggingface_hub import constants
+
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(key):
+            return Path(os.environ[key]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cache_entry(repo_id: str) -> Path:
+    """Where the cache keeps ``repo_id`` (``models--org--name``), for error messages."""
+    return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` (its ``main`` revision), never downloading."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_network))
-    except Exception as exc:  # noqa: BLE001 - hub errors vary by version; all mean "not here"
-        how = (
-            "download it once with network access (mcaudit run --allow-network ...) or "
-            "`huggingface-cli download " + repo_id + "`, or pass the downloaded folder as --model"
-        )
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=True))
+    except Exception:  # noqa: BLE001 - hub errors vary by version; all mean "not cached"
+        return None
+
+
+def hub_folder(repo_id: str, allow_network: bool, allow_patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of a hub repository, downloading only when allowed."""
+    from huggingface_hub import snapshot_download
+
+    cached = cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    how = (
+        "download it once with network access (mcaudit run --allow-network ...) or with "
+        f"`huggingface-cli download {repo_id}`, or pass the downloaded folder as --model"
+    )
+    if not allow_network:
         raise InputError(
-            f"--model hf-hub:{repo_id}: not found in the Hugging Face cache at {HF_HUB_CACHE} "
-            f"(HF_HUB_CACHE/HF_HOME set where it looks); {how} [{type(exc).__name__}]"
-        ) from exc
+            f"--model hf-hub:{repo_id}: not in the Hugging Face cache (looked for {cache_entry(repo_id)}; "
+            f"set HF_HUB_CACHE or HF_HOME if the cache is elsewhere); {how}"
+        )
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=allow_patterns))
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"--model hf-hub:{repo_id}: download failed ({type(exc).__name__}: {exc}); {how}") from exc
 
 
-def build_model(model_cfg: dict[str, Any], folder: Path | None) -> torch.nn.Module:
+def _is_transformers_clip(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _json_model_type(path: Path) -> str | None:
+    try:
+        value = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _has_text_config(folder: Path) -> bool:
+    """A transformers config of a text tower that open_clip can wrap (BERT, RoBERTa, ...).
+
+    A model folder may also carry the config of a whole transformers CLIPModel (repos that
+    publish both formats), which is not a text tower and must not be taken for one.
+    """
+    from open_clip.hf_configs import arch_dict
+
+    return _json_model_type(folder / "config.json") in arch_dict
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Enough for ``AutoTokenizer``: a vocabulary and something naming the tokenizer class."""
+    vocab = any((folder / n).is_file() for n in TOKENIZER_VOCAB_FILES)
+    named = (folder / "tokenizer_config.json").is_file() or _json_model_type(folder / "config.json") is not None
+    return vocab and named
+
+
+def resolve_hf_text_files(name: str, folder: Path | None, allow_network: bool, what: str) -> str:
+    """A local folder holding the ``what`` ("config" or "tokenizer") of HF text tower ``name``.
+
+    Looks in the model folder, then at ``name`` as a local path, then in the Hugging Face
+    cache; downloads the tower's small files (never its weights) only when allowed.
+    """
+    usable = _has_text_config if what == "config" else _has_tokenizer_files
+    looked: list[str] = []
+    candidates: list[Path] = []
+    if folder is not None:
+        candidates.append(Path(folder))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        candidates.append(local)
+    for candidate in candidates:
+        looked.append(str(candidate))
+        if usable(candidate):
+            return str(candidate)
+    is_hub_id = bool(HUB_ID.fullmatch(name)) and not local.exists()
+    if is_hub_id:
+        looked.append(str(cache_entry(name)))
+        cached = cached_snapshot(name)
+        if cached is not None and usable(cached):
+            return str(cached)
+        if allow_network:
+            from huggingface_hub import snapshot_download
+
+            try:
+                fetched = Path(snapshot_download(name, cache_dir=hub_cache_dir(), allow_patterns=TEXT_TOWER_FILES))
+            except Exception as exc:  # noqa: BLE001
+                raise InputError(f"text tower {name}: download of its {what} failed ({type(exc).__name__}: {exc})") from exc
+            if usable(fetched):
+                return str(fetched)
+            looked.append(f"{fetched} (downloaded)")
+    files = "config.json (a BERT-like config)" if what == "config" else "vocab.txt or tokenizer.json with tokenizer_config.json"
+    fix = (
+        f"copy its {files} into the model folder, or run once with --allow-network, or "
+        f"`huggingface-cli download {name} {'config.json' if what == 'config' else 'vocab.txt tokenizer_config.json'}`"
+        if is_hub_id else f"copy its {files} into the model folder"
+    )
+    raise InputError(
+        f"Hugging Face text tower {name}: its {what} is not available offline (looked in "
+        f"{'; '.join(looked) or 'nowhere'}); {fix}"
+    )
+
+
+def build_model(model_cfg: dict[str, Any], folder: Path | None, allow_network: bool = False) -> torch.nn.Module:
     from open_clip.model import CLIP, CustomTextCLIP
 
     cfg = copy.deepcopy(model_cfg)
     text_cfg = cfg.get("text_cfg", {})
-    hf_text = "hf_model_name" in text_cfg
+    hf_text = bool(text_cfg.get("hf_model_name"))
     if hf_text:
-        # Never fetch base tower weights: the checkpoint provides all of them.
+        # Never fetch base tower weights: the checkpoint provides all of them. open_clip
+        # reads the tower's config with AutoConfig.from_pretrained(hf_model_name), so hand it
+        # a local folder: a hub id would reach for the network.
         text_cfg["hf_model_pretrained"] = False
-        if folder is not None and (folder / "config.json").is_file():
-            text_cfg["hf_model_name"] = str(folder)
+        text_cfg["hf_model_name"] = resolve_hf_text_files(text_cfg["hf_model_name"], folder, allow_network, "config")
     if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False
     custom = cfg.pop("custom_text", False) or hf_text
@@ -194,23 +336,21 @@ def build_model(model_cfg: dict[str, Any], folder: Path | None) -> torch.nn.Modu
         raise InputError(f"model config names files that are not available offline: {exc}") from exc
 
 
-def make_tokenizer(model_cfg: dict[str, Any], folder: Path | None):
+def make_tokenizer(model_cfg: dict[str, Any], folder: Path | None, allow_network: bool = False):
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
 
     text_cfg = model_cfg.get("text_cfg", {})
     context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
     hf_name = text_cfg.get("hf_tokenizer_name")
     if hf_name:
-        source = str(folder) if folder is not None and _has_tokenizer_files(folder) else hf_name
+        source = resolve_hf_text_files(hf_name, folder, allow_network, "tokenizer")
         try:
-            return HFTokenizer(source, context_length=context_length, **text_cfg.get("tokenizer_kwargs", {}))
-        except OSError as exc:
-            raise InputError(
-                f"tokenizer {hf_name}: not available offline; put its files (vocab.txt or "
-                f"tokenizer.json) in the model folder ({exc})"
-            ) from exc
+            return HFTokenizer(
+                source,
+                context_length=context_length,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **text_cfg.get("tokenizer_kwargs", {}),
+            )
+        except (OSError, ValueError) as exc:
+            raise InputError(f"tokenizer {hf_name}: the files in {source} do not load ({exc})") from exc
     return SimpleTokenizer(context_length=context_length)
-
-
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))

@@ -1,0 +1,303 @@
+"""The anomaly check: OOD metrics against scikit-learn, known answers, no re-encoding, --ood."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.neighbors import NearestNeighbors
+
+from mcaudit import InputError
+from mcaudit.data.formats import mcaudit_load_dataset
+from mcaudit.metrics import auroc_binary, average_precision, fpr_at_tpr, roc_points
+from mcaudit.models.adapter import ModelAdapter
+from mcaudit.plugins.anomaly import (
+    SCORES,
+    AnomalyCheck,
+    KnnScorer,
+    MahalanobisScorer,
+    ledoit_wolf,
+    separation,
+)
+from mcaudit.registry import DataRequest
+from mcaudit.testing import load_adapter, make_context, phantom_dataset
+
+PLUGIN = "mcaudit.plugins.anomaly"
+
+
+def params(**given):
+    return AnomalyCheck.resolve_params({"n_bootstrap": 0} | given)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_adapter("demo")
+
+
+@pytest.fixture(scope="module")
+def opener(demo):
+    def open_ood(spec: str):
+        return mcaudit_load_dataset(spec=spec, request=DataRequest(image_size=demo.image_size, role="ood"))
+
+    return open_ood
+
+
+@pytest.fixture(scope="module")
+def ctx(demo, opener):
+    return make_context(demo, phantom_dataset(300, seed=1), open_dataset=opener)
+
+
+def with_ood(ctx, spec):
+    return dataclasses.replace(ctx, options={"ood": spec})
+
+
+@pytest.fixture(scope="module")
+def generated(ctx):
+    return AnomalyCheck().run(ctx, params())
+
+
+def write_noise_npz(path, n, size=48, seed=0):
+    # Colour uniform noise: nothing like a grey chest radiograph. Labels 0..8 on purpose:
+    # an OOD set's classes need not be the audited ones.
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(path, test_images=images, test_labels=(np.arange(n) % 9).reshape(-1, 1))
+    return path
+
+
+class CountEncodes:
+    """Counts the images that pass through any adapter's image encoder."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        original = ModelAdapter.encode_image
+
+        def counting(adapter, pixels):
+            self.rows += int(pixels.shape[0])
+            return original(adapter, pixels)
+
+        monkeypatch.setattr(ModelAdapter, "encode_image", counting)
+
+
+# -- metrics against outside references -------------------------------------------------
+
+
+def test_metrics_agree_with_sklearn_and_a_direct_fpr95():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(5, 200))
+        is_id = rng.random(n) < 0.5
+        if is_id.all() or not is_id.any():
+            continue
+        # Rounding makes ties, which is where AUROC/AP conventions differ.
+        scores = np.round(rng.normal(size=n) + 1.2 * is_id, 1 if trial % 2 else 6)
+        sep = separation(scores[is_id], scores[~is_id])
+        ordered = np.r_[np.ones(is_id.sum(), bool), np.zeros((~is_id).sum(), bool)]
+        both = np.r_[scores[is_id], scores[~is_id]]
+        assert sep["auroc"] == pytest.approx(roc_auc_score(ordered, both), abs=1e-12)
+        assert sep["aupr_in"] == pytest.approx(average_precision_score(ordered, both), abs=1e-12)
+        assert sep["aupr_out"] == pytest.approx(average_precision_score(~ordered, -both), abs=1e-12)
+        # Direct: of all thresholds keeping >= 95% of ID, the one letting through the least OOD.
+        direct = min(np.mean(both[~ordered] >= t) for t in both if np.mean(both[ordered] >= t) >= 0.95)
+        assert sep["fpr95"] == pytest.approx(direct, abs=1e-12)
+        fpr, tpr, _ = roc_points(ordered, both)
+        ref_fpr, ref_tpr, _ = roc_curve(ordered, both, drop_intermediate=False)
+        np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+        np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+
+
+def test_metric_edge_cases():
+    assert fpr_at_tpr(np.array([True, True]), np.array([1.0, 2.0])) != fpr_at_tpr(np.array([True, True]), np.array([1.0, 2.0]))  # nan
+    assert average_precision(np.array([False, False]), np.array([1.0, 2.0])) != 0  # nan, no positives
+    assert average_precision(np.array([True, False]), np.array([2.0, 1.0])) == 1.0
+    assert fpr_at_tpr(np.array([True, False]), np.array([2.0, 1.0])) == 0.0
+
+
+def test_feature_scorers_agree_with_sklearn():
+    rng = np.random.default_rng(1)
+    for n, p in [(40, 64), (300, 8)]:  # fewer images than dimensions, and more
+        x = rng.normal(size=(n, p)) * rng.random(p)
+        x -= x.mean(axis=0)
+        cov, shrinkage = ledoit_wolf(x)
+        ref = LedoitWolf(assume_centered=True).fit(x)
+        assert shrinkage == pytest.approx(ref.shrinkage_, abs=1e-10)
+        np.testing.assert_allclose(cov, ref.covariance_, atol=1e-12)
+
+    feats = rng.normal(size=(120, 16))
+    labels = np.arange(120) % 3
+    queries = rng.normal(size=(30, 16))
+    maha = MahalanobisScorer(feats, labels)
+    centred = feats - np.stack([feats[labels == c].mean(0) for c in range(3)])[labels]
+    precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(centred).covariance_)
+    expected = [-min((q - feats[labels == c].mean(0)) @ precision @ (q - feats[labels == c].mean(0)) for c in range(3)) for q in queries]
+    np.testing.assert_allclose(maha(queries), expected, rtol=1e-9)
+
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    dist, _ = NearestNeighbors(n_neighbors=5).fit(unit).kneighbors(queries / np.linalg.norm(queries, axis=1, keepdims=True))
+    np.testing.assert_allclose(KnnScorer(feats, 5)(queries), -dist[:, 4], atol=1e-9)
+
+
+# -- known answers ------------------------------------------------------------------------
+
+
+def test_trivially_separable_ood_gives_auroc_near_one(ctx, tmp_path):
+    spec = str(write_noise_npz(tmp_path / "noise.npz", 60))
+    r = AnomalyCheck().run(with_ood(ctx, spec), params())
+    assert r.status == "ok"
+    assert r.metrics["ood.n_images"] == 60
+    assert "near_ood.best_auroc" not in r.metrics  # a given OOD set replaces the generated ones
+    assert r.metrics["ood.best_auroc"] >= 0.99
+    for score in ("mahalanobis", "knn"):
+        assert r.metrics[f"ood.{score}.auroc"] >= 0.97
+        assert r.metrics[f"ood.{score}.fpr95"] <= 0.1
+
+
+def test_identically_distributed_ood_gives_auroc_near_half(ctx):
+    # Held-out ID: 150 phantoms of seed 1; "OOD": 200 phantoms of seed 2, the same generator.
+    # Under exchangeability the AUROC's standard error is sqrt((n1 + n2 + 1) / (12 n1 n2)) =
+    # 0.031; 0.12 is nearly four standard errors, so a chance result passes for all six scores
+    # while any real shift (the far-OOD sets score >= 0.8) fails.
+    r = AnomalyCheck().run(with_ood(ctx, "phantom:n=200,seed=2"), params())
+    for score in SCORES:
+        assert abs(r.metrics[f"ood.{score}.auroc"] - 0.5) <= 0.12, (score, r.metrics[f"ood.{score}.auroc"])
+    assert r.metrics["ood.best_fpr95"] >= 0.75  # at 95% TPR most same-distribution images pass
+
+
+def test_generated_sets_give_non_trivial_results_on_the_demo(generated, ctx):
+    m = generated.metrics
+    assert m["near_ood.n_images"] == m["far_ood.n_images"] == 120
+    assert m["far_ood.best_auroc"] >= 0.85
+    assert 0.6 <= m["near_ood.best_auroc"] < 0.99
+    assert m["n_id_eval"] == 150
+    # Feature-space scores beat the logit-based ones on images of another kind.
+    assert m["far_ood.mahalanobis.auroc"] > m["far_ood.msp.auroc"] + 0.2
+    # With two classes the top softmax probability is monotone in the logit gap whatever
+    # the temperature, so MSP and MCM rank images identically.
+    for s in ("near_ood", "far_ood"):
+        assert m[f"{s}.mcm.auroc"] == pytest.approx(m[f"{s}.msp.auroc"], abs=1e-12)
+    kinds = {t.title: t.rows for t in generated.tables}
+    noise_row = next(r for r in kinds["near-OOD (corrupted audited images): AUROC by kind of image"] if r[0] == "heavy noise")
+    assert noise_row[1] == 30 and max(noise_row[2:]) >= 0.85
+    assert len(generated.figures) == 5  # two ROC, two histograms, examples (+ zero-shot below)
+    titles = [f.title for f in generated.figures]
+    assert any(t.startswith("ROC curves") for t in titles) and any("Examples" in t for t in titles)
+    n = len(ctx.forward)
+    assert all(len(col) == n for col in generated.per_image.values())
+    assert sum(v is None for v in generated.per_image["knn"]) == n - 150
+
+
+def test_same_seed_same_metrics(ctx, generated):
+    again = AnomalyCheck().run(ctx, params())
+    assert again.metrics == generated.metrics
+
+
+def test_zero_shot_anomaly_detection_known_answer(ctx, generated):
+    m = generated.metrics  # the demo's class "normal" is found without being named
+    abnormal = ctx.forward.labels == 1
+    p = np.array(generated.per_image["p_abnormal"])
+    assert m["zero_shot.auroc"] == pytest.approx(roc_auc_score(abnormal, p), abs=1e-12)
+    assert m["zero_shot.aupr"] == pytest.approx(average_precision_score(abnormal, p), abs=1e-12)
+    assert m["zero_shot.auroc"] >= 0.9
+    assert generated.details["zero_shot"]["normal_classes"] == ["normal"]
+    prompts = generated.details["zero_shot"]["abnormal_prompts"]
+    assert "a chest radiograph showing a lesion." in prompts  # state x the prompt file's templates
+
+    # Clean negative: labels shuffled, so "abnormal" means nothing; the AUROC falls to chance.
+    shuffled = np.random.default_rng(3).permutation(ctx.forward.labels)
+    noisy = dataclasses.replace(ctx, forward=dataclasses.replace(ctx.forward, labels=shuffled))
+    r = AnomalyCheck().run(noisy, params(normal_classes=["normal"], n_generated=8))
+    assert abs(r.metrics["zero_shot.auroc"] - 0.5) <= 0.12
+
+
+def test_zero_shot_needs_a_normal_class(ctx):
+    import copy
+
+    dataset = copy.copy(ctx.dataset)
+    dataset.classes = ["clear", "opacity"]  # no class name says "normal"
+    r = AnomalyCheck().run(dataclasses.replace(ctx, dataset=dataset), params(n_generated=8))
+    assert not any(k.startswith("zero_shot") for k in r.metrics)
+    assert any("anomaly.normal_classes" in w for w in r.warnings)
+    off = AnomalyCheck().run(ctx, params(zero_shot=False, n_generated=8))
+    assert not any(k.startswith("zero_shot") for k in off.metrics) and not off.warnings
+
+
+# -- the audited images are never encoded again --------------------------------------------
+
+
+def test_only_ood_images_are_encoded(ctx, tmp_path, monkeypatch):
+    spec = str(write_noise_npz(tmp_path / "noise.npz", 37))
+    counter = CountEncodes(monkeypatch)
+    AnomalyCheck().run(with_ood(ctx, spec), params())
+    assert counter.rows == 37
+
+    counter.rows = 0
+    AnomalyCheck().run(ctx, params(n_generated=20))
+    assert counter.rows == 40  # 20 corrupted + 20 far-OOD images, not the 300 audited ones
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_cli_ood_csv_manifest(tmp_path, mcaudit_run, monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "ood"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    lines = ["path,label"]
+    for i in range(24):
+        img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"noise{i}.png")
+        lines.append(f"noise{i}.png,screenshot")  # a label that is no audited class
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    counter = CountEncodes(monkeypatch)
+    out = mcaudit_run("-p", PLUGIN, "--checks", "anomaly", "--data", "phantom:n=120", "--model", "demo",
+                      "--ood", str(folder / "manifest.csv"), "--set", "anomaly.n_bootstrap=20",
+                      "--set", 'anomaly.normal_classes=["normal"]')
+    assert out.exit_code == 0, out.output
+    assert counter.rows == 120 + 24  # one shared pass plus the OOD images, once
+    check = out.results["checks"]["anomaly"]
+    assert check["status"] == "ok"
+    assert check["metrics"]["ood.n_images"] == 24
+    assert check["metrics"]["ood.best_auroc"] >= 0.95
+    assert "ood.knn.auroc" in check["intervals"]
+    assert "zero_shot.auroc" in check["metrics"]
+    html = out.html
+    assert "ROC curves: audited images vs user OOD set" in html and "FPR at 95% TPR" in html
+
+
+def test_cli_ood_medmnist_npz_and_default_gate(tmp_path, mcaudit_run):
+    spec = write_noise_npz(tmp_path / "othermnist.npz", 30)
+    out = mcaudit_run("-p", PLUGIN, "--checks", "anomaly", "--data", "phantom:n=80", "--model", "demo",
+                      "--ood", str(spec), "--set", "anomaly.n_bootstrap=0", "--gate")
+    assert out.exit_code == 0, out.output
+    gate = out.results["gate"]
+    assert [g["name"] for g in gate["results"]] == ["anomaly.ood.best_auroc"]  # others not reported here
+    assert gate["passed"]
+
+
+def test_cli_bad_parameter_is_an_input_error(tmp_path, mcaudit_run):
+    out = mcaudit_run("-p", PLUGIN, "--checks", "anomaly", "--set", "anomaly.fit_fraction=true")
+    assert out.exit_code == 2 and "anomaly.fit_fraction" in out.output
+
+
+@pytest.mark.parametrize(
+    "given, fragment",
+    [
+        ({"fit_fraction": 1.0}, "fit_fraction"),
+        ({"mcm_temperature": 0.0}, "mcm_temperature"),
+        ({"knn_k": 0}, "knn_k"),
+        ({"n_generated": 0}, "n_generated"),
+        ({"state_templates": ["no placeholder"]}, "state_templates"),
+        ({"normal_states": []}, "normal_states"),
+        ({"normal_classes": ["healthy"]}, "normal_classes"),
+        ({"normal_classes": ["normal", "opacity"]}, "normal_classes"),
+    ],
+)
+def test_bad_parameters_raise_input_errors(ctx, given, fragment):
+    with pytest.raises(InputError, match=fragment):
+        AnomalyCheck().run(ctx, params(**given))
