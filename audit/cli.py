@@ -73,10 +73,12 @@ def cli():
 @click.option("--set", "set_params", multiple=True, metavar="CHECK.PARAM=VALUE", help="Check parameter.")
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first unreadable image.")
 @click.option("--allow-network", is_flag=True, default=None, help="Allow downloading model files.")
+@click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML (one test per threshold).")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary (appended to $GITHUB_STEP_SUMMARY when set).")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars or summary.")
 @plugin_option
 @click.pass_context
-def run(ctx, config_file, set_params, data_options, plugin_args, quiet, **options):
+def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_file, markdown_file, **options):
     """Audit a model on a labelled image set; with no --model and --data, run the demo."""
     from mcaudit.config import RunConfig, apply_config_file, default_config_file, parse_data_options, parse_set
     from mcaudit.plugin_manager import make_plugin_manager
@@ -112,10 +114,32 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, **option
     audit = run_audit(cfg, manager)
     out = Path(cfg.out)
     write_outputs(audit, out, manager)
+    write_ci_outputs(audit.results, junit_file, markdown_file)
     if not quiet:
         print_summary(audit.results)
     click.echo(f"report: {out / 'index.html'}")
     ctx.exit(audit.exit_code)
+
+
+def write_ci_outputs(results, junit_file: str | None, markdown_file: str | None) -> None:
+    import os
+
+    from mcaudit.reports.atomic import write_files_atomically
+    from mcaudit.reports.junit import junit_xml
+    from mcaudit.reports.markdown import markdown_summary
+
+    if junit_file:
+        target = Path(junit_file)
+        write_files_atomically(target.parent, {target.name: junit_xml(results)})
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if markdown_file or summary_file:
+        text = markdown_summary(results)
+        if markdown_file:
+            target = Path(markdown_file)
+            write_files_atomically(target.parent, {target.name: text})
+        if summary_file:
+            with open(summary_file, "a", encoding="utf-8") as fh:
+                fh.write(text)
 
 
 def print_summary(results) -> None:
@@ -202,9 +226,11 @@ def read_results(path: str) -> dict:
 @click.argument("results_file", type=click.Path(dir_okay=False))
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="Threshold TOML (default: mcaudit.toml / pyproject.toml).")
 @click.option("--no-defaults", is_flag=True, help="Ignore the checks' default thresholds.")
+@click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML.")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary.")
 @plugin_option
 @click.pass_context
-def gate(ctx, results_file, thresholds, no_defaults, plugin_args):
+def gate(ctx, results_file, thresholds, no_defaults, junit_file, markdown_file, plugin_args):
     """Re-apply thresholds to a results.json without running anything."""
     from mcaudit.catalog import build_catalog
     from mcaudit.gating import apply_gate, collect_thresholds
@@ -223,6 +249,7 @@ def gate(ctx, results_file, thresholds, no_defaults, plugin_args):
     if not found:
         raise InputError("no thresholds: pass --thresholds FILE or add [thresholds] to mcaudit.toml")
     results["gate"] = apply_gate(results, found)
+    write_ci_outputs(results, junit_file, markdown_file)
     print_summary(results)
     errored = any(c.get("status") == "error" for c in results["checks"].values())
     ctx.exit(0 if results["gate"]["passed"] and not errored else 1)
@@ -245,6 +272,31 @@ def report(results_file, out, plugin_args):
     target = Path(out) if out else Path(results_file).parent / "index.html"
     write_files_atomically(target.parent, {target.name: render_html(results, plugin_sections(manager, results))})
     click.echo(f"report: {target}")
+
+
+@cli.command()
+@click.argument("base_file", type=click.Path(dir_okay=False))
+@click.argument("new_file", type=click.Path(dir_okay=False))
+@click.option("--max-drop", type=float, default=None, help="Fail (exit 1) when a metric worsens by more than this.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the comparison as HTML.")
+@click.pass_context
+def compare(ctx, base_file, new_file, max_drop, html_file):
+    """Metric deltas between two results.json files (two checkpoints, or one over time)."""
+    from mcaudit.reports.atomic import write_files_atomically
+    from mcaudit.reports.compare import compare_html, compare_results, compare_text, regressions
+
+    base, new = read_results(base_file), read_results(new_file)
+    if max_drop is not None and max_drop < 0:
+        raise InputError(f"--max-drop {max_drop}: must be zero or positive")
+    deltas = compare_results(base, new)
+    click.echo(compare_text(deltas, max_drop), nl=False)
+    if html_file:
+        target = Path(html_file)
+        write_files_atomically(target.parent, {target.name: compare_html(base, new, deltas, max_drop)})
+    if max_drop is not None:
+        bad = regressions(deltas, max_drop)
+        click.echo(f"{len(bad)} regression(s) beyond {max_drop:g}")
+        ctx.exit(1 if bad else 0)
 
 
 def main() -> None:
