@@ -201,8 +201,6 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     np.random.seed(cfg.seed % 2**32)
     device = resolve_device(cfg.device)
     model = load_model(manager, cfg, device)
-    if cfg.prompts is None and getattr(model, "default_prompts", None) is not None:
-        cfg.prompts = str(model.default_prompts)
     prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
@@ -210,6 +208,11 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         missing = [c for c in dataset.classes if c not in prompts.phrasings]
         if missing:
             raise InputError(f"{prompts.source}: no prompts for class {missing[0]!r} (classes: {', '.join(dataset.classes)})")
+    elif getattr(model, "default_prompts", None) is not None:
+        # The prompts a model folder ships apply only when they cover the data's classes.
+        shipped = load_prompts(model.default_prompts)
+        if set(dataset.classes) <= set(shipped.phrasings):
+            prompts = shipped
     with torch.inference_mode():
         class_prompts = prompts.class_prompts(dataset.classes)
         class_features = model.class_text_features(class_prompts).float()
