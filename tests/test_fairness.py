@@ -1,0 +1,249 @@
+"""Fairness check: group metrics and gaps against fairlearn and scikit-learn; a planted bias is
+found, random group labels are not flagged; real data sets show every group with its interval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equal_opportunity_difference,
+    equalized_odds_difference,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+from conftest import shared
+from mcaudit import InputError
+from mcaudit.plugins.fairness import FairnessCheck, holm_adjust
+from mcaudit.testing import make_context, phantom_dataset, run_cli, save_openclip_folder, tiny_openclip
+
+
+def synthetic_context(probs, labels, groups, classes=None, seed=0):
+    """An AuditContext whose shared forward pass gave ``probs`` (logits = log probs)."""
+    from mcaudit.context import AuditContext
+    from mcaudit.data.dataset import AuditDataset, Record
+    from mcaudit.forward import ForwardOutputs
+    from mcaudit.prompts import PromptSet
+
+    n, k = probs.shape
+    records = [Record(f"img{i}", int(labels[i]), {c: str(v[i]) for c, v in groups.items()}) for i in range(n)]
+    dataset = AuditDataset(spec="synthetic", records=records, classes=classes or [f"class{j}" for j in range(k)],
+                           image_size=(8, 8), fingerprint="synthetic", format_name="synthetic", group_columns=tuple(groups))
+    forward = ForwardOutputs(indices=np.arange(n), labels=np.asarray(labels, dtype=np.int64), image_features=torch.zeros(n, 4),
+                             logits=torch.log(torch.as_tensor(probs, dtype=torch.float64)).float(), grey=np.ones(n, dtype=bool))
+    return AuditContext(model=None, dataset=dataset, prompts=PromptSet(), class_features=torch.zeros(k, 4),
+                        forward=forward, device=torch.device("cpu"), seed=seed)
+
+
+def biased_predictions(sizes, noise, k=2, seed=0):
+    """Labels, probabilities and a group column; group g's scores carry noise[g]."""
+    rng = np.random.default_rng(seed)
+    labels, probs, group = [], [], []
+    for name, n in sizes.items():
+        y = rng.integers(0, k, n)
+        z = rng.normal(0, 1, (n, k))
+        z[np.arange(n), y] += 2.0 / noise[name]
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        labels.append(y)
+        probs.append(p)
+        group += [name] * n
+    return np.concatenate(labels), np.concatenate(probs), np.array(group, dtype=object)
+
+
+def run_check(ctx, **params):
+    return FairnessCheck().run(ctx, FairnessCheck.resolve_params(params))
+
+
+def test_binary_group_metrics_and_gaps_agree_with_fairlearn():
+    labels, probs, site = biased_predictions({"A": 150, "B": 120, "C": 90}, {"A": 1.0, "B": 1.2, "C": 3.0})
+    ctx = synthetic_context(probs, labels, {"site": site}, classes=["normal", "disease"])
+    result = run_check(ctx, n_bootstrap=30, n_permutations=0, intersections=False)
+    probs = ctx.forward.probs
+    preds = probs.argmax(1)
+    y_true, y_pred = (labels == 1).astype(int), (preds == 1).astype(int)
+    frame = MetricFrame(
+        metrics={"accuracy": accuracy_score, "balanced_accuracy": balanced_accuracy_score, "tpr": true_positive_rate,
+                 "fpr": false_positive_rate, "selection_rate": selection_rate},
+        y_true=y_true, y_pred=y_pred, sensitive_features=site)
+    groups = result.details["columns"]["site"]["groups"]
+    for g in "ABC":
+        assert groups[g]["n"] == int((site == g).sum())
+        for m in ("accuracy", "balanced_accuracy", "tpr", "fpr", "selection_rate"):
+            assert groups[g][m] == pytest.approx(frame.by_group.loc[g, m], abs=1e-12), (g, m)
+        rows = site == g
+        assert groups[g]["auroc"] == pytest.approx(roc_auc_score(y_true[rows], probs[rows, 1]), abs=1e-12)
+        lo, hi = groups[g]["intervals"]["accuracy"]
+        assert lo <= groups[g]["accuracy"] <= hi
+    m = result.metrics
+    for metric in ("accuracy", "balanced_accuracy", "tpr", "fpr", "selection_rate"):
+        assert m[f"site.{metric}_gap"] == pytest.approx(frame.difference()[metric], abs=1e-12)
+        assert m[f"site.{metric}_ratio"] == pytest.approx(frame.ratio()[metric], abs=1e-12)
+    assert m["site.dp_difference"] == pytest.approx(demographic_parity_difference(y_true, y_pred, sensitive_features=site), abs=1e-12)
+    assert m["site.eo_difference"] == pytest.approx(equalized_odds_difference(y_true, y_pred, sensitive_features=site), abs=1e-12)
+    assert m["site.eop_difference"] == pytest.approx(equal_opportunity_difference(y_true, y_pred, sensitive_features=site), abs=1e-12)
+    assert m["site.worst_group_accuracy"] == pytest.approx(frame.group_min()["accuracy"], abs=1e-12)
+    overall = roc_auc_score(y_true, probs[:, 1])
+    group_auc = [roc_auc_score(y_true[site == g], probs[site == g, 1]) for g in "ABC"]
+    assert m["site.es_auroc"] == pytest.approx(overall / (1 + sum(abs(a - overall) for a in group_auc)), abs=1e-12)
+    # per-group ECE is the calibration check's top-label ECE
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    rows = site == "C"
+    ece = multiclass_calibration_error(torch.from_numpy(probs[rows]), torch.from_numpy(labels[rows]), 2, n_bins=15)
+    assert groups["C"]["ece"] == pytest.approx(float(ece), abs=1e-6)
+    for key in ("site.accuracy_gap", "site.dp_difference", "site.eo_difference", "site.es_auroc", "site.worst_group_accuracy"):
+        lo, hi = result.intervals[key]
+        assert lo <= hi
+
+
+def test_positive_class_parameter_and_multiclass_worst_class():
+    labels, probs, sex = biased_predictions({"F": 200, "M": 160}, {"F": 1.0, "M": 2.0}, k=3, seed=4)
+    ctx = synthetic_context(probs, labels, {"sex": sex}, classes=["a", "b", "c"])
+    preds = ctx.forward.probs.argmax(1)
+    named = run_check(ctx, positive_class="a", n_bootstrap=0, n_permutations=0)
+    y0, p0 = (labels == 0).astype(int), (preds == 0).astype(int)
+    assert named.metrics["sex.eo_difference"] == pytest.approx(equalized_odds_difference(y0, p0, sensitive_features=sex), abs=1e-12)
+    assert named.metrics["sex.dp_difference"] == pytest.approx(demographic_parity_difference(y0, p0, sensitive_features=sex), abs=1e-12)
+    macro = run_check(ctx, n_bootstrap=0, n_permutations=0)
+    per_class = [(labels == k).astype(int) for k in range(3)], [(preds == k).astype(int) for k in range(3)]
+    assert macro.metrics["sex.dp_difference"] == pytest.approx(
+        max(demographic_parity_difference(t, p, sensitive_features=sex) for t, p in zip(*per_class)), abs=1e-12)
+    assert macro.metrics["sex.eop_difference"] == pytest.approx(
+        max(equal_opportunity_difference(t, p, sensitive_features=sex) for t, p in zip(*per_class)), abs=1e-12)
+    assert macro.metrics["sex.eo_difference"] == pytest.approx(
+        max(equalized_odds_difference(t, p, sensitive_features=sex) for t, p in zip(*per_class)), abs=1e-12)
+    f = macro.details["columns"]["sex"]["groups"]["F"]
+    rows = sex == "F"
+    assert f["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels[rows], preds[rows]), abs=1e-12)
+    assert f["auroc"] == pytest.approx(roc_auc_score(labels[rows], ctx.forward.probs[rows], multi_class="ovr"), abs=1e-12)
+    assert f["selection_rate"] is None  # averaged over all classes it is always 1/K
+    with pytest.raises(InputError, match="positive_class"):
+        run_check(ctx, positive_class="zebra")
+
+
+def test_small_and_missing_groups_shown_but_left_out_of_gaps():
+    labels, probs, site = biased_predictions({"A": 100, "B": 80, "D": 6, "": 9}, {"A": 1.0, "B": 1.5, "D": 5.0, "": 5.0}, seed=2)
+    ctx = synthetic_context(probs, labels, {"site": site})
+    result = run_check(ctx, n_bootstrap=20, n_permutations=0)
+    col = result.details["columns"]["site"]
+    assert set(col["groups"]) == {"A", "B", "D"} and col["missing_values"] == 9
+    assert col["groups"]["D"]["in_gaps"] is False and col["groups"]["A"]["in_gaps"] is True
+    assert any("D (6)" in w for w in result.warnings) and any("9 image(s) without a value" in w for w in result.warnings)
+    keep = np.isin(site, ["A", "B"])
+    preds = ctx.forward.probs.argmax(1)
+    frame = MetricFrame(metrics=accuracy_score, y_true=labels[keep], y_pred=preds[keep], sensitive_features=site[keep])
+    assert result.metrics["site.accuracy_gap"] == pytest.approx(frame.difference(), abs=1e-12)
+    table = next(t for t in result.tables if t.title == "site: per group")
+    assert [r[0] for r in table.rows] == ["A", "B", "D", "(missing)"]
+
+
+def test_numeric_columns_are_binned_by_quantiles_or_given_edges():
+    rng = np.random.default_rng(0)
+    labels, probs, _ = biased_predictions({"all": 400}, {"all": 1.0})
+    age = rng.integers(20, 91, 400).astype(str)
+    ctx = synthetic_context(probs, labels, {"age": age})
+    quart = run_check(ctx, n_bootstrap=0, n_permutations=0)
+    groups = quart.details["columns"]["age"]["groups"]
+    assert len(groups) == 4 and list(groups)[0].startswith("<") and list(groups)[-1].startswith(">=")
+    assert abs(max(g["n"] for g in groups.values()) - min(g["n"] for g in groups.values())) < 40
+    edged = run_check(ctx, bin_edges="age=40,65", n_bootstrap=0, n_permutations=0)
+    groups = edged.details["columns"]["age"]["groups"]
+    assert list(groups) == ["<40", "40-65", ">=65"]
+    assert groups["<40"]["n"] == int((age.astype(int) < 40).sum())
+    for bad in ("age=65,40", "age=old", "weight=3"):
+        with pytest.raises(InputError, match="bin_edges"):
+            run_check(ctx, bin_edges=bad)
+
+
+def test_intersections_and_holm():
+    labels, probs, site = biased_predictions({"A": 120, "B": 120}, {"A": 1.0, "B": 1.0}, seed=5)
+    sex = np.array(["F", "M"] * 120, dtype=object)
+    result = run_check(synthetic_context(probs, labels, {"site": site, "sex": sex}), n_bootstrap=0, n_permutations=50)
+    assert set(result.details["columns"]) == {"site", "sex", "site&sex"}
+    assert set(result.details["columns"]["site&sex"]["groups"]) == {"A&F", "A&M", "B&F", "B&M"}
+    assert holm_adjust([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_planted_bias_significant_random_groups_not():
+    labels, probs, site = biased_predictions({"A": 150, "B": 150, "C": 100}, {"A": 1.0, "B": 1.0, "C": 4.0}, seed=1)
+    rng = np.random.default_rng(11)
+    shuffled = rng.permutation(site)
+    result = run_check(synthetic_context(probs, labels, {"site": site, "random": shuffled}), n_bootstrap=50,
+                       n_permutations=300, intersections=False)
+    m = result.metrics
+    assert m["site.p_value"] < 0.01 and m["site.p_value_holm"] < 0.05
+    assert m["random.p_value_holm"] > 0.05
+    assert result.details["columns"]["site"]["groups"]["C"]["accuracy"] == pytest.approx(m["site.worst_group_accuracy"])
+    assert "Significant subgroup gap, site" in result.summary
+
+
+@pytest.fixture(scope="module")
+def demo_context(mcaudit_demo_model):
+    return make_context(mcaudit_demo_model, phantom_dataset(240, seed=3, groups=("site", "sex")))
+
+
+def test_demo_model_site_effect_found_and_shuffled_sites_not(demo_context):
+    ctx = demo_context
+    found = run_check(ctx, n_bootstrap=50, n_permutations=300, intersections=False)
+    assert found.metrics["site.p_value_holm"] < 0.05
+    site = found.details["columns"]["site"]["groups"]
+    assert min(site, key=lambda g: site[g]["accuracy"]) == "C"
+    # same predictions, site labels shuffled among the images: no significant gap
+    original = [dict(r.groups) for r in ctx.dataset.records]
+    values = np.random.default_rng(0).permutation([g["site"] for g in original])
+    try:
+        for record, v in zip(ctx.dataset.records, values):
+            record.groups["site"] = v
+        shuffled = run_check(ctx, n_bootstrap=0, n_permutations=300, intersections=False)
+    finally:
+        for record, g in zip(ctx.dataset.records, original):
+            record.groups = g
+    assert shuffled.metrics["site.p_value"] > 0.05
+
+
+def test_demo_run_shows_site_effect(tmp_path):
+    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.fairness", "--checks", "fairness",
+                   "--set", "fairness.n_permutations=200", "--set", "fairness.n_bootstrap=50"], tmp_path / "o")
+    assert out.exit_code == 0, out.output
+    fair = out.results["checks"]["fairness"]
+    assert fair["metrics"]["site.p_value_holm"] < 0.05 and "site" in fair["summary"]
+    assert "site.accuracy_gap" in fair["intervals"]
+    html = out.html
+    assert 'id="check-fairness"' in html and "site: per group" in html and "site&amp;sex: gaps between groups" in html
+
+
+def test_no_group_columns_skips():
+    labels, probs, _ = biased_predictions({"all": 30}, {"all": 1.0})
+    assert run_check(synthetic_context(probs, labels, {})).status == "skipped"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    return save_openclip_folder(tiny_openclip(0), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("manifest,columns", [("oasis1/manifest.csv", ["sex", "age"]),
+                                              ("ham10000/manifest.csv", ["sex", "age", "site"])])
+def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manifest, columns):
+    path = shared(manifest)
+    args = ["run", "--quiet", "--model", str(tiny_model_folder), "--data", str(path), "-p", "mcaudit.plugins.fairness",
+            "--checks", "performance,fairness", "--set", "fairness.n_permutations=100", "--set", "fairness.n_bootstrap=60"]
+    for c in columns:
+        args += ["--group", c]
+    out = run_cli(args, tmp_path / "o")
+    assert out.exit_code == 0, out.output
+    fair = out.results["checks"]["fairness"]
+    assert fair["status"] == "ok"
+    html = out.html
+    for column, info in fair["details"]["columns"].items():
+        assert info["groups"], column
+        for name, g in info["groups"].items():
+            lo, hi = g["intervals"]["accuracy"]
+            assert lo is not None and hi is not None and lo <= g["accuracy"] <= hi, (column, name)
+            assert f"{column}: per group" in html.replace("&amp;", "&")
+    assert {c for c in columns} <= set(fair["details"]["columns"])
