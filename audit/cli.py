@@ -111,13 +111,18 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
             click.echo(f"mcaudit: warning: plugin {failed.name} failed to load and was skipped: {failed.error}", err=True)
         if demo:
             click.echo("mcaudit: no --model/--data given: auditing the embedded demo model on synthetic phantoms", err=True)
+    from mcaudit.distributed import barrier, shutdown
+
     audit = run_audit(cfg, manager)
     out = Path(cfg.out)
-    write_outputs(audit, out, manager)
-    write_ci_outputs(audit.results, junit_file, markdown_file)
-    if not quiet:
-        print_summary(audit.results)
-    click.echo(f"report: {out / 'index.html'}")
+    if audit.world.is_main:  # under torchrun only rank 0 writes
+        write_outputs(audit, out, manager)
+        write_ci_outputs(audit.results, junit_file, markdown_file)
+        if not quiet:
+            print_summary(audit.results)
+        click.echo(f"report: {out / 'index.html'}")
+    barrier(audit.world)
+    shutdown(audit.world)
     ctx.exit(audit.exit_code)
 
 

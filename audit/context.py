@@ -11,6 +11,7 @@ import torch
 
 from mcaudit.data.dataset import AuditDataset
 from mcaudit.devices import autocast
+from mcaudit.distributed import SINGLE, World, gather_rows, shard
 from mcaudit.forward import ForwardOutputs
 from mcaudit.models.adapter import ModelAdapter, ZeroShotClassifier
 from mcaudit.progress import progress
@@ -34,6 +35,20 @@ class AuditContext:
     show_progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     open_dataset: Callable[[str], AuditDataset] | None = None
+    world: World = SINGLE
+
+    def shard_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This process's part of ``rows`` under torchrun (all of them otherwise).
+
+        An expensive check (attacks, attributions, smoothing) runs the model on its shard
+        and combines per-row results with :meth:`gather_rows`; every rank then holds the
+        same combined results, so the metrics it computes agree across ranks.
+        """
+        return shard(rows, self.world)
+
+    def gather_rows(self, rows: np.ndarray, values: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per-row results from every rank, concatenated and sorted by row."""
+        return gather_rows(rows, values, self.world)
 
     @property
     def classes(self) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 
 from mcaudit.data.dataset import AuditDataset, collate
 from mcaudit.devices import autocast
+from mcaudit.distributed import SINGLE, World, all_gather_objects, shard
 from mcaudit.errors import InputError
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.progress import progress
@@ -41,6 +42,38 @@ class ForwardOutputs:
         return len(self.indices)
 
 
+def encode_with_backoff(adapter: ModelAdapter, pixels: torch.Tensor) -> torch.Tensor:
+    """Encode a batch; on a CUDA out-of-memory error, halve it and retry instead of failing."""
+    try:
+        return adapter.encode_image(pixels)
+    except torch.OutOfMemoryError:
+        if len(pixels) == 1:
+            raise
+        if pixels.is_cuda:
+            torch.cuda.empty_cache()
+        half = len(pixels) // 2
+        return torch.cat([encode_with_backoff(adapter, pixels[:half]), encode_with_backoff(adapter, pixels[half:])])
+
+
+def _gather(indices, feats, logits, grey, failures, world: World):
+    local = (
+        torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+        torch.cat(feats) if feats else None,
+        torch.cat(logits) if logits else None,
+        list(grey),
+        list(failures),
+    )
+    parts = [p for p in all_gather_objects(local, world)]
+    parts = [p for p in parts if p[1] is not None]
+    failures = sorted(f for p in all_gather_objects(local[4], world) for f in p)
+    if not parts:
+        return [], [], [], [], failures
+    idx = torch.cat([p[0] for p in parts])
+    order = torch.argsort(idx)
+    grey = np.concatenate([np.asarray(p[3], dtype=bool) for p in parts])[order.numpy()]
+    return [idx[order]], [torch.cat([p[1] for p in parts])[order]], [torch.cat([p[2] for p in parts])[order]], list(grey), failures
+
+
 def run_forward(
     adapter: ModelAdapter,
     dataset: AuditDataset,
@@ -51,10 +84,15 @@ def run_forward(
     workers: int = 0,
     strict: bool = False,
     show_progress: bool = False,
+    world: World = SINGLE,
 ) -> ForwardOutputs:
+    """Encode every image once; under torchrun each rank encodes its shard, then all gather."""
     device = adapter.device
+    subset = dataset
+    if world.active:
+        subset = torch.utils.data.Subset(dataset, shard(np.arange(len(dataset)), world).tolist())
     loader = torch.utils.data.DataLoader(
-        dataset,
+        subset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -74,11 +112,13 @@ def run_forward(
             if batch["pixels"] is None:
                 continue
             pixels = batch["pixels"].to(device, non_blocking=True)
-            f = adapter.encode_image(pixels)
+            f = encode_with_backoff(adapter, pixels)
             indices.append(batch["index"])
             feats.append(f.float().cpu())
             logits.append((scale * f.float() @ text.T).cpu())
             grey.extend(batch["grey"])
+    if world.active:
+        indices, feats, logits, grey, failures = _gather(indices, feats, logits, grey, failures, world)
     if not indices:
         raise InputError(f"--data {dataset.spec}: none of the {len(dataset)} images could be read")
     idx = torch.cat(indices).numpy()

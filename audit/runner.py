@@ -24,6 +24,7 @@ from mcaudit.config import RunConfig
 from mcaudit.context import AuditContext
 from mcaudit.data.dataset import AuditDataset
 from mcaudit.devices import PRECISIONS, resolve_device
+from mcaudit.distributed import SINGLE, World, init_from_env, local_device
 from mcaudit.errors import InputError
 from mcaudit.forward import run_forward
 from mcaudit.gating import apply_gate, collect_thresholds
@@ -43,6 +44,7 @@ class AuditRun:
     results: dict[str, Any]
     check_results: dict[str, CheckResult] = field(default_factory=dict)
     context: AuditContext | None = None
+    world: World = SINGLE
 
     @property
     def exit_code(self) -> int:
@@ -199,7 +201,8 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))
+    world = init_from_env(device)
     model = load_model(manager, cfg, device)
     prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
@@ -219,7 +222,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     forward = run_forward(
         model, dataset, class_features,
         batch_size=cfg.batch_size, precision=cfg.precision, workers=cfg.workers,
-        strict=cfg.strict, show_progress=show,
+        strict=cfg.strict, show_progress=show and world.is_main, world=world,
     )
     ctx = AuditContext(
         model=model, dataset=dataset, prompts=prompts, class_features=class_features,
@@ -227,6 +230,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         seed=cfg.seed, workers=cfg.workers, show_progress=show,
         options={"ood": cfg.ood},
         open_dataset=lambda spec: open_dataset(spec, "ood", ()),
+        world=world,
     )
     entries, check_results = run_checks(ctx, selected, show)
     finished = dt.datetime.now(dt.timezone.utc)
@@ -275,4 +279,6 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     }
     if cfg.gate is not None:
         results["gate"] = apply_gate(results, thresholds)
-    return AuditRun(results=results, check_results=check_results, context=ctx)
+    if world.active:
+        results["environment"]["world_size"] = world.size
+    return AuditRun(results=results, check_results=check_results, context=ctx, world=world)
