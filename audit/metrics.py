@@ -52,15 +52,15 @@ def auroc_binary(positive: np.ndarray, scores: np.ndarray) -> float:
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank, vectorised."""
     order = np.argsort(x, kind="mergesort")
+    inverse = np.empty(len(x), dtype=np.int64)
+    inverse[order] = np.arange(len(x))
     sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_x)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(x)]])
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return ranks
+    first = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    dense = np.cumsum(first)[inverse]
+    bounds = np.r_[np.flatnonzero(first), len(x)]
+    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
 
 
 def auroc_ovr(labels: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]:

@@ -32,6 +32,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("openclip", "mcaudit.models.openclip_loader"),
     ("formats", "mcaudit.data.formats"),
     ("performance", "mcaudit.plugins.performance"),
+    ("calibration", "mcaudit.plugins.calibration"),
+    ("fairness", "mcaudit.plugins.fairness"),
 )
 
 
