@@ -148,7 +148,10 @@ def corrupt(pixels: torch.Tensor, kind: str, generator: torch.Generator) -> torc
     acquisition is not one a model should trust."""
     h, w = pixels.shape[-2:]
     if kind == "heavy noise":
-        noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
+        grey = bool((pixels[:, :1] == pixels).all())
+        # Grey images get grey noise: coloured speckle would be an easier cue than the noise.
+        shape = (pixels.shape[0], 1, h, w) if grey else pixels.shape
+        noise = torch.randn(shape, generator=generator).to(pixels.device)
         return (pixels + 0.5 * noise).clamp(0, 1)
     if kind == "heavy blur":
         sigma = max(h, w) / 12
@@ -237,6 +240,7 @@ class AnomalyCheck(Check):
 
     def run(self, ctx, params):
         _validate(params)
+        normal = _normal_classes(ctx, params) if params["zero_shot"] else None  # fail fast on bad names
         fwd = ctx.forward
         if len(fwd) < 4:
             return CheckResult.skipped(f"only {len(fwd)} audited images: too few to split into a fit and an evaluation set")
@@ -273,10 +277,18 @@ class AnomalyCheck(Check):
             result.details[f"{set_name}.best_score"] = best_name
             result.intervals.update(_auroc_intervals(ctx, set_name, id_eval, scores, params["n_bootstrap"]))
             summaries.append(f"{SET_TITLES[set_name].split(' (')[0]} AUROC {best['auroc']:.3f} ({best_name}, FPR@95 {best['fpr95']:.0%})")
-            figures.append(_roc_figure(set_name, id_eval, scores))
+            figures.append(_roc_figure(set_name, id_eval, scores, len(ctx.classes)))
             figures.append(_histogram_figure(set_name, best_name, id_eval[best_name], scores[best_name]))
             if ood_sets[set_name].kinds:
-                result.tables.append(_kind_table(set_name, ood_sets[set_name].kinds, id_eval, scores))
+                table = _kind_table(set_name, ood_sets[set_name].kinds, id_eval, scores)
+                result.tables.append(table)
+                msp_column = table.columns.index("AUROC msp")
+                for row in table.rows:
+                    if row[msp_column] is not None and row[msp_column] < 0.4:
+                        result.warnings.append(
+                            f"the model is more confident on {row[0]!r} images than on the audited ones "
+                            f"(MSP AUROC {row[msp_column]:.2f}): its confidence cannot flag such images"
+                        )
         result.metrics["n_id_eval"] = float(len(eval_rows))
         result.tables.insert(0, Table(
             "OOD detection: audited images (in-distribution) against each OOD set",
@@ -298,7 +310,7 @@ class AnomalyCheck(Check):
                 f"the Mahalanobis covariance was shrunk by {maha.shrinkage:.2f} toward the identity: the fit split "
                 f"({len(fit_rows)} images) is small for {features.shape[1]}-d features, so that score is less reliable"
             )
-        zs_summary = _zero_shot(ctx, params, result)
+        zs_summary = _zero_shot(ctx, params, normal, result)
         result.summary = "OOD detection: " + "; ".join(summaries) + "." + (f" {zs_summary}" if zs_summary else "")
         return result
 
@@ -442,7 +454,7 @@ def _per_image(n, fit_rows, eval_rows, id_all, id_eval) -> dict[str, list]:
 # -- figures -------------------------------------------------------------------------------
 
 
-def _roc_figure(set_name, id_eval, scores):
+def _roc_figure(set_name, id_eval, scores, n_classes):
     from mcaudit.reports.plots import new_figure, to_figure
 
     fig, ax = new_figure(5.2, 4.0)
@@ -458,8 +470,10 @@ def _roc_figure(set_name, id_eval, scores):
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="lower right", title="score (AUROC)", title_fontsize=7)
-    return to_figure(fig, f"ROC curves: audited images vs {SET_TITLES[set_name]}",
-                     "One curve per score; the dashed line is 95% TPR, where FPR@95 is read. The dotted diagonal is chance.")
+    caption = "One curve per score; the dashed line is 95% TPR, where FPR@95 is read. The dotted diagonal is chance."
+    if n_classes == 2:
+        caption += " With two classes MSP and MCM rank images identically, so their curves coincide."
+    return to_figure(fig, f"ROC curves: audited images vs {SET_TITLES[set_name]}", caption)
 
 
 def _histogram_figure(set_name, score_name, id_scores, ood_scores):
@@ -467,16 +481,19 @@ def _histogram_figure(set_name, score_name, id_scores, ood_scores):
 
     fig, ax = new_figure(5.2, 3.2)
     both = np.r_[id_scores, ood_scores]
-    bins = np.linspace(both.min(), both.max() + 1e-12, 31)
-    ax.hist(id_scores, bins=bins, alpha=0.6, label="audited (held-out)", density=True)
-    ax.hist(ood_scores, bins=bins, alpha=0.6, label=SET_TITLES[set_name], density=True)
+    # A few extreme OOD scores would squash the plot; they are drawn in the leftmost bin.
+    lo = min(float(np.quantile(both, 0.02)), float(id_scores.min()))
+    bins = np.linspace(lo, both.max() + 1e-12, 31)
+    ax.hist(np.maximum(id_scores, lo), bins=bins, alpha=0.6, label="audited (held-out)", density=True)
+    ax.hist(np.maximum(ood_scores, lo), bins=bins, alpha=0.6, label=SET_TITLES[set_name], density=True)
     threshold = np.sort(id_scores)[::-1][max(1, math.ceil(0.95 * len(id_scores) - 1e-9)) - 1]
     ax.axvline(threshold, color="black", ls="--", lw=1, label="accepts 95% of audited")
     ax.set_xlabel(f"{score_name} score (higher = more like the audited images)")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     return to_figure(fig, f"Score distributions, {SET_TITLES[set_name]} ({score_name}, the best score)",
-                     "Images right of the dashed line would be accepted as in-distribution.")
+                     "Images right of the dashed line would be accepted as in-distribution; "
+                     "scores below the axis start are counted in the leftmost bin.")
 
 
 def _examples_figure(ctx, first_row, near_examples, far_examples):
@@ -514,10 +531,9 @@ def state_prompts(params, extra_templates) -> tuple[list[str], list[str]]:
     return normal, abnormal
 
 
-def _zero_shot(ctx, params, result: CheckResult) -> str:
+def _zero_shot(ctx, params, normal: list[str] | None, result: CheckResult) -> str:
     if not params["zero_shot"]:
         return ""
-    normal = _normal_classes(ctx, params)
     if normal is None:
         result.warnings.append(
             "zero-shot anomaly detection not run: set anomaly.normal_classes to the classes that count as normal"
