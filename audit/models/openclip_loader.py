@@ -133,7 +133,7 @@ def _resolve(spec: str, request: ModelRequest):
 
     cfg = open_clip.get_model_config(spec)
     if cfg is None:
-        if HUB_ID.fullmatch(spec):
+        if HUB_ID.fullmatch(spec) and Path(spec).suffix not in WEIGHT_SUFFIXES:
             return None  # ORG/NAME: a hub id for the transformers loader
         if os.sep in spec or Path(spec).suffix:
             raise InputError(f"--model {spec}: no such file or folder")
@@ -323,6 +323,13 @@ def build_model(model_cfg: dict[str, Any], folder: Path | None, allow_network: b
         # reads the tower's config with AutoConfig.from_pretrained(hf_model_name), so hand it
         # a local folder: a hub id would reach for the network.
         text_cfg["hf_model_pretrained"] = False
+        try:
+            import transformers  # noqa: F401 - open_clip's HF tower needs it
+        except ImportError as exc:
+            raise InputError(
+                f"the text tower {text_cfg['hf_model_name']} is a Hugging Face model and needs the "
+                f'optional transformers package; install it with pip install "mcaudit[hf]"'
+            ) from exc
         text_cfg["hf_model_name"] = resolve_hf_text_files(text_cfg["hf_model_name"], folder, allow_network, "config")
     if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False
