@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("performance", "mcaudit.plugins.performance"),
     ("calibration", "mcaudit.plugins.calibration"),
     ("fairness", "mcaudit.plugins.fairness"),
+    ("anomaly", "mcaudit.plugins.anomaly"),
 )
 
 

@@ -104,7 +104,8 @@ def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: 
         request = DataRequest(image_size=tuple(image_size), split=cfg.split, groups=groups, options=options, role=role)
         dataset = manager.hook.mcaudit_load_dataset(spec=spec, request=request)
         if dataset is None:
-            raise InputError(f"--data {spec}: no data format claims this (see `mcaudit plugins` for the formats)")
+            flag = "--ood" if role == "ood" else "--data"
+            raise InputError(f"{flag} {spec}: no data format claims this (see `mcaudit plugins` for the formats)")
         return dataset
 
     return open_dataset
@@ -207,6 +208,8 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
+    if cfg.ood:
+        open_dataset(cfg.ood, "ood", ())  # a bad --ood is a usage error now, not a check error later
     if prompts.classes:
         missing = [c for c in dataset.classes if c not in prompts.phrasings]
         if missing:

@@ -67,7 +67,9 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    for needed in ("path", "label"):
+    # An out-of-distribution set is never scored against labels, so it may have none.
+    needed_columns = ("path",) if request.role == "ood" else ("path", "label")
+    for needed in needed_columns:
         if needed not in columns:
             raise InputError(f"{path}: the manifest needs a '{needed}' column (found: {', '.join(columns) or 'none'})")
     group_columns = [c for c in columns if c not in RESERVED_COLUMNS]
@@ -79,6 +81,8 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("path"):
             raise InputError(f"{path} line {line_no}: empty path")
+        if request.role == "ood":
+            row["label"] = row.get("label") or "unlabelled"
         if row.get("label", "") == "":
             raise InputError(f"{path} line {line_no}: empty label")
         rows.append((line_no, row))
