@@ -87,7 +87,7 @@ def _require_cached_towers(spec: str, variant: str, constants) -> None:
         where = "; ".join(str(cache_entry(repo)) for repo in missing)
         raise InputError(
             f"--model {spec}: MedCLIP builds on {', '.join(missing)}, not in the Hugging Face cache "
-            f"(looked for {where}); run once with --allow-network or `huggingface-cli download {missing[0]}`"
+            f"(looked for {where}); run once with --allow-network or `hf download {missing[0]}`"
         )
     if variant == "resnet":
         # torchvision's ImageNet ResNet-50, which MedCLIP's ResNet tower starts from.

@@ -130,14 +130,21 @@ def plip_folder(tmp_path_factory):
     return save_plip_style(tmp_path_factory.mktemp("hf") / "tiny-plip")
 
 
+NETWORK_ATTEMPTS: list = []
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """No test reaches the network, and none sees the developer's own cache."""
     import huggingface_hub.constants
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("a test tried to open a network connection")
+        NETWORK_ATTEMPTS.append(args)
+        raise RuntimeError(f"a test tried to reach the network: {args}")
 
+    NETWORK_ATTEMPTS.clear()
+    # Name lookup comes first (and fails quietly without a network), so refuse both.
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -242,7 +249,7 @@ def test_hub_id_missing_from_the_cache_says_where_it_looked(offline, tmp_path):
     out = audit(tmp_path, "--model", "tiny-org/not-here", "--data", "phantom:n=8")
     assert out.exit_code == 2
     assert str(offline / "models--tiny-org--not-here") in out.output
-    assert "--allow-network" in out.output and "huggingface-cli download tiny-org/not-here" in out.output
+    assert "--allow-network" in out.output and "hf download tiny-org/not-here" in out.output
 
 
 def test_allow_network_is_what_lets_the_loader_download(offline, monkeypatch, plip_folder):
@@ -389,3 +396,25 @@ def test_plugins_lists_the_loader_and_its_spec_forms():
     assert out.exit_code == 0
     assert "hf-clip" in out.output and "--model ORG/NAME" in out.output and "--model FOLDER" in out.output
     assert "--model hf-hub:ORG/NAME" in out.output  # the open_clip loader's forms are listed too
+
+
+def test_loading_stays_offline_even_when_the_hub_library_is_not_told_to(offline, monkeypatch, plip_folder):
+    # HF_HUB_OFFLINE off: only mcaudit's own discipline keeps the sockets closed.
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):
+        load("tiny-org/plip-tiny")
+    put_in_hub_cache(offline, "tiny-org/plip-tiny", plip_folder)
+    assert load("tiny-org/plip-tiny").loader == "hf-clip"
+    assert NETWORK_ATTEMPTS == []
+
+
+def test_the_network_guard_of_these_tests_works(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(Exception):
+        huggingface_hub.snapshot_download("tiny-org/anything", local_files_only=False)
+    assert NETWORK_ATTEMPTS, "the guard saw no attempt: the offline tests would prove nothing"

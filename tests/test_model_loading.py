@@ -98,14 +98,21 @@ def built(tmp_path_factory):
     }
 
 
+NETWORK_ATTEMPTS: list = []
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """No test reaches the network, and none sees the developer's own cache."""
     import huggingface_hub.constants
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("a test tried to open a network connection")
+        NETWORK_ATTEMPTS.append(args)
+        raise RuntimeError(f"a test tried to reach the network: {args}")
 
+    NETWORK_ATTEMPTS.clear()
+    # Name lookup comes first (and fails quietly without a network), so refuse both.
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -215,7 +222,7 @@ def test_biomedclip_without_its_tower_says_where_it_looked(built, offline, tmp_p
     assert out.exit_code == 2
     assert f"text tower {TOWER}" in out.output
     assert str(offline / "models--tiny-org--tiny-pubmedbert") in out.output
-    assert "--allow-network" in out.output and f"huggingface-cli download {TOWER}" in out.output
+    assert "--allow-network" in out.output and f"hf download {TOWER}" in out.output
 
 
 def test_tower_files_are_downloaded_only_when_allowed_and_never_its_weights(built, offline, monkeypatch):
@@ -370,3 +377,19 @@ def test_medclip_example_plugin_claims_only_its_specs_and_explains_a_missing_pac
     if importlib.util.find_spec("medclip") is None:
         out = audit(tmp_path, "-p", MEDCLIP_EXAMPLE, "--model", "medclip:vit", "--data", "phantom:n=8")
         assert out.exit_code == 2 and "pip install medclip" in out.output
+
+
+def test_loading_stays_offline_even_when_the_hub_library_is_not_told_to(built, offline, monkeypatch):
+    # HF_HUB_OFFLINE off: only mcaudit's own discipline keeps the sockets closed.
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    put_in_hub_cache(offline, "tiny-org/BiomedCLIP-tiny", built["hub_layout"])
+    with pytest.raises(InputError, match="not available offline"):
+        load("hf-hub:tiny-org/BiomedCLIP-tiny")
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):
+        load("hf-hub:tiny-org/elsewhere")
+    put_in_hub_cache(offline, TOWER, built["tower"])
+    assert load("hf-hub:tiny-org/BiomedCLIP-tiny").loader == "openclip"
+    assert NETWORK_ATTEMPTS == []

@@ -143,7 +143,7 @@ def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
         return cached
     how = (
         f"download it once with network access (mcaudit run --allow-network ...) or with "
-        f"`huggingface-cli download {repo_id}`, or pass the downloaded folder as --model"
+        f"`hf download {repo_id}`, or pass the downloaded folder as --model"
     )
     if not allow_network:
         raise InputError(

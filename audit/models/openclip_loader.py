@@ -220,7 +220,7 @@ def hub_folder(repo_id: str, allow_network: bool, allow_patterns: list[str] | No
         return cached
     how = (
         "download it once with network access (mcaudit run --allow-network ...) or with "
-        f"`huggingface-cli download {repo_id}`, or pass the downloaded folder as --model"
+        f"`hf download {repo_id}`, or pass the downloaded folder as --model"
     )
     if not allow_network:
         raise InputError(
@@ -300,10 +300,10 @@ def resolve_hf_text_files(name: str, folder: Path | None, allow_network: bool, w
             if usable(fetched):
                 return str(fetched)
             looked.append(f"{fetched} (downloaded)")
-    files = "config.json (a BERT-like config)" if what == "config" else "vocab.txt or tokenizer.json with tokenizer_config.json"
+    files = "config.json (a BERT-like config)" if what == "config" else "vocab.txt or tokenizer.json, with config.json or tokenizer_config.json"
     fix = (
         f"copy its {files} into the model folder, or run once with --allow-network, or "
-        f"`huggingface-cli download {name} {'config.json' if what == 'config' else 'vocab.txt tokenizer_config.json'}`"
+        f'`hf download {name} --include "*.json" --include "*.txt"` (its config and vocabulary, not its weights)'
         if is_hub_id else f"copy its {files} into the model folder"
     )
     raise InputError(
