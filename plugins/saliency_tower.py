@@ -168,6 +168,11 @@ def detached_copy(classifier: ZeroShotClassifier) -> ZeroShotClassifier:
     its output; sharing it keeps the copy small for large models.
     """
     memo: dict[int, object] = {}
+    # Plain attributes (tokenizer, spec) are read-only for the copy; a tokenizer's vocabulary
+    # alone would otherwise dominate the copying time.
+    for key, value in vars(classifier.adapter).items():
+        if not key.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
+            memo[id(value)] = value
     wrapped = getattr(classifier.adapter, "model", None)
     if isinstance(wrapped, nn.Module) and isinstance(getattr(wrapped, "visual", None), nn.Module):
         for name, child in wrapped.named_children():
@@ -177,6 +182,19 @@ def detached_copy(classifier: ZeroShotClassifier) -> ZeroShotClassifier:
             if p is not None:
                 memo[id(p)] = p
     return copy.deepcopy(classifier, memo)
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Attributions need gradients for the input only; skipping the weights' halves the cost."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()

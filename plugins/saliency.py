@@ -1,0 +1,442 @@
+"""Saliency: do the model's explanations say something true about it, and where does it look?
+
+For a stratified subsample of images the check computes captum attribution maps for the
+predicted class (or a prompt the user names), then asks three questions of each method:
+
+* faithfulness: do the pixels it ranks highest drive the score? (deletion and insertion
+  curves, compared with a random pixel order);
+* sanity: do its maps depend on what the model learned? (model parameter randomisation,
+  Adebayo et al. 2018);
+* localisation: where the data has region masks, does the evidence fall inside them?
+
+Scaling up: the demo defaults (8 images, four methods, 10 curve steps, two cascade points)
+run in a few seconds on a CPU. For an audit worth quoting, raise ``n_images`` to 100 or more,
+``steps`` to 20-50, ``ig_steps`` to 32-64, ``cascade_points`` to 0 (every layer), add
+``gradient_shap`` and ``occlusion`` to ``methods``, and use a GPU; the curve and attribution
+batch sizes bound memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.metrics import bootstrap_interval
+
+from .saliency_attributions import METHOD_LABELS, AttributionSettings, attribution_maps
+from .saliency_metrics import (
+    BASELINES,
+    baseline_images,
+    curve_area,
+    mass_inside,
+    normalised_abs,
+    perturbation_curves,
+    pixel_ranks,
+    pointing_hits,
+    random_ranks,
+    rank_correlation,
+    structural_similarity,
+    top_fraction_iou,
+)
+from .saliency_tower import detached_copy, find_image_tower, frozen_parameters, randomise_parameters
+
+MAX_OVERLAY_ROWS = 12
+
+
+class SaliencyCheck(Check):
+    name = "saliency"
+    description = (
+        "Attribution maps (captum: Integrated Gradients, Saliency, Input x Gradient, GradientSHAP, "
+        "Occlusion, Grad-CAM) tested for faithfulness (deletion and insertion curves against a "
+        "random order), for sanity (model parameter randomisation) and, where the data has "
+        "masks, for localisation (pointing game, attribution mass and top-pixel IoU in the mask)."
+    )
+    params = {
+        "methods": Param(
+            ["integrated_gradients", "saliency", "input_x_gradient", "grad_cam"],
+            "attribution methods, any of: " + ", ".join(METHOD_LABELS),
+        ),
+        "n_images": Param(8, "images to explain, a stratified subsample (classes in proportion)"),
+        "n_mask_images": Param(16, "images with a region mask added for localisation, when the data has masks (0: none)"),
+        "target_prompt": Param("", "explain the similarity to this prompt instead of the predicted class"),
+        "steps": Param(10, "steps of the deletion and insertion curves"),
+        "baseline": Param("blur", "what removed pixels become in the curves", choices=BASELINES),
+        "curve_score": Param(
+            "logit", "score read along the curves: the target's similarity logit (what the maps explain) or "
+            "its softmax probability over the classes (saturates for confident models)",
+            choices=("logit", "probability"),
+        ),
+        "ig_steps": Param(16, "Integrated Gradients path steps"),
+        "shap_samples": Param(8, "GradientSHAP samples per image"),
+        "occlusion_window": Param(0, "Occlusion patch side in pixels (0: one eighth of the image side); stride is half of it"),
+        "internal_batch_size": Param(64, "model evaluations per pass inside Integrated Gradients, GradientSHAP and Occlusion"),
+        "curve_batch_size": Param(256, "perturbed images per forward pass when scoring the curves"),
+        "cascade_points": Param(
+            2, "points of the top-down randomisation cascade at which maps are recomputed, evenly "
+            "spread and always ending with the whole tower randomised (0: skip the test)",
+        ),
+        "sanity_max_spearman": Param(0.5, "a method fails the sanity check when its maps keep a mean rank correlation above this with the whole tower randomised"),
+        "top_percent": Param(20.0, "share of the most relevant pixels compared with the mask for the IoU, in %"),
+        "overlays_per_class": Param(2, "images of each class shown in the overlay grid"),
+        "n_bootstrap": Param(200, "bootstrap resamples over images for the 95% intervals (0 turns them off)"),
+    }
+    metrics = {
+        "<method>.deletion_auc": "area under the deletion curve (lower: the top pixels matter more)",
+        "<method>.insertion_auc": "area under the insertion curve (higher: the top pixels suffice)",
+        "<method>.deletion_gain": "random order's deletion area minus the method's (> 0: better than random)",
+        "<method>.insertion_gain": "method's insertion area minus the random order's (> 0: better than random)",
+        "random.deletion_auc": "deletion area of a random pixel order",
+        "random.insertion_auc": "insertion area of a random pixel order",
+        "<method>.randomisation_spearman": "mean rank correlation of |map| before and after randomising the whole image tower (low is good)",
+        "<method>.randomisation_ssim": "mean SSIM of the normalised |map| before and after randomising the whole image tower (low is good)",
+        "<method>.sanity_passed": "1 when the maps change under randomisation (Spearman at most sanity_max_spearman), else 0",
+        "<method>.pointing_game": "share of masked images whose most relevant pixel lies in the mask",
+        "<method>.mass_in_mask": "mean share of the positive attribution inside the mask",
+        "<method>.top_iou": "mean IoU of the top top_percent % pixels with the mask",
+        "n_images": "images explained",
+        "n_mask_images": "explained images that have a mask",
+    }
+    default_thresholds = {}
+    uses_model = True
+
+    @classmethod
+    def resolve_params(cls, given):
+        # Bad values are the user's to fix before the run starts (exit code 2), not a check error.
+        resolved = super().resolve_params(given)
+        resolved["methods"] = _validate(resolved)
+        return resolved
+
+    def run(self, ctx, params):
+        methods = _validate(params)
+        with frozen_parameters(ctx.model):
+            return self._run(ctx, params, methods)
+
+    def _run(self, ctx, params, methods):
+        rows = _choose_rows(ctx, params)
+        classifier, targets, target_name = _classifier_and_targets(ctx, rows, params["target_prompt"])
+        tower = find_image_tower(classifier)
+        warnings, notes = [], [tower.note] if tower.note else []
+        if "grad_cam" in methods and not tower.has_grad_cam:
+            methods = [m for m in methods if m != "grad_cam"]
+            warnings.append(f"Grad-CAM skipped: {tower.note or 'no image block found'}")
+        if not methods:
+            return CheckResult.skipped("no attribution method applies to this model: " + "; ".join(warnings))
+
+        pixels = torch.cat([p for _, p, _ in ctx.iter_batches(rows, desc="saliency: images")])
+        settings = _settings(ctx, params, pixels)
+        maps = {m: attribution_maps(m, classifier, tower, pixels, targets, settings, ctx.autocast) for m in methods}
+
+        metrics: dict[str, float] = {"n_images": float(len(rows))}
+        per_image_values: dict[str, np.ndarray] = {}
+        deletion, insertion = _faithfulness(ctx, params, classifier, pixels, targets, maps)
+        for name in ["random", *methods]:
+            per_image_values[f"{name}.deletion_auc"] = curve_area(deletion[name])
+            per_image_values[f"{name}.insertion_auc"] = curve_area(insertion[name])
+        for m in methods:
+            per_image_values[f"{m}.deletion_gain"] = per_image_values["random.deletion_auc"] - per_image_values[f"{m}.deletion_auc"]
+            per_image_values[f"{m}.insertion_gain"] = per_image_values[f"{m}.insertion_auc"] - per_image_values["random.insertion_auc"]
+
+        cascade = None
+        if params["cascade_points"] > 0:
+            cascade = _randomisation(ctx, params, classifier, pixels, targets, maps, settings)
+            for m in methods:
+                per_image_values[f"{m}.randomisation_spearman"] = cascade["spearman"][m][-1]
+                per_image_values[f"{m}.randomisation_ssim"] = cascade["ssim"][m][-1]
+
+        masks = [ctx.load_mask(int(r)) for r in rows]
+        has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks])
+        metrics["n_mask_images"] = float(has_mask.sum())
+        if has_mask.any():
+            stack = torch.stack([masks[i].bool().cpu() for i in np.flatnonzero(has_mask)])
+            for m in methods:
+                sub = maps[m][torch.as_tensor(np.flatnonzero(has_mask))]
+                for key, values in (
+                    ("pointing_game", pointing_hits(sub, stack)),
+                    ("mass_in_mask", mass_inside(sub, stack)),
+                    ("top_iou", top_fraction_iou(sub, stack, params["top_percent"])),
+                ):
+                    full = np.full(len(rows), np.nan)
+                    full[has_mask] = values
+                    per_image_values[f"{m}.{key}"] = full
+
+        intervals = {}
+        rng = ctx.rng("saliency:bootstrap")
+        for key, values in per_image_values.items():
+            metrics[key] = _nanmean(values)
+            ok = values[np.isfinite(values)]
+            lo, hi = bootstrap_interval(lambda i, v=ok: float(v[i].mean()), len(ok), rng, params["n_bootstrap"])
+            if np.isfinite(lo):
+                intervals[key] = (lo, hi)
+
+        if cascade is not None:
+            for m in methods:
+                passed = not (metrics[f"{m}.randomisation_spearman"] > params["sanity_max_spearman"])
+                metrics[f"{m}.sanity_passed"] = float(passed)
+                if not passed:
+                    warnings.append(
+                        f"{METHOD_LABELS[m]} fails the randomisation sanity check: its maps keep a rank "
+                        f"correlation of {metrics[f'{m}.randomisation_spearman']:.2f} with the original after the "
+                        f"whole image tower is randomised, so they show the image more than what the model learned"
+                    )
+        for m in methods:
+            if metrics[f"{m}.deletion_gain"] <= 0 and metrics[f"{m}.insertion_gain"] <= 0:
+                warnings.append(f"{METHOD_LABELS[m]} is no better than a random pixel order on deletion or insertion")
+
+        tables = _tables(methods, metrics, intervals, cascade, bool(has_mask.any()), params)
+        figures = _figures(ctx, rows, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name)
+        per_image = {}
+        for key in ("deletion_auc", "insertion_auc", "mass_in_mask"):
+            for m in methods:
+                if f"{m}.{key}" in per_image_values:
+                    column = [None] * len(ctx.forward)
+                    for r, v in zip(rows, per_image_values[f"{m}.{key}"]):
+                        column[int(r)] = float(v) if np.isfinite(v) else None
+                    per_image[f"{m}.{key}"] = column
+        return CheckResult(
+            metrics=metrics, intervals=intervals,
+            summary=_summary(methods, metrics, cascade, bool(has_mask.any()), target_name),
+            tables=tables, figures=figures, warnings=warnings,
+            details={
+                "target": target_name, "methods": methods, "image_tower": tower.kind, "notes": notes,
+                "rows": [int(r) for r in rows], "sources": [ctx.source(int(r)) for r in rows],
+                "cascade_levels": cascade["levels"] if cascade else [],
+                "cascade_spearman": {m: [float(np.nanmean(v)) for v in vs] for m, vs in cascade["spearman"].items()} if cascade else {},
+                "mean_deletion_curve": {k: v.mean(axis=0).tolist() for k, v in deletion.items()},
+                "mean_insertion_curve": {k: v.mean(axis=0).tolist() for k, v in insertion.items()},
+            },
+            per_image=per_image,
+        )
+
+
+# -- steps of run() ------------------------------------------------------------------------------
+def _validate(params: dict[str, Any]) -> list[str]:
+    methods = []
+    # --set saliency.methods=saliency,grad_cam arrives as one comma-separated string
+    names = [part for m in params["methods"] for part in str(m).split(",")]
+    for m in names:
+        m = str(m).strip().lower().replace("-", "_").replace(" ", "_")
+        if not m:
+            continue
+        if m not in METHOD_LABELS:
+            raise InputError(f"saliency.methods: unknown method {m!r} (choose from {', '.join(METHOD_LABELS)})")
+        if m not in methods:
+            methods.append(m)
+    if not methods:
+        raise InputError("saliency.methods: name at least one method")
+    positive = ("n_images", "steps", "ig_steps", "shap_samples", "internal_batch_size", "curve_batch_size")
+    for key in positive:
+        if params[key] < 1:
+            raise InputError(f"saliency.{key}: must be at least 1, got {params[key]}")
+    if params["n_images"] < 2:
+        raise InputError(f"saliency.n_images: must be at least 2 for intervals over images, got {params['n_images']}")
+    for key in ("n_mask_images", "occlusion_window", "cascade_points", "overlays_per_class", "n_bootstrap"):
+        if params[key] < 0:
+            raise InputError(f"saliency.{key}: must not be negative, got {params[key]}")
+    if not 0 < params["top_percent"] <= 100:
+        raise InputError(f"saliency.top_percent: must be in (0, 100], got {params['top_percent']}")
+    if not -1 <= params["sanity_max_spearman"] <= 1:
+        raise InputError(f"saliency.sanity_max_spearman: must be in [-1, 1], got {params['sanity_max_spearman']}")
+    return methods
+
+
+def _choose_rows(ctx, params) -> np.ndarray:
+    """The stratified subsample, plus images that carry a mask so that localisation has data."""
+    rows = set(ctx.stratified_rows(params["n_images"], "saliency:rows").tolist())
+    records, indices = ctx.dataset.records, ctx.forward.indices
+    masked = [r for r in range(len(ctx.forward)) if records[int(indices[r])].mask and r not in rows]
+    if masked and params["n_mask_images"] > 0:
+        pick = ctx.rng("saliency:mask-rows").permutation(len(masked))[: params["n_mask_images"]]
+        rows.update(masked[i] for i in pick)
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def _classifier_and_targets(ctx, rows, prompt: str):
+    if prompt.strip():
+        with torch.no_grad():
+            text = ctx.model.encode_text([prompt.strip()]).float().to(ctx.device)
+        features = torch.cat([ctx.class_features.detach().clone().to(ctx.device), text])
+        classifier = ctx.model.zero_shot_classifier(features).to(ctx.device).eval()
+        targets = torch.full((len(rows),), len(features) - 1, dtype=torch.long, device=ctx.device)
+        return classifier, targets, f"prompt {prompt.strip()!r}"
+    classifier = ctx.classifier()
+    if classifier.class_features.is_inference():
+        # The shared class embeddings are made under inference mode; autograd needs a plain copy.
+        classifier.class_features = classifier.class_features.clone()
+    targets = torch.as_tensor(ctx.forward.preds[rows], dtype=torch.long, device=ctx.device)
+    return classifier, targets, "predicted class"
+
+
+def _settings(ctx, params, pixels) -> AttributionSettings:
+    side = min(pixels.shape[-2:])
+    window = params["occlusion_window"] or max(2, side // 8)
+    if window > side:
+        raise InputError(f"saliency.occlusion_window: {window} is larger than the {side}-pixel image")
+    return AttributionSettings(
+        batch_size=ctx.batch_size, internal_batch_size=params["internal_batch_size"],
+        ig_steps=params["ig_steps"], shap_samples=params["shap_samples"],
+        occlusion_window=window, occlusion_stride=max(1, window // 2),
+        seed=int(ctx.rng("saliency:attributions").integers(0, 2**31)),
+    )
+
+
+def _faithfulness(ctx, params, classifier, pixels, targets, maps):
+    generator = ctx.torch_generator("saliency:pixel-order")
+    hw = pixels[0, 0].numel()
+    orders = {"random": random_ranks(len(pixels), hw, generator)}
+    orders.update({m: pixel_ranks(a, generator) for m, a in maps.items()})
+    names = list(orders)
+    probability = params["curve_score"] == "probability"
+
+    def score(images, image_index):
+        with ctx.autocast():
+            logits = classifier(images).float()
+        if probability:
+            logits = logits.softmax(dim=1)
+        return logits[torch.arange(len(images), device=logits.device), targets[image_index]]
+
+    baselines = baseline_images(pixels, params["baseline"])
+    deletion, insertion = perturbation_curves(
+        score, pixels, baselines, torch.stack([orders[n] for n in names]), params["steps"], params["curve_batch_size"],
+    )
+    return ({n: deletion[i] for i, n in enumerate(names)}, {n: insertion[i] for i, n in enumerate(names)})
+
+
+def _randomisation(ctx, params, classifier, pixels, targets, maps, settings):
+    copy = detached_copy(classifier)
+    tower = find_image_tower(copy)
+    levels = tower.levels
+    n_levels = len(levels)
+    points = n_levels if params["cascade_points"] >= n_levels else params["cascade_points"]
+    checkpoints = sorted({int(round(v)) for v in np.linspace(1, n_levels, points)}) if points > 1 else [n_levels]
+    generator = ctx.torch_generator("saliency:randomise")
+    methods = [m for m in maps if m != "grad_cam" or tower.has_grad_cam]
+    spearman = {m: [] for m in methods}
+    ssim = {m: [] for m in methods}
+    names = []
+    done = 0
+    for point in checkpoints:
+        while done < point:
+            randomise_parameters(levels[done][1], generator)
+            done += 1
+        names.append(levels[point - 1][0])
+        for m in methods:
+            shuffled = attribution_maps(m, copy, tower, pixels, targets, settings, ctx.autocast)
+            spearman[m].append(rank_correlation(maps[m], shuffled))
+            ssim[m].append(structural_similarity(normalised_abs(maps[m]), normalised_abs(shuffled)))
+    del copy
+    return {"levels": names, "all_levels": [n for n, _ in levels], "spearman": spearman, "ssim": ssim}
+
+
+# -- report ---------------------------------------------------------------------------------
+def _cell(metrics, intervals, key, fmt="{:.3f}"):
+    value = metrics.get(key)
+    if value is None or not np.isfinite(value):
+        return None
+    text = fmt.format(value)
+    if key in intervals:
+        lo, hi = intervals[key]
+        text += f" ({fmt.format(lo)} to {fmt.format(hi)})"
+    return text
+
+
+def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Table]:
+    label = METHOD_LABELS
+    tables = [Table(
+        "Faithfulness: deletion and insertion curves (mean over images, 95% interval)",
+        ["method", "deletion area (lower is better)", "insertion area (higher is better)",
+         "deletion gain over random", "insertion gain over random"],
+        [[label[m], _cell(metrics, intervals, f"{m}.deletion_auc"), _cell(metrics, intervals, f"{m}.insertion_auc"),
+          _cell(metrics, intervals, f"{m}.deletion_gain", "{:+.3f}"), _cell(metrics, intervals, f"{m}.insertion_gain", "{:+.3f}")]
+         for m in methods]
+        + [["random pixel order", _cell(metrics, intervals, "random.deletion_auc"), _cell(metrics, intervals, "random.insertion_auc"), None, None]],
+        note=f"score: target {params['curve_score']}; removed pixels become the image's {params['baseline']} baseline; {params['steps']} steps",
+    )]
+    if cascade is not None:
+        levels = cascade["levels"]
+        cols = ["method", "rank correlation, whole tower random", "SSIM, whole tower random", "passes"]
+        cols += [f"rank correlation after + {lv}" for lv in levels[:-1]]
+        rows = []
+        for m in cascade["spearman"]:
+            rows.append(
+                [label[m], _cell(metrics, intervals, f"{m}.randomisation_spearman"), _cell(metrics, intervals, f"{m}.randomisation_ssim"),
+                 "yes" if metrics.get(f"{m}.sanity_passed") else "NO"]
+                + [f"{np.nanmean(v):.3f}" for v in cascade["spearman"][m][:-1]]
+            )
+        tables.append(Table(
+            "Sanity: maps of the trained model against maps of a randomised image tower",
+            cols, rows,
+            note=f"layers randomised from the top: {', '.join(cascade['all_levels'])}; a method passes when the "
+                 f"rank correlation with the whole tower random is at most {params['sanity_max_spearman']:g}",
+        ))
+    if has_masks:
+        tables.append(Table(
+            "Localisation against the annotated masks (mean over masked images, 95% interval)",
+            ["method", "pointing game hit rate", "attribution mass inside the mask", f"IoU of top {params['top_percent']:g}% pixels"],
+            [[label[m], _cell(metrics, intervals, f"{m}.pointing_game"), _cell(metrics, intervals, f"{m}.mass_in_mask"),
+              _cell(metrics, intervals, f"{m}.top_iou")] for m in methods],
+            note=f"{int(metrics['n_mask_images'])} images with a mask",
+        ))
+    return tables
+
+
+def _figures(ctx, rows, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name):
+    from .saliency_figures import cascade_figure, curves_figure, overlay_grid
+
+    labels = dict(METHOD_LABELS, random="random order")
+    chosen = _overlay_rows(ctx, rows, has_mask, params["overlays_per_class"])
+    figures = []
+    if chosen:
+        classes, preds, labels_true = ctx.classes, ctx.forward.preds, ctx.forward.labels
+        titles = [f"{classes[labels_true[rows[i]]][:14]}\n→ {classes[preds[rows[i]]][:14]}" for i in chosen]
+        idx = torch.as_tensor(chosen)
+        figures.append(overlay_grid(
+            pixels[idx].cpu(), {m: a[idx] for m, a in maps.items()},
+            [masks[i].bool().cpu() if has_mask[i] else None for i in chosen], titles, labels,
+        ))
+    score_name = f"{params['curve_score']} of the {target_name}"
+    figures.append(curves_figure(deletion, insertion, labels, score_name))
+    if cascade is not None and len(cascade["levels"]) > 1:
+        figures.append(cascade_figure(cascade["levels"], {m: [float(np.nanmean(v)) for v in vs] for m, vs in cascade["spearman"].items()}, labels))
+    return figures
+
+
+def _overlay_rows(ctx, rows, has_mask, per_class) -> list[int]:
+    """Positions in ``rows``: a few images of each class, those with a mask first."""
+    if per_class <= 0:
+        return []
+    labels = ctx.forward.labels[rows]
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = sorted(members, key=lambda i: (not has_mask[i], i))
+        chosen.extend(int(i) for i in members[:per_class])
+    return sorted(chosen)[:MAX_OVERLAY_ROWS]
+
+
+def _summary(methods, metrics, cascade, has_masks, target_name) -> str:
+    best = max(methods, key=lambda m: metrics[f"{m}.deletion_gain"] + metrics[f"{m}.insertion_gain"])
+    parts = [
+        f"Explaining the {target_name} on {int(metrics['n_images'])} images, {METHOD_LABELS[best]} is the most faithful "
+        f"(deletion {metrics[f'{best}.deletion_gain']:+.3f}, insertion {metrics[f'{best}.insertion_gain']:+.3f} vs random)"
+    ]
+    if cascade is not None:
+        failed = [METHOD_LABELS[m] for m in cascade["spearman"] if not metrics.get(f"{m}.sanity_passed", 1.0)]
+        parts.append(f"fails the randomisation sanity check: {', '.join(failed)}" if failed else "all pass the randomisation sanity check")
+    if has_masks:
+        share = metrics.get(f"{best}.mass_in_mask", float("nan"))
+        if np.isfinite(share):
+            parts.append(f"{share:.0%} of its attribution falls inside the masks")
+    return "; ".join(parts) + "."
+
+
+def _nanmean(values: np.ndarray) -> float:
+    ok = values[np.isfinite(values)]
+    return float(ok.mean()) if len(ok) else float("nan")
+
+
+@hookimpl
+def mcaudit_register_checks(register):
+    register(SaliencyCheck)
