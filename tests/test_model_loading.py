@@ -393,3 +393,10 @@ def test_loading_stays_offline_even_when_the_hub_library_is_not_told_to(built, o
     put_in_hub_cache(offline, TOWER, built["tower"])
     assert load("hf-hub:tiny-org/BiomedCLIP-tiny").loader == "openclip"
     assert NETWORK_ATTEMPTS == []
+
+
+def test_weights_file_given_as_the_model_is_explained(tmp_path):
+    ckpt = tmp_path / "ft.pt"
+    torch.save(tiny_openclip(0).state_dict(), ckpt)
+    with pytest.raises(InputError, match="name the architecture with --model .* --checkpoint"):
+        load(ckpt)

@@ -61,7 +61,7 @@ def mcaudit_register_model_loaders(register):
                 "hf-hub:ORG/NAME (local cache; --allow-network to download)",
                 "demo",
             ),
-            "open_clip models: built-in architectures, custom configs, hub folders",
+            "open_clip models: BiomedCLIP and QuiltNet as published, built-in or custom architectures with fine-tuned checkpoints",
         )
     )
 
@@ -129,6 +129,11 @@ def _resolve(spec: str, request: ModelRequest):
         cfg = cfg.get("model_cfg", cfg)
         _check_cfg(cfg, spec)
         return cfg, {}, request.checkpoint, None
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        raise InputError(
+            f"--model {spec}: this is a weights file; name the architecture with --model "
+            f"(e.g. ViT-B-16) and pass the file with --checkpoint"
+        )
     import open_clip
 
     cfg = open_clip.get_model_config(spec)
