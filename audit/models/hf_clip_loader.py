@@ -67,6 +67,8 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
         config = transformers.CLIPConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--model {spec}: {folder / 'config.json'} is not a readable CLIP config ({exc})") from exc
+    # Not CLIPModel.from_pretrained: it initialises missing weights at random with only a
+    # logged warning, and whether it unpickles .bin files weights-only depends on the version.
     model = transformers.CLIPModel(config)
     if request.checkpoint is not None:
         weights = [Path(request.checkpoint)]
