@@ -30,6 +30,7 @@ DISABLE_AUTOLOAD_ENV = "MCAUDIT_DISABLE_PLUGIN_AUTOLOAD"
 # hooks a third-party plugin uses.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("openclip", "mcaudit.models.openclip_loader"),
+    ("hf-clip", "mcaudit.models.hf_clip_loader"),
     ("formats", "mcaudit.data.formats"),
     ("performance", "mcaudit.plugins.performance"),
     ("calibration", "mcaudit.plugins.calibration"),
