@@ -1,0 +1,462 @@
+"""Tests of the saliency check (plugins/saliency.py and its helper modules)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcaudit import InputError
+from mcaudit.data.dataset import AuditDataset, Record
+from mcaudit.plugins.saliency import SaliencyCheck
+from mcaudit.plugins.saliency_attributions import AttributionSettings, attribution_maps
+from mcaudit.plugins.saliency_metrics import (
+    baseline_images,
+    curve_area,
+    mass_inside,
+    perturbation_curves,
+    pixel_ranks,
+    pointing_hits,
+    rank_correlation,
+    structural_similarity,
+    top_fraction_iou,
+)
+from mcaudit.plugins.saliency_tower import find_image_tower
+from mcaudit.prompts import PromptSet
+from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
+
+from conftest import shared
+
+# -- a model whose label is decided by a bright square at a known place -----------------------
+SIZE = 32
+SQUARE = (slice(8, 16), slice(16, 24))  # rows, columns: one 8 x 8 patch of the ViT grid
+SQUARE_CLASSES = ["no square", "square"]
+SQUARE_PROMPTS = PromptSet(templates=("an image with {}.",), phrasings={"no square": ["no marker"], "square": ["a bright marker"]})
+SQUARE_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 48, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+def square_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images, each with a bright distractor square somewhere away from the known place;
+    label 1 images also have the bright square at the known place, which alone decides the label."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 0.35, size=(n, SIZE, SIZE)).astype(np.float32)
+    labels = np.arange(n) % 2
+    for i in range(n):
+        while True:
+            r, c = rng.integers(0, SIZE - 6, size=2)
+            if r + 6 <= SQUARE[0].start - 1 or r >= SQUARE[0].stop + 1 or c + 6 <= SQUARE[1].start - 1 or c >= SQUARE[1].stop + 1:
+                break
+        images[i, r : r + 6, c : c + 6] = rng.uniform(0.8, 1.0)
+        if labels[i]:
+            images[i, SQUARE[0], SQUARE[1]] = rng.uniform(0.8, 1.0)
+    return images, labels
+
+
+def square_mask() -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[SQUARE] = True
+    return mask
+
+
+class SquareDataset(AuditDataset):
+    """The square images in memory; images with the square carry it as their mask."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mask_file: Path | None):
+        records = [
+            Record(source=f"square-{i}", label=int(y), mask=str(mask_file) if (mask_file and y) else None)
+            for i, y in enumerate(labels)
+        ]
+        super().__init__(spec="squares", records=records, classes=SQUARE_CLASSES, image_size=(SIZE, SIZE),
+                         fingerprint="squares", format_name="squares")
+        self.images = images
+
+    def load_pixels(self, index):
+        return np.repeat(self.images[index][..., None], 3, axis=2), True
+
+
+def train_square_model(folder: Path, seed: int = 0, steps: int = 250):
+    """A tiny open_clip ViT trained (both towers, zero-shot objective) on the square task."""
+    save_openclip_folder(tiny_openclip(seed, SQUARE_CFG), folder, SQUARE_CFG, mean=[0.5] * 3, std=[0.25] * 3)
+    adapter = load_adapter(str(folder)).requires_grad_(True)  # the loader freezes weights
+    images, labels = square_images(1024, seed + 100)
+    x_all = torch.from_numpy(images)[:, None].expand(-1, 3, -1, -1).contiguous()
+    y_all = torch.from_numpy(labels)
+    prompts = SQUARE_PROMPTS.class_prompts(SQUARE_CLASSES)
+    # The auxiliary head gets a tiny ViT off the plateau where both captions embed alike
+    # (the trick of scripts/train_demo.py); it is thrown away after training.
+    head = torch.nn.Linear(SQUARE_CFG["embed_dim"], 2)
+    params = list(adapter.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    adapter.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (64,), generator=gen)
+        raw = adapter._encode_normalized_image(adapter.normalize_pixels(x_all[idx]))
+        text = adapter.class_text_features(prompts)
+        logits = adapter.logit_scale * torch.nn.functional.normalize(raw, dim=-1) @ text.T
+        loss = torch.nn.functional.cross_entropy(logits, y_all[idx]) + torch.nn.functional.cross_entropy(head(raw), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return adapter.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def square_model(tmp_path_factory):
+    return train_square_model(tmp_path_factory.mktemp("square-model"), seed=0, steps=100)
+
+
+@pytest.fixture(scope="module")
+def untrained_square_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("square-untrained")
+    save_openclip_folder(tiny_openclip(0, SQUARE_CFG), folder, SQUARE_CFG, mean=[0.5] * 3, std=[0.25] * 3)
+    return load_adapter(str(folder))
+
+
+@pytest.fixture(scope="module")
+def square_data(tmp_path_factory):
+    """Only images with the square, so every explained prediction is 'square'."""
+    from PIL import Image
+
+    mask_file = tmp_path_factory.mktemp("square-mask") / "mask.png"
+    Image.fromarray(square_mask().astype(np.uint8) * 255).save(mask_file)
+    images, labels = square_images(48, seed=7)
+    keep = labels == 1
+    return SquareDataset(images[keep], labels[keep], mask_file)
+
+
+KNOWN_ANSWER_PARAMS = {
+    "n_images": 12, "n_mask_images": 0, "methods": ["integrated_gradients", "saliency", "grad_cam"], "steps": 8,
+    "cascade_points": 1, "top_percent": 6.25, "n_bootstrap": 200,
+}
+
+
+def test_square_model_is_learned(square_model):
+    images, labels = square_images(128, seed=11)
+    ctx = make_context(square_model, SquareDataset(images, labels, None), prompts=SQUARE_PROMPTS)
+    assert (ctx.forward.preds == ctx.forward.labels).mean() >= 0.95
+
+
+@pytest.fixture(scope="module")
+def square_context(square_model, square_data):
+    return make_context(square_model, square_data, prompts=SQUARE_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def square_result(square_context):
+    return SaliencyCheck().run(square_context, SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS))
+
+
+def test_known_answer_faithful_maps_find_the_square(square_context, square_result):
+    assert (square_context.forward.preds == 1).all()
+    result = square_result
+    m, ci = result.metrics, result.intervals
+    # most of the positive evidence lies in the square (6% of the image), and peaks there
+    assert m["integrated_gradients.mass_in_mask"] > 0.8
+    for method in ("integrated_gradients", "saliency", "grad_cam"):
+        assert m[f"{method}.pointing_game"] == 1.0
+        assert m[f"{method}.deletion_gain"] > 0, method
+    # deleting the pixels the gradient methods rank first kills the score far faster than random
+    assert ci["saliency.deletion_gain"][0] > 0
+    assert ci["grad_cam.deletion_gain"][0] > 0
+    assert m["saliency.deletion_auc"] < m["random.deletion_auc"]
+    # randomising the model changes the maps
+    assert m["saliency.randomisation_spearman"] < 0.5 and m["saliency.sanity_passed"] == 1.0
+    assert m["integrated_gradients.randomisation_spearman"] < 0.9
+    assert m["integrated_gradients.randomisation_ssim"] < 0.6
+    assert m["n_mask_images"] == m["n_images"] == 12
+    assert "fails the randomisation sanity check" in result.summary or "pass" in result.summary
+
+
+def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, square_result, square_data):
+    """The control: the same data through an untrained model; its gradients do not single out the
+    square and do no better than random, so the known-answer test above can fail."""
+    params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS | {"cascade_points": 0})
+    trained = square_result.metrics
+    control = SaliencyCheck().run(make_context(untrained_square_model, square_data, prompts=SQUARE_PROMPTS), params).metrics
+    assert control["saliency.mass_in_mask"] < trained["saliency.mass_in_mask"] - 0.2
+    assert control["saliency.deletion_gain"] < 1.0 < trained["saliency.deletion_gain"]
+    assert control["grad_cam.deletion_gain"] < 1.0 < trained["grad_cam.deletion_gain"]
+    assert "saliency.randomisation_spearman" not in control  # cascade_points 0 turns the test off
+
+
+def test_mass_in_mask_matches_captum_run_bare(square_model, square_context, square_result):
+    """The check's Integrated Gradients mass equals captum's, called directly on the same rows."""
+    from captum.attr import IntegratedGradients
+
+    ctx, result = square_context, square_result
+    params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS)
+    rows = result.details["rows"]
+    x = ctx.load_pixels(rows)
+    classifier = square_model.zero_shot_classifier(ctx.class_features.clone())
+    target = torch.as_tensor(ctx.forward.preds[rows])
+    attr = IntegratedGradients(classifier).attribute(x, baselines=x * 0, target=target, n_steps=params["ig_steps"]).sum(dim=1)
+    pos = attr.clamp_min(0)
+    expected = (pos[:, SQUARE[0], SQUARE[1]].sum(dim=(1, 2)) / pos.sum(dim=(1, 2))).mean()
+    assert result.metrics["integrated_gradients.mass_in_mask"] == pytest.approx(float(expected), abs=1e-4)
+
+
+# -- batched curves against a plain loop -------------------------------------------------------
+def reference_curves(classifier, image, baseline, relevance, target, steps):
+    """Deletion and insertion curves one perturbed image and one forward pass at a time."""
+    order = np.argsort(-relevance.reshape(-1), kind="stable")
+    hw = len(order)
+    deletion, insertion = [], []
+    for k in range(steps + 1):
+        top = order[: (k * hw) // steps]
+        deleted = image.clone().reshape(3, -1)
+        deleted[:, top] = baseline.reshape(3, -1)[:, top]
+        inserted = baseline.clone().reshape(3, -1)
+        inserted[:, top] = image.reshape(3, -1)[:, top]
+        with torch.no_grad():
+            deletion.append(float(classifier(deleted.reshape(1, *image.shape))[0, target]))
+            insertion.append(float(classifier(inserted.reshape(1, *image.shape))[0, target]))
+    return np.array(deletion), np.array(insertion)
+
+
+@pytest.mark.parametrize("baseline", ["blur", "mean", "black"])
+def test_deletion_auc_equals_unbatched_reference(mcaudit_tiny_model, mcaudit_phantoms, baseline):
+    from sklearn.metrics import auc
+
+    ctx = make_context(mcaudit_tiny_model, mcaudit_phantoms(6, seed=3, image_size=(32, 32)))
+    classifier = mcaudit_tiny_model.zero_shot_classifier(ctx.class_features.clone())
+    pixels = ctx.load_pixels([0, 1, 2])
+    targets = torch.tensor([0, 1, 1])
+    gen = torch.Generator().manual_seed(5)
+    maps = [torch.rand(3, *pixels.shape[-2:], generator=gen) for _ in range(2)]  # tie-free
+    ranks = torch.stack([pixel_ranks(m, gen) for m in maps])
+    base = baseline_images(pixels, baseline)
+    steps = 7
+
+    def score(x, i):
+        return classifier(x)[torch.arange(len(x)), targets[i]]
+
+    # a batch size that splits images' steps across passes, to test the bookkeeping
+    deletion, insertion = perturbation_curves(score, pixels, base, ranks, steps, batch_size=5)
+    x_axis = np.linspace(0, 1, steps + 1)
+    for o in range(2):
+        for i in range(3):
+            ref_del, ref_ins = reference_curves(classifier, pixels[i], base[i], maps[o][i].numpy(), int(targets[i]), steps)
+            np.testing.assert_allclose(deletion[o, i], ref_del, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(insertion[o, i], ref_ins, rtol=1e-4, atol=1e-4)
+            assert curve_area(deletion[o, i]) == pytest.approx(auc(x_axis, ref_del), abs=1e-4)
+            assert curve_area(insertion[o, i]) == pytest.approx(auc(x_axis, ref_ins), abs=1e-4)
+
+
+def test_pixel_ranks_break_ties_at_random_but_reproducibly():
+    flat = torch.zeros(1, 8, 8)
+    flat[0, 2, 3] = 1.0
+    a = pixel_ranks(flat, torch.Generator().manual_seed(1))
+    b = pixel_ranks(flat, torch.Generator().manual_seed(1))
+    c = pixel_ranks(flat, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a[0, 2 * 8 + 3] == 0  # the one relevant pixel first
+    assert sorted(a[0].tolist()) == list(range(64))
+
+
+# -- sanity and localisation measures against outside references -------------------------------
+def test_rank_correlation_and_ssim_match_scipy_and_torchmetrics():
+    from scipy.stats import spearmanr
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 24, 24, generator=gen)
+    b = a + 0.8 * torch.randn(4, 24, 24, generator=gen)
+    b[1] = torch.relu(b[1])  # ties, as rectified maps have
+    ours = rank_correlation(a, b)
+    for i in range(4):
+        assert ours[i] == pytest.approx(spearmanr(a[i].abs().reshape(-1), b[i].abs().reshape(-1)).statistic, abs=1e-10)
+    assert np.isnan(rank_correlation(torch.ones(1, 5, 5), a[:1, :5, :5])[0])
+    na, nb = a.abs() / a.abs().amax(dim=(1, 2), keepdim=True), b.abs() / b.abs().amax(dim=(1, 2), keepdim=True)
+    ssim = structural_similarity(na, nb)
+    for i in range(4):
+        ref = structural_similarity_index_measure(na[i][None, None].double(), nb[i][None, None].double(), data_range=1.0, sigma=1.5)
+        assert ssim[i] == pytest.approx(float(ref), abs=1e-8)
+    assert structural_similarity(na, na) == pytest.approx(np.ones(4))
+
+
+def test_localisation_measures_match_references():
+    from sklearn.metrics import jaccard_score
+
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(5, 16, 16, generator=gen)
+    masks = torch.zeros(5, 16, 16, dtype=torch.bool)
+    masks[:, 4:10, 3:9] = True
+    maps[0, 5, 5] = 50.0  # peak inside the mask
+    maps[1, 0, 0] = 50.0  # peak outside
+    hits = pointing_hits(maps, masks)
+    assert hits[0] == 1 and hits[1] == 0
+    for i in range(5):
+        m, k = maps[i].numpy(), masks[i].numpy()
+        assert hits[i] == float(k.reshape(-1)[np.argmax(m)])
+        pos = np.clip(m, 0, None)
+        assert mass_inside(maps, masks)[i] == pytest.approx(pos[k].sum() / pos.sum())
+        top = np.zeros(256, bool)
+        top[np.argsort(-m.reshape(-1))[:51]] = True  # 20% of 256, rounded
+        assert top_fraction_iou(maps, masks, 20.0)[i] == pytest.approx(jaccard_score(k.reshape(-1), top))
+    assert np.isnan(mass_inside(-maps.abs() - 1, masks)).all()
+
+
+# -- Grad-CAM and the image tower ---------------------------------------------------------------
+def test_vit_grad_cam_matches_hand_written_hooks(square_model, square_context):
+    ctx = square_context
+    classifier = square_model.zero_shot_classifier(ctx.class_features.clone())
+    tower = find_image_tower(classifier)
+    assert tower.kind == "open_clip ViT" and tower.has_grad_cam
+    assert [name for name, _ in tower.levels] == ["output head", "block 2", "block 1", "patch embedding"]
+    x = ctx.load_pixels([0, 1, 2])
+    target = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        plain = classifier(x)
+        with tower.grad_cam_tap():
+            tapped = classifier(x)
+    assert torch.equal(plain, tapped)  # the tap changes no value
+
+    settings = AttributionSettings(batch_size=2, internal_batch_size=8, ig_steps=4, shap_samples=2, occlusion_window=8, occlusion_stride=4, seed=0)
+    ours = attribution_maps("grad_cam", classifier, tower, x, target, settings)
+
+    # reference: Grad-CAM by hand on the last block's normed input tokens, class token dropped
+    saved = {}
+    ln = square_model.model.visual.transformer.resblocks[-1].ln_1
+    handle = ln.register_forward_hook(lambda _m, _i, out: saved.update(tokens=out))
+    xr = x.clone().requires_grad_(True)
+    logits = classifier(xr)
+    handle.remove()
+    tokens = saved["tokens"]
+    grads = torch.autograd.grad(logits[torch.arange(3), target].sum(), tokens)[0]
+    patches, g = tokens[:, 1:], grads[:, 1:]
+    weights = g.mean(dim=1, keepdim=True)
+    cam = torch.relu((weights * patches).sum(dim=2)).reshape(3, 1, 4, 4)
+    cam = torch.nn.functional.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(ours, cam.detach(), atol=1e-5, rtol=1e-4)
+    # the known square is where the trained model's Grad-CAM peaks
+    assert ours[0][SQUARE].mean() > ours[0].mean()
+
+
+def test_resnet_tower_uses_the_last_conv_stage():
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    model = tiny_openclip(0, cfg)
+    from mcaudit.models.openclip_adapter import OpenClipAdapter
+
+    adapter = OpenClipAdapter(model, None, spec="resnet", image_size=(64, 64), mean=[0.5] * 3, std=[0.25] * 3).eval()
+    classifier = adapter.zero_shot_classifier(torch.nn.functional.normalize(torch.randn(2, 16), dim=-1))
+    tower = find_image_tower(classifier)
+    assert tower.kind == "open_clip ResNet" and tower.cam_layer is model.visual.layer4
+    assert [n for n, _ in tower.levels] == ["output head", "layer4", "layer3", "layer2", "layer1", "stem"]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    settings = AttributionSettings(batch_size=2, internal_batch_size=8, ig_steps=4, shap_samples=2, occlusion_window=8, occlusion_stride=4, seed=0)
+    maps = attribution_maps("grad_cam", classifier, tower, x, torch.tensor([0, 1]), settings)
+    assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
+
+
+def _conv_adapter():
+    """A differentiable ModelAdapter that is not open_clip: no image tower to find."""
+    from mcaudit.models.adapter import ModelAdapter
+
+    class TinyConvAdapter(ModelAdapter):
+        def __init__(self):
+            super().__init__(spec="tiny-conv", image_size=(32, 32), mean=[0.5] * 3, std=[0.25] * 3)
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 16))
+            self.text = torch.nn.Embedding(1000, 16)
+
+        def _encode_normalized_image(self, images):
+            return self.net(images)
+
+        def _encode_prompts(self, prompts):
+            return self.text(torch.tensor([sum(map(ord, p)) % 1000 for p in prompts]))
+
+        @property
+        def logit_scale(self):
+            return 10.0
+
+    return TinyConvAdapter().eval()
+
+
+def test_adapter_without_open_clip_tower_skips_grad_cam_with_a_note(mcaudit_phantoms):
+    adapter = _conv_adapter()
+    ctx = make_context(adapter, mcaudit_phantoms(12, seed=2, image_size=(32, 32)))
+    params = SaliencyCheck.resolve_params({"methods": ["saliency", "grad_cam"], "n_images": 4, "steps": 4, "n_bootstrap": 0})
+    result = SaliencyCheck().run(ctx, params)
+    assert result.status == "ok"
+    assert any("Grad-CAM skipped" in w for w in result.warnings)
+    assert "saliency.deletion_auc" in result.metrics and "grad_cam.deletion_auc" not in result.metrics
+    assert result.details["image_tower"] == "unknown" and result.details["notes"]
+    assert "saliency.randomisation_spearman" in result.metrics  # randomises the adapter's own layers
+    only_cam = SaliencyCheck().run(ctx, SaliencyCheck.resolve_params({"methods": ["grad_cam"], "n_images": 4}))
+    assert only_cam.status == "skipped"
+
+
+# -- parameters, determinism, targets ------------------------------------------------------------
+@pytest.mark.parametrize("given", [
+    {"methods": ["saliency", "lime"]}, {"methods": []}, {"n_images": 1}, {"steps": 0}, {"top_percent": 0.0},
+    {"baseline": "noise"}, {"cascade_points": -1}, {"sanity_max_spearman": 2.0}, {"ig_steps": 0},
+])
+def test_bad_parameters_are_input_errors(given):
+    with pytest.raises(InputError, match="saliency"):
+        SaliencyCheck.resolve_params(given)
+
+
+def test_comma_separated_methods_from_the_command_line():
+    assert SaliencyCheck.resolve_params({"methods": "grad-cam, Saliency"})["methods"] == ["grad_cam", "saliency"]
+
+
+def test_same_seed_same_metrics_and_prompt_target(mcaudit_tiny_model, mcaudit_phantoms):
+    data = mcaudit_phantoms(16, seed=4, image_size=(32, 32))
+    params = SaliencyCheck.resolve_params({"methods": ["gradient_shap", "occlusion", "grad_cam"], "n_images": 4, "steps": 4, "shap_samples": 4, "occlusion_window": 8, "cascade_points": 1})
+    a = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
+    b = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
+    assert a.metrics == b.metrics and a.intervals == b.intervals
+    assert a.details["rows"] == b.details["rows"] and len(a.details["rows"]) == 4
+    prompt = SaliencyCheck().run(
+        make_context(mcaudit_tiny_model, data, seed=3),
+        SaliencyCheck.resolve_params({"methods": ["saliency"], "n_images": 4, "steps": 4, "target_prompt": "a bright opacity", "cascade_points": 0}),
+    )
+    assert prompt.details["target"] == "prompt 'a bright opacity'"
+    assert np.isfinite(prompt.metrics["saliency.deletion_auc"])
+
+
+# -- real data: HAM10000 with lesion masks --------------------------------------------------------
+def _cyan_pixels(png: bytes) -> int:
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)).sum())
+
+
+def test_ham10000_localisation_and_mask_outlines(tmp_path):
+    manifest = shared("ham10000/manifest.csv")
+    from mcaudit.testing import run_cli
+
+    folder = save_openclip_folder(tiny_openclip(0), tmp_path / "tiny")
+    outcome = run_cli([
+        "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.saliency",
+        "--set", "saliency.methods=saliency,grad_cam", "--set", "saliency.n_images=4", "--set", "saliency.steps=4",
+        "--set", "saliency.cascade_points=1", "--device", "cpu",
+    ], tmp_path / "out")
+    assert outcome.exit_code == 0, outcome.output
+    entry = outcome.results["checks"]["saliency"]
+    assert entry["status"] == "ok", entry.get("summary")
+    metrics = entry["metrics"]
+    assert metrics["n_mask_images"] == 5
+    for method in ("saliency", "grad_cam"):
+        for key in ("pointing_game", "mass_in_mask", "top_iou"):
+            assert metrics[f"{method}.{key}"] is not None and 0 <= metrics[f"{method}.{key}"] <= 1
+    assert "Localisation" in outcome.html and "Attribution maps" in outcome.html
+    # the overlay PNG is embedded in the report; decode it to find the outlines
+    import base64
+    import re
+
+    pngs = [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", outcome.html)]
+    assert pngs and max(_cyan_pixels(p) for p in pngs) > 50  # the cyan mask outlines are drawn
