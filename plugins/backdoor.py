@@ -389,15 +389,15 @@ def trigger_figure(shown: list, epsilon: float, grey: bool):
             noise = trigger.noise.clamp(-epsilon, epsilon)
             pattern = (0.5 + noise * amplify) * (1 - trigger.mask) + trigger.patch.clamp(0, 1) * trigger.mask
             triggered = trigger(example)
-            change = (triggered - example).abs()
-            change = change / change.max().clamp_min(1e-8)
+            # in units of the noise bound, so the noise shows at full scale (the patch saturates)
+            change = ((triggered - example).abs() / max(epsilon, 1e-8)).clamp(0, 1)
         images += [_as_image(t, grey) for t in (pattern, example, triggered, change)]
-        titles += [f"trigger for {_short(target)}", "clean image", f"triggered: {asr:.0%} success", "|change| (scaled)"]
+        titles += [f"trigger for {_short(target)}", "clean image", f"triggered: {asr:.0%} success", "|change| / bound"]
     fig = image_grid(images, titles, cols=4, cell=2.0, cmap="gray" if grey else None)
     return to_figure(
         fig, "Learned triggers",
         f"one row per target class; noise amplified ×{amplify:.0f} around mid-grey (actual bound ±{epsilon:.4f}), "
-        "patch in the bottom-right corner shown as is; success = share of triggered held-out images of other "
+        "patch in the bottom-right corner shown as is; the change is shown in units of the bound; success = share of triggered held-out images of other "
         "classes sent to the target by the backdoored prompts",
     )
 
@@ -423,10 +423,11 @@ def summary_figure(rows: list[list]):
         vals = [np.nan if r[col] is None else float(r[col]) for r in rows]
         ax.bar(x + (k - (len(series) - 1) / 2) * w, vals, w, label=label)
     ax.set_xticks(x, [_short(n) for n in names], rotation=30 if len(names) > 3 else 0)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("share of held-out images")
     ax.set_xlabel("target class")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     return to_figure(fig, "Backdoor success and its cost", "held-out images; attack success rate on triggered images of other classes")
 
 

@@ -292,17 +292,18 @@ def reversed_triggers_figure(ctx, inversion: dict, candidates: np.ndarray, rows:
     example = ctx.load_pixels(example_rows)[0]
     for k, c in enumerate(candidates):
         mask, pattern = inversion["masks"][k], inversion["patterns"][k]
+        shown_mask = mask / mask.max().clamp_min(1e-8)
         stamp = (mask * pattern).expand(3, -1, -1)
         stamped = (1 - mask) * example + mask * pattern
         name = classes[c] if len(classes[c]) <= 14 else classes[c][:12] + "…"
-        for img, title in ((mask.expand(3, -1, -1), f"mask → {name}"), (stamp, "mask × pattern"), (stamped, "stamped image")):
+        for img, title in ((shown_mask.expand(3, -1, -1), f"mask → {name}"), (stamp, "mask × pattern"), (stamped, "stamped image")):
             arr = img.permute(1, 2, 0).float().cpu().numpy()
             images.append(arr[..., 0] if grey else np.clip(arr, 0, 1))
             titles.append(title)
     fig = image_grid(images, titles, cols=3, cell=1.8, cmap="gray" if grey else None)
     return to_figure(fig, "Reversed triggers",
-                     "one row per candidate class: the mask (white = pasted), the stamp it pastes, and a clean "
-                     "image with the stamp")
+                     "one row per candidate class: the mask (scaled to its maximum; white = pasted), the stamp "
+                     "it pastes, and a held-out clean image with the stamp")
 
 
 @hookimpl
