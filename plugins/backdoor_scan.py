@@ -75,9 +75,14 @@ class BackdoorScanCheck(Check):
         channels = 1 if ctx.is_grey else 3
         # A clone: class features made under inference_mode cannot take part in autograd.
         classifier = ctx.model.zero_shot_classifier(ctx.class_features.clone()).to(ctx.device).eval()
-        classifier.requires_grad_(False)
-        inversion = invert_triggers(ctx, classifier, candidates, opt_rows, size, channels, params)
-        asr = reversed_attack_success(ctx, classifier, inversion, candidates, eval_rows)
+        trainable = [p.requires_grad for p in classifier.parameters()]
+        classifier.requires_grad_(False)  # the model stays frozen: only masks and patterns learn
+        try:
+            inversion = invert_triggers(ctx, classifier, candidates, opt_rows, size, channels, params)
+            asr = reversed_attack_success(ctx, classifier, inversion, candidates, eval_rows)
+        finally:
+            for p, flag in zip(classifier.parameters(), trainable):
+                p.requires_grad_(flag)
 
         area = float(size[0] * size[1])
         norms = inversion["norms"]

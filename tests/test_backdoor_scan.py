@@ -158,13 +158,14 @@ def scan(model, dataset, **params):
 
 
 def test_models_learned_the_task_and_only_one_has_the_backdoor(backdoored_model, clean_model, stripe_data):
-    stamped = torch.stack([torch.from_numpy(stamp(img)) for img in stripe_data.images])[:, None].expand(-1, 3, -1, -1)
     for model, backdoored in ((backdoored_model, True), (clean_model, False)):
         ctx = make_context(model, stripe_data, prompts=PROMPTS)
         assert (ctx.forward.preds == ctx.forward.labels).mean() > 0.9
+        images = stripe_data.images[ctx.forward.indices]
+        stamped = torch.stack([torch.from_numpy(stamp(img)) for img in images])[:, None].expand(-1, 3, -1, -1)
         with torch.no_grad():
             preds = ctx.classifier()(stamped).argmax(1).numpy()
-        others = stripe_data.images.shape[0] and ctx.forward.labels != TARGET
+        others = ctx.forward.labels != TARGET
         to_target = (preds[others] == TARGET).mean()
         assert (to_target > 0.9) if backdoored else (to_target < 0.3)
 
@@ -224,9 +225,18 @@ def test_anomaly_index_matches_scipy_mad():
     assert anomaly_index(np.array([5.0, 5.0, 5.0, 1.0]))[3] == np.inf
 
 
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_scan_is_deterministic_and_reports_images(clean_model, stripe_data):
+    before = _weights_digest(clean_model)
     _, first = scan(clean_model, stripe_data, steps=5, max_classes=4)
     _, second = scan(clean_model, stripe_data, steps=5, max_classes=4)
+    assert _weights_digest(clean_model) == before, "the scanned model must stay frozen"
     assert first.metrics == second.metrics
     assert first.metrics["n_classes_scanned"] == 4  # a seeded subsample of the 8 classes
     assert len(first.details["candidates"]) == 4
