@@ -173,7 +173,12 @@ class SaliencyCheck(Check):
 
         if cascade is not None:
             for m in methods:
-                passed = not (metrics[f"{m}.randomisation_spearman"] > params["sanity_max_spearman"])
+                rho = metrics[f"{m}.randomisation_spearman"]
+                if not np.isfinite(rho):  # constant maps: nothing to rank, so no verdict
+                    metrics[f"{m}.sanity_passed"] = float("nan")
+                    warnings.append(f"{METHOD_LABELS[m]}: maps are constant, so the randomisation test has no verdict")
+                    continue
+                passed = rho <= params["sanity_max_spearman"]
                 metrics[f"{m}.sanity_passed"] = float(passed)
                 if not passed:
                     warnings.append(
@@ -362,7 +367,7 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Tab
         for m in cascade["spearman"]:
             rows.append(
                 [label[m], _cell(metrics, intervals, f"{m}.randomisation_spearman"), _cell(metrics, intervals, f"{m}.randomisation_ssim"),
-                 "yes" if metrics.get(f"{m}.sanity_passed") else "NO"]
+                 {1.0: "yes", 0.0: "NO"}.get(metrics.get(f"{m}.sanity_passed"), "no verdict")]
                 + [f"{np.nanmean(v):.3f}" for v in cascade["spearman"][m][:-1]]
             )
         tables.append(Table(
@@ -390,7 +395,7 @@ def _figures(ctx, rows, pixels, maps, masks, has_mask, deletion, insertion, casc
     figures = []
     if chosen:
         classes, preds, labels_true = ctx.classes, ctx.forward.preds, ctx.forward.labels
-        titles = [f"{classes[labels_true[rows[i]]][:14]}\n→ {classes[preds[rows[i]]][:14]}" for i in chosen]
+        titles = [f"{classes[labels_true[rows[i]]][:18]}\n→ {classes[preds[rows[i]]][:18]}" for i in chosen]
         idx = torch.as_tensor(chosen)
         figures.append(overlay_grid(
             pixels[idx].cpu(), {m: a[idx] for m, a in maps.items()},
@@ -423,7 +428,7 @@ def _summary(methods, metrics, cascade, has_masks, target_name) -> str:
         f"(deletion {metrics[f'{best}.deletion_gain']:+.3f}, insertion {metrics[f'{best}.insertion_gain']:+.3f} vs random)"
     ]
     if cascade is not None:
-        failed = [METHOD_LABELS[m] for m in cascade["spearman"] if not metrics.get(f"{m}.sanity_passed", 1.0)]
+        failed = [METHOD_LABELS[m] for m in cascade["spearman"] if metrics.get(f"{m}.sanity_passed") == 0.0]
         parts.append(f"fails the randomisation sanity check: {', '.join(failed)}" if failed else "all pass the randomisation sanity check")
     if has_masks:
         share = metrics.get(f"{best}.mass_in_mask", float("nan"))

@@ -40,7 +40,7 @@ def seeded_global_rngs(seed: int, device: torch.device) -> Iterator[None]:
     generators; seeding both, and restoring them afterwards, makes maps reproducible without
     disturbing whoever else uses those generators."""
     np_state = np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)

@@ -414,11 +414,11 @@ def test_comma_separated_methods_from_the_command_line():
 
 def test_same_seed_same_metrics_and_prompt_target(mcaudit_tiny_model, mcaudit_phantoms):
     data = mcaudit_phantoms(16, seed=4, image_size=(32, 32))
-    params = SaliencyCheck.resolve_params({"methods": ["gradient_shap", "occlusion", "grad_cam"], "n_images": 4, "steps": 4, "shap_samples": 4, "occlusion_window": 8, "cascade_points": 1})
+    params = SaliencyCheck.resolve_params({"methods": ["gradient_shap", "occlusion", "grad_cam"], "n_images": 3, "steps": 3, "shap_samples": 4, "occlusion_window": 8, "cascade_points": 1})
     a = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
     b = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
     assert a.metrics == b.metrics and a.intervals == b.intervals
-    assert a.details["rows"] == b.details["rows"] and len(a.details["rows"]) == 4
+    assert a.details["rows"] == b.details["rows"] and len(a.details["rows"]) == 3
     prompt = SaliencyCheck().run(
         make_context(mcaudit_tiny_model, data, seed=3),
         SaliencyCheck.resolve_params({"methods": ["saliency"], "n_images": 4, "steps": 4, "target_prompt": "a bright opacity", "cascade_points": 0}),
