@@ -36,6 +36,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("calibration", "mcaudit.plugins.calibration"),
     ("fairness", "mcaudit.plugins.fairness"),
     ("anomaly", "mcaudit.plugins.anomaly"),
+    ("backdoor", "mcaudit.plugins.backdoor"),
+    ("backdoor_scan", "mcaudit.plugins.backdoor_scan"),
 )
 
 

@@ -121,7 +121,8 @@ class ZeroShotClassifier(nn.Module):
     def __init__(self, adapter: ModelAdapter, class_features: torch.Tensor):
         super().__init__()
         self.adapter = adapter
-        self.register_buffer("class_features", class_features.detach().float())
+        # clone(): features made under inference_mode cannot be saved for backward otherwise
+        self.register_buffer("class_features", class_features.detach().float().clone())
         self.scale = float(adapter.logit_scale)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
