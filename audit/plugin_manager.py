@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("anomaly", "mcaudit.plugins.anomaly"),
     ("backdoor", "mcaudit.plugins.backdoor"),
     ("backdoor_scan", "mcaudit.plugins.backdoor_scan"),
+    ("saliency", "mcaudit.plugins.saliency"),
 )
 
 
