@@ -1,0 +1,514 @@
+"""Adversarial robustness of the zero-shot classifier to small pixel perturbations.
+
+Attacks come from torchattacks and run on the differentiable zero-shot classifier in pixel
+space [0, 1], with the model's own normalisation inside, so an epsilon is a budget on the
+pixels a scanner would produce. Only images the model classifies correctly are attacked
+(an image already misclassified is not robust at any epsilon), as AutoAttack does.
+
+For grey images (X-ray, CT, MRI) the perturbation is by default confined to one channel that
+is replicated to the three the model reads, so the adversarial image is still a grey image.
+An L2 budget is always measured on the three-channel input the model sees: a grey
+perturbation of norm ``e / sqrt(3)`` on one channel is one of norm ``e`` on three.
+
+Robust accuracies are only trustworthy if the attacks work. The check raises AutoAttack's
+warning signs of gradient masking: a black-box attack succeeding where every white-box attack
+failed, robust accuracy rising with epsilon, zero input gradients, and images that survive an
+attack at a budget large enough to destroy any image's content.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchattacks
+from torch import nn
+
+from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+
+# name -> (threat model, white-box?, short description for the report)
+ATTACKS: dict[str, tuple[str, bool, str]] = {
+    "fgsm": ("linf", True, "FGSM, one signed-gradient step"),
+    "pgd_linf": ("linf", True, "PGD, projected gradient descent (L-inf)"),
+    "apgd_ce": ("linf", True, "APGD with cross-entropy loss (AutoAttack)"),
+    "apgd_dlr": ("linf", True, "APGD with the DLR loss (AutoAttack; needs 3 or more classes)"),
+    "square": ("linf", False, "Square attack, black-box: queries only the scores"),
+    "pgd_l2": ("l2", True, "PGD, projected gradient descent (L2)"),
+}
+GALLERY_PREFERENCE = ("pgd_linf", "apgd_ce", "fgsm", "apgd_dlr", "square")
+SANITY_STEPS = 20  # PGD iterations of the large-budget sanity attack
+
+
+def differentiable_classifier(ctx) -> nn.Module:
+    """pixels -> logits on the run's device, safe to differentiate.
+
+    The shared class features were computed under ``torch.inference_mode``; a tensor made
+    there cannot take part in autograd, so the classifier gets its own copy.
+    """
+    return ctx.model.zero_shot_classifier(ctx.class_features.clone()).to(ctx.device).eval()
+
+
+class GreyInput(nn.Module):
+    """Takes one grey channel and shows the model the three identical channels it expects.
+
+    Attacking this module keeps the perturbation grey: the attack can only move the one channel.
+    """
+
+    def __init__(self, classifier: nn.Module, channels: int = 3):
+        super().__init__()
+        self.classifier = classifier
+        self.channels = channels
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.classifier(grey.expand(-1, self.channels, -1, -1))
+
+
+# -- parameters ------------------------------------------------------------------------
+def parse_budgets(values: list[Any], option: str) -> list[float]:
+    """Budgets given as numbers or as strings like "2/255" (also "1/255, 2/255")."""
+    out: list[float] = []
+    for value in values:
+        if isinstance(value, str):
+            parts = [p for p in re.split(r"[,\s\[\]]+", value) if p]
+            out.extend(_parse_budget(p, option) for p in parts)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(float(value))
+        else:
+            raise InputError(f"{option}: {value!r} is not a budget (use numbers or strings like \"2/255\")")
+    for eps in out:
+        if not (math.isfinite(eps) and 0 <= eps <= 1e3):
+            raise InputError(f"{option}: budget {eps!r} must be a finite number >= 0")
+    return sorted(set(out))
+
+
+def _parse_budget(text: str, option: str) -> float:
+    num, slash, den = text.partition("/")
+    try:
+        value = float(num) / (float(den) if slash else 1.0)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise InputError(f"{option}: {text!r} is not a budget (use numbers or strings like \"2/255\")") from exc
+    return value
+
+
+def budget_label(norm: str, eps: float) -> str:
+    """"2/255" for L-inf budgets on the 8-bit grid, otherwise the plain number."""
+    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:g}"
+
+
+def attack_seed(ctx, attack: str, norm: str, eps: float) -> int:
+    """The seed of one attack at one budget, derived from the run seed."""
+    return int(ctx.rng(f"adversarial:{attack}:{norm}:{eps!r}").integers(0, 2**31 - 1))
+
+
+# -- running one attack ----------------------------------------------------------------
+@dataclass
+class AttackSettings:
+    steps: int
+    restarts: int
+    square_queries: int
+
+
+def build_attack(name: str, model: nn.Module, eps: float, settings: AttackSettings, seed: int) -> torchattacks.Attack:
+    """The torchattacks object for one attack; PGD step sizes follow Madry et al. (2.5 eps / steps)."""
+    steps = settings.steps
+    if name == "fgsm":
+        return torchattacks.FGSM(model, eps=eps)
+    if name == "pgd_linf":
+        return torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+    if name == "pgd_l2":
+        return torchattacks.PGDL2(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+    if name in ("apgd_ce", "apgd_dlr"):
+        return torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=settings.restarts,
+                                 seed=seed, loss="ce" if name == "apgd_ce" else "dlr")
+    if name == "square":
+        return torchattacks.Square(model, norm="Linf", eps=eps, n_queries=settings.square_queries,
+                                   n_restarts=settings.restarts, seed=seed, loss="margin")
+    raise InputError(f"adversarial.attacks: unknown attack {name!r} (known: {', '.join(ATTACKS)})")
+
+
+def run_attack(
+    name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
+    settings: AttackSettings, seed: int, batch_size: int,
+) -> torch.Tensor:
+    """Adversarial images for ``images`` (in the attacked model's input space).
+
+    PGD restarts from a new random start on the images that are still classified correctly,
+    as AutoAttack does; APGD and Square restart internally. The global torch random state is
+    restored afterwards, so attacks do not disturb what runs after them.
+    """
+    if name == "pgd_l2" and eps == 0:
+        # torchattacks' PGDL2 projects by eps / ||delta|| and turns a zero ball into NaNs; the
+        # only image within a zero budget is the clean one.
+        return images.clone()
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        attack = build_attack(name, model, eps, settings, seed)
+        adv = torch.cat([attack(images[i : i + batch_size], labels[i : i + batch_size])
+                         for i in range(0, len(images), batch_size)])
+        if name in ("pgd_linf", "pgd_l2"):
+            for _ in range(settings.restarts - 1):
+                alive = torch.nonzero(predict(model, adv, batch_size) == labels).flatten()
+                if len(alive) == 0:
+                    break
+                adv[alive] = torch.cat([attack(images[alive[i : i + batch_size]], labels[alive[i : i + batch_size]])
+                                        for i in range(0, len(alive), batch_size)])
+    return adv.detach()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)])
+
+
+def zero_gradient_share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Share of images whose cross-entropy loss has an exactly zero gradient in pixel space."""
+    zero = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x), labels[i : i + batch_size], reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+        zero += int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
+    return zero / max(1, len(images))
+
+
+# -- the check -------------------------------------------------------------------------
+class AdversarialCheck(Check):
+    name = "adversarial"
+    description = (
+        "Adversarial robustness: torchattacks (FGSM, PGD L-inf and L2, APGD-CE, APGD-DLR, Square) on the "
+        "zero-shot classifier in pixel space; clean and robust accuracy per attack and budget, worst case "
+        "over attacks, attack success rate, and AutoAttack's warning signs of gradient masking. "
+        "Defaults are sized for a quick audit; for a publishable number raise n_images (e.g. 1000), "
+        "steps (100), restarts (5) and square_queries (5000)."
+    )
+    params = {
+        "attacks": Param(list(ATTACKS), f"attacks to run, from {', '.join(ATTACKS)}"),
+        "eps": Param(["1/255", "2/255", "4/255"], "L-inf budgets in pixel units of [0, 1] (numbers or \"k/255\")"),
+        "eps_l2": Param([0.1, 0.25, 0.5], "L2 budgets for pgd_l2, measured on the three-channel input"),
+        "steps": Param(5, "iterations of PGD and APGD"),
+        "restarts": Param(1, "random restarts of PGD, APGD and Square"),
+        "square_queries": Param(20, "queries of the black-box Square attack per restart"),
+        "n_images": Param(16, "images attacked: a stratified, seeded subsample (0: all)"),
+        "grey": Param(True, "on grey data, confine the perturbation to one channel replicated to three"),
+        "sanity_eps": Param(16 / 255, "L-inf budget of the PGD sanity attack that any model should fail (16/255; 0: off)"),
+        "gallery": Param(4, "successful attacks shown in the gallery"),
+    }
+    metrics = {
+        "clean_accuracy": "accuracy on the attacked subsample before any attack",
+        "n_images": "images in the attacked subsample",
+        "robust_accuracy.<attack>.<eps>": "share of images still classified correctly under the attack",
+        "attack_success_rate.<attack>.<eps>": "share of correctly classified images whose class the attack flipped",
+        "worst_case_robust_accuracy.<norm>.<eps>": "share correct under every attack of that norm and budget",
+        "sanity_robust_accuracy": "robust accuracy under a 20-step PGD at sanity_eps (should be 0)",
+        "zero_gradient_share": "share of images with an exactly zero input gradient (should be 0)",
+        "flag.<name>": "1 when a warning sign of gradient masking is raised, else 0",
+        "gradient_masking_suspected": "1 when any gradient-masking flag is raised",
+    }
+    default_thresholds: dict[str, str] = {}
+    uses_model = True
+
+    def run(self, ctx, params):
+        attacks = self._attacks(params["attacks"])
+        eps_linf = parse_budgets(params["eps"], "adversarial.eps")
+        eps_l2 = parse_budgets(params["eps_l2"], "adversarial.eps_l2")
+        sanity = parse_budgets([params["sanity_eps"]], "adversarial.sanity_eps")[0]
+        for key in ("steps", "restarts", "square_queries"):
+            if params[key] < 1:
+                raise InputError(f"adversarial.{key}: must be at least 1, got {params[key]}")
+        if params["n_images"] < 0:
+            raise InputError(f"adversarial.n_images: must be 0 (all) or positive, got {params['n_images']}")
+        settings = AttackSettings(params["steps"], params["restarts"], params["square_queries"])
+        notes: list[str] = []
+        n_classes = len(ctx.classes)
+        if "apgd_dlr" in attacks and n_classes < 3:
+            attacks.remove("apgd_dlr")
+            notes.append(f"APGD-DLR skipped: its loss needs at least 3 classes and this task has {n_classes}.")
+        if not attacks:
+            return CheckResult.skipped("no attack left to run: " + " ".join(notes))
+
+        rows = ctx.stratified_rows(params["n_images"], "adversarial")
+        labels_np = ctx.forward.labels[rows]
+        classifier = differentiable_classifier(ctx)
+        grey = bool(params["grey"]) and ctx.is_grey
+        model: nn.Module = GreyInput(classifier) if grey else classifier
+        bs = ctx.batch_size
+        with torch.no_grad():
+            pixels = ctx.load_pixels(rows)
+        images = pixels.mean(dim=1, keepdim=True) if grey else pixels
+        labels = torch.as_tensor(labels_np, device=ctx.device)
+
+        with ctx.autocast():
+            clean_pred = predict(model, images, bs)
+            correct = (clean_pred == labels).cpu().numpy()
+            keep = torch.as_tensor(np.flatnonzero(correct), device=ctx.device)
+            x, y = images[keep], labels[keep]
+            n = len(rows)
+            clean_acc = float(correct.mean()) if n else float("nan")
+            # per (attack, norm, eps): bool array over the subsample, True = still correct
+            robust: dict[tuple[str, str, float], np.ndarray] = {}
+            gallery_src: dict[tuple[str, float], torch.Tensor] = {}
+            budgets = [("linf", e) for e in eps_linf] + [("l2", e) for e in eps_l2]
+            for norm, eps in budgets:
+                for name in attacks:
+                    if ATTACKS[name][0] != norm:
+                        continue
+                    # the grey attack moves one channel; its L2 norm on three channels is sqrt(3) larger
+                    attack_eps = eps / math.sqrt(3) if (grey and norm == "l2") else eps
+                    ok = correct.copy()
+                    if len(keep):
+                        adv = run_attack(name, model, x, y, attack_eps, settings, attack_seed(ctx, name, norm, eps), bs)
+                        ok[correct] = (predict(model, adv, bs) == y).cpu().numpy()
+                        if norm == "linf" and eps == max(eps_linf):
+                            gallery_src[(name, eps)] = adv
+                    robust[(name, norm, eps)] = ok
+            sanity_acc = self._sanity(model, x, y, correct, robust, eps_linf, sanity, settings,
+                                      attack_seed(ctx, "sanity", "linf", sanity), bs, n)
+            zero_grad = zero_gradient_share(model, x, y, bs) if len(keep) else 0.0
+
+        return self._result(ctx, rows, correct, clean_acc, attacks, eps_linf, eps_l2, robust, sanity, sanity_acc,
+                            zero_grad, notes, grey, images, keep, clean_pred, gallery_src, model, params)
+
+    @staticmethod
+    def _sanity(model, x, y, correct, robust, eps_linf, sanity, settings, seed, bs, n) -> float:
+        """Robust accuracy under a long PGD at a budget that should defeat any model.
+
+        An adversarial image found within a smaller L-inf ball also lies within this larger
+        one, so only the images that survived every attack at the largest budget are attacked.
+        """
+        if sanity <= 0:
+            return float("nan")
+        alive = np.ones(len(y), dtype=bool)
+        if eps_linf and max(eps_linf) <= sanity:
+            big = max(eps_linf)
+            for (name, norm, eps), ok in robust.items():
+                if norm == "linf" and eps == big:
+                    alive &= ok[correct]
+        idx = torch.as_tensor(np.flatnonzero(alive), device=y.device)
+        if len(idx) == 0:
+            return 0.0
+        long_run = AttackSettings(max(SANITY_STEPS, 2 * settings.steps), settings.restarts, settings.square_queries)
+        adv = run_attack("pgd_linf", model, x[idx], y[idx], sanity, long_run, seed, bs)
+        return float((predict(model, adv, bs) == y[idx]).sum().item()) / n
+
+    @staticmethod
+    def _attacks(names: list[Any]) -> list[str]:
+        out = []
+        for name in names:
+            if name not in ATTACKS:
+                raise InputError(f"adversarial.attacks: unknown attack {name!r} (known: {', '.join(ATTACKS)})")
+            if name not in out:
+                out.append(name)
+        if not out:
+            raise InputError("adversarial.attacks: give at least one attack")
+        return out
+
+    def _result(self, ctx, rows, correct, clean_acc, attacks, eps_linf, eps_l2, robust, sanity, sanity_acc,
+                zero_grad, notes, grey, images, keep, clean_pred, gallery_src, model, params) -> CheckResult:
+        n = len(rows)
+        n_correct = int(correct.sum())
+        metrics: dict[str, float] = {"clean_accuracy": clean_acc, "n_images": float(n)}
+        table_rows = []
+        for (name, norm, eps), ok in robust.items():
+            label = budget_label(norm, eps)
+            acc = float(ok.mean()) if n else float("nan")
+            flipped = n_correct - int(ok.sum())
+            success = flipped / n_correct if n_correct else float("nan")
+            metrics[f"robust_accuracy.{name}.{label}"] = acc
+            metrics[f"attack_success_rate.{name}.{label}"] = success
+            table_rows.append([name, _norm_name(norm), label, acc, success, flipped])
+        worst: dict[tuple[str, float], np.ndarray] = {}
+        for norm, eps_list in (("linf", eps_linf), ("l2", eps_l2)):
+            for eps in eps_list:
+                oks = [ok for (a, nm, e), ok in robust.items() if nm == norm and e == eps]
+                if oks:
+                    worst[(norm, eps)] = np.logical_and.reduce(oks)
+                    w = worst[(norm, eps)]
+                    metrics[f"worst_case_robust_accuracy.{norm}.{budget_label(norm, eps)}"] = float(w.mean()) if n else float("nan")
+                    table_rows.append(["worst case (all attacks)", _norm_name(norm), budget_label(norm, eps),
+                                       float(w.mean()) if n else None,
+                                       (n_correct - int(w.sum())) / n_correct if n_correct else None, n_correct - int(w.sum())])
+
+        flags, warnings = self._flags(robust, worst, attacks, eps_linf, eps_l2, sanity, sanity_acc, zero_grad, n)
+        metrics["sanity_robust_accuracy"] = sanity_acc
+        metrics["zero_gradient_share"] = zero_grad
+        for key, raised in flags.items():
+            metrics[f"flag.{key}"] = float(raised)
+        metrics["gradient_masking_suspected"] = float(any(flags.values()))
+
+        per_image: dict[str, list] = {}
+        for (norm, eps), w in worst.items():
+            column = [None] * len(ctx.forward)
+            for r, value in zip(rows, w):
+                column[int(r)] = int(value)
+            per_image[f"robust.{norm}.{budget_label(norm, eps)}"] = column
+
+        from mcaudit.reports import plots
+
+        figures = [fig for fig in (self._curve(plots, robust, clean_acc, attacks, "linf", eps_linf),
+                                   self._curve(plots, robust, clean_acc, attacks, "l2", eps_l2)) if fig is not None]
+        gallery = self._gallery(plots, ctx, rows, keep, images, clean_pred, gallery_src, model, grey, eps_linf, params["gallery"])
+        if gallery is not None:
+            figures.append(gallery)
+
+        tables = [Table(
+            "Robust accuracy per attack and budget",
+            ["attack", "norm", "budget (eps)", "robust accuracy", "attack success rate", "images flipped"],
+            table_rows,
+            note=(f"{n} images, {n_correct} classified correctly before the attack; only those were attacked. "
+                  f"Success rate is the share of them whose class the attack flipped. "
+                  + ("The perturbation was confined to one grey channel replicated to three. " if grey else "")
+                  + " ".join(notes)).strip(),
+        ), Table("Attacks", ["attack", "norm", "kind", "what it does"],
+                 [[a, _norm_name(ATTACKS[a][0]), "white-box" if ATTACKS[a][1] else "black-box", ATTACKS[a][2]] for a in attacks])]
+        warnings = notes + warnings
+        summary = self._summary(metrics, clean_acc, eps_linf, eps_l2, n, flags)
+        details = {
+            "rows": [int(r) for r in rows],
+            "attacks": attacks,
+            "eps_linf": eps_linf,
+            "eps_l2": eps_l2,
+            "grey_perturbation": grey,
+            "steps": params["steps"],
+            "restarts": params["restarts"],
+            "square_queries": params["square_queries"],
+            "sanity_eps": sanity,
+            "notes": notes,
+        }
+        return CheckResult(metrics=metrics, summary=summary, tables=tables, figures=figures,
+                           warnings=warnings, details=details, per_image=per_image)
+
+    @staticmethod
+    def _flags(robust, worst, attacks, eps_linf, eps_l2, sanity, sanity_acc, zero_grad, n) -> tuple[dict[str, bool], list[str]]:
+        warnings: list[str] = []
+        flags = {"black_box_beats_white_box": False, "accuracy_rises_with_eps": False,
+                 "zero_gradients": False, "survives_large_eps": False}
+        white = [a for a in attacks if ATTACKS[a][1] and ATTACKS[a][0] == "linf"]
+        if "square" in attacks and white:
+            for eps in eps_linf:
+                white_ok = np.logical_and.reduce([robust[(a, "linf", eps)] for a in white])
+                only_black = int((white_ok & ~robust[("square", "linf", eps)]).sum())
+                if only_black:
+                    flags["black_box_beats_white_box"] = True
+                    warnings.append(
+                        f"Gradient masking suspected: at L-inf {budget_label('linf', eps)} the black-box Square attack "
+                        f"fooled {only_black} image(s) that every white-box attack failed on.")
+        for name in attacks:
+            norm = ATTACKS[name][0]
+            eps_list = eps_linf if norm == "linf" else eps_l2
+            accs = [robust[(name, norm, e)].mean() for e in eps_list] if n else []
+            for (e0, a0), (e1, a1) in zip(zip(eps_list, accs), zip(eps_list[1:], accs[1:])):
+                if a1 > a0:
+                    flags["accuracy_rises_with_eps"] = True
+                    warnings.append(
+                        f"Gradient masking suspected: {name} robust accuracy rises from {a0:.1%} at "
+                        f"{budget_label(norm, e0)} to {a1:.1%} at {budget_label(norm, e1)}; a stronger attack "
+                        f"budget should never help the model.")
+        if zero_grad > 0:
+            flags["zero_gradients"] = True
+            warnings.append(
+                f"Gradient masking suspected: {zero_grad:.0%} of the attacked images have an exactly zero input "
+                f"gradient, so gradient attacks cannot move them (non-differentiable or saturated layers).")
+        if sanity > 0 and sanity_acc > 0:
+            flags["survives_large_eps"] = True
+            warnings.append(
+                f"Gradient masking suspected: {sanity_acc:.1%} of images survive PGD at L-inf "
+                f"{budget_label('linf', sanity)}, a budget that can erase any image's content.")
+        return flags, warnings
+
+    @staticmethod
+    def _curve(plots, robust, clean_acc, attacks, norm, eps_list):
+        names = [a for a in attacks if ATTACKS[a][0] == norm]
+        if not names or not eps_list:
+            return None
+        fig, ax = plots.new_figure(5.4, 3.6)
+        scale = 255.0 if norm == "linf" else 1.0
+        xs = [0.0] + [e * scale for e in eps_list]
+        for name in names:
+            ys = [clean_acc] + [robust[(name, norm, e)].mean() for e in eps_list]
+            ax.plot(xs, ys, marker="o", label=name)
+        if len(names) > 1:
+            worst = [clean_acc] + [np.logical_and.reduce([robust[(a, norm, e)] for a in names]).mean() for e in eps_list]
+            ax.plot(xs, worst, color="black", linestyle="--", marker="s", label="worst case")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("budget eps (x 1/255)" if norm == "linf" else "budget eps (L2 norm)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return plots.to_figure(
+            fig, f"Robust accuracy against the {_norm_name(norm)} budget",
+            "Accuracy of the attacked subsample under each attack as the perturbation budget grows; "
+            "eps 0 is the clean accuracy. Curves must fall with eps; a curve that rises hints at gradient masking.")
+
+    @staticmethod
+    def _gallery(plots, ctx, rows, keep, images, clean_pred, gallery_src, model, grey, eps_linf, count):
+        if count <= 0 or not gallery_src or not eps_linf:
+            return None
+        eps = max(eps_linf)
+        name = next((a for a in GALLERY_PREFERENCE if (a, eps) in gallery_src), None)
+        if name is None:
+            return None
+        adv = gallery_src[(name, eps)]
+        clean = images[keep]
+        with torch.no_grad():
+            adv_pred = predict(model, adv, ctx.batch_size)
+        fooled = torch.nonzero(adv_pred != clean_pred[keep]).flatten()[:count].tolist()
+        if not fooled:
+            return None
+        classes = ctx.classes
+        pics, titles = [], []
+        for i in fooled:
+            c = clean[i].detach().float().cpu()
+            a = adv[i].detach().float().cpu()
+            delta = a - c
+            amp = 0.5 + delta / (2 * max(float(delta.abs().max()), 1e-12))
+            pics += [_hwc(c), _hwc(amp), _hwc(a)]
+            titles += [f"clean: {_short(classes[int(clean_pred[keep][i])])}", "perturbation (amplified)",
+                       f"attacked: {_short(classes[int(adv_pred[i])])}"]
+        fig = plots.image_grid(pics, titles, cols=3, cell=1.9, cmap="gray" if grey else None)
+        return plots.to_figure(
+            fig, f"Attack gallery ({name}, L-inf {budget_label('linf', eps)})",
+            "Each row: the clean image with the model's prediction, the perturbation stretched to the full grey "
+            "range so it is visible (mid-grey is no change), and the attacked image with its new prediction.")
+
+    @staticmethod
+    def _summary(metrics, clean_acc, eps_linf, eps_l2, n, flags) -> str:
+        parts = [f"Clean accuracy {clean_acc:.1%} on {n} images"]
+        if eps_linf:
+            label = budget_label("linf", max(eps_linf))
+            w = metrics.get(f"worst_case_robust_accuracy.linf.{label}")
+            if w is not None:
+                parts.append(f"worst-case robust accuracy {w:.1%} under pixel changes of at most {label}")
+        elif eps_l2:
+            label = budget_label("l2", max(eps_l2))
+            w = metrics.get(f"worst_case_robust_accuracy.l2.{label}")
+            if w is not None:
+                parts.append(f"worst-case robust accuracy {w:.1%} at L2 {label}")
+        raised = [k.replace("_", " ") for k, v in flags.items() if v]
+        tail = ("; gradient masking suspected (" + ", ".join(raised) + "): robust numbers may be too optimistic."
+                if raised else "; no sign of gradient masking.")
+        return ", ".join(parts) + tail
+
+
+def _norm_name(norm: str) -> str:
+    return "L-inf" if norm == "linf" else "L2"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 16 else text[:14] + "…"
+
+
+def _hwc(img: torch.Tensor) -> np.ndarray:
+    arr = img.clamp(0, 1).numpy()
+    return arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+
+
+@hookimpl
+def mcaudit_register_checks(register: Callable) -> None:
+    register(AdversarialCheck)

@@ -1,0 +1,294 @@
+"""The adversarial check: cross-checked against torchattacks run bare, and known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchattacks
+
+from mcaudit import InputError, ModelAdapter
+from mcaudit.plugins import adversarial as adv
+from mcaudit.plugins.adversarial import AdversarialCheck
+from mcaudit.prompts import PromptSet
+from mcaudit.testing import demo_prompts, load_adapter, make_context, phantom_dataset
+
+from conftest import shared
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_adapter("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_ctx(demo):
+    return make_context(demo, phantom_dataset(96, seed=3))
+
+
+def run_check(ctx, **given):
+    return AdversarialCheck().run(ctx, AdversarialCheck.resolve_params(given))
+
+
+def bare_classifier(ctx):
+    # built here, not through the plugin, so the reference shares no code with the audit
+    return ctx.model.zero_shot_classifier(ctx.class_features.clone()).eval()
+
+
+def bare_robust_accuracy(ctx, rows, make_attack, seed):
+    """torchattacks on the correctly classified images of ``rows``, scored over all of ``rows``."""
+    model = bare_classifier(ctx)
+    x = ctx.load_pixels(rows)
+    y = torch.as_tensor(ctx.forward.labels[rows])
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    torch.manual_seed(seed)
+    attacked = make_attack(model)(x[correct], y[correct])
+    with torch.no_grad():
+        still = (model(attacked).argmax(1) == y[correct]).sum().item()
+    return still / len(rows)
+
+
+def test_robust_accuracy_equals_torchattacks_run_bare(demo_ctx):
+    eps, eps2, steps = 2 / 255, 0.25, 4
+    result = run_check(demo_ctx, grey=False, eps=[eps], eps_l2=[eps2], steps=steps, square_queries=15,
+                       attacks=["fgsm", "pgd_linf", "apgd_ce", "square", "pgd_l2"], n_images=24, sanity_eps=0.0)
+    m = result.metrics
+    rows = demo_ctx.stratified_rows(24, "adversarial")
+    seed = lambda name, norm, e: adv.attack_seed(demo_ctx, name, norm, e)  # noqa: E731
+    expected = {
+        "pgd_linf": bare_robust_accuracy(demo_ctx, rows, lambda f: torchattacks.PGD(
+            f, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True), seed("pgd_linf", "linf", eps)),
+        "apgd_ce": bare_robust_accuracy(demo_ctx, rows, lambda f: torchattacks.APGD(
+            f, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed("apgd_ce", "linf", eps), loss="ce"), 0),
+        "square": bare_robust_accuracy(demo_ctx, rows, lambda f: torchattacks.Square(
+            f, norm="Linf", eps=eps, n_queries=15, n_restarts=1, seed=seed("square", "linf", eps), loss="margin"), 0),
+    }
+    for name, value in expected.items():
+        assert m[f"robust_accuracy.{name}.2/255"] == pytest.approx(value, abs=1e-9), name
+    l2 = bare_robust_accuracy(demo_ctx, rows, lambda f: torchattacks.PGDL2(
+        f, eps=eps2, alpha=2.5 * eps2 / steps, steps=steps, random_start=True), seed("pgd_l2", "l2", eps2))
+    assert m["robust_accuracy.pgd_l2.0.25"] == pytest.approx(l2, abs=1e-9)
+
+    # FGSM is deterministic: attack every image, misclassified ones included, as a bare user would
+    model = bare_classifier(demo_ctx)
+    x, y = demo_ctx.load_pixels(rows), torch.as_tensor(demo_ctx.forward.labels[rows])
+    attacked = torchattacks.FGSM(model, eps=eps)(x, y)
+    with torch.no_grad():
+        fgsm = (model(attacked).argmax(1) == y).sum().item() / len(rows)
+        clean = (model(x).argmax(1) == y).sum().item() / len(rows)
+    assert m["robust_accuracy.fgsm.2/255"] == pytest.approx(fgsm, abs=1e-9)
+    assert m["clean_accuracy"] == pytest.approx(clean, abs=1e-9)
+
+    worst = min(m[f"robust_accuracy.{a}.2/255"] for a in ("fgsm", "pgd_linf", "apgd_ce", "square"))
+    assert m["worst_case_robust_accuracy.linf.2/255"] <= worst
+    correct = clean * len(rows)
+    assert m["attack_success_rate.pgd_linf.2/255"] == pytest.approx(1 - expected["pgd_linf"] * len(rows) / correct)
+
+
+def test_zero_budget_leaves_accuracy_unchanged(demo_ctx):
+    for grey in (False, True):
+        result = run_check(demo_ctx, grey=grey, eps=[0.0], eps_l2=[0.0], steps=2, square_queries=5, n_images=16,
+                           sanity_eps=0.0)
+        m = result.metrics
+        rows = demo_ctx.stratified_rows(16, "adversarial")
+        forward_acc = float((demo_ctx.forward.preds[rows] == demo_ctx.forward.labels[rows]).mean())
+        assert m["clean_accuracy"] == pytest.approx(forward_acc)
+        robust = {k: v for k, v in m.items() if k.startswith(("robust_accuracy.", "worst_case_robust_accuracy."))}
+        assert len(robust) == 7  # fgsm, pgd_linf, apgd_ce, square, pgd_l2 and two worst cases
+        assert all(v == pytest.approx(m["clean_accuracy"]) for v in robust.values()), robust
+
+
+def test_robust_accuracy_falls_with_eps_on_the_demo_model(demo_ctx):
+    result = run_check(demo_ctx, eps=["1/255", "3/255", "8/255"], eps_l2=[0.1, 0.5, 1.0], n_images=16)
+    m = result.metrics
+    for name, norm, labels in [(a, "linf", ["1/255", "3/255", "8/255"]) for a in ("fgsm", "pgd_linf", "apgd_ce", "square")] + [
+        ("pgd_l2", "l2", ["0.1", "0.5", "1"])
+    ]:
+        accs = [m[f"robust_accuracy.{name}.{lab}"] for lab in labels]
+        assert all(b <= a for a, b in zip(accs, accs[1:])), (name, accs)
+    assert m["clean_accuracy"] > 0.8
+    assert m["worst_case_robust_accuracy.linf.8/255"] < m["clean_accuracy"] - 0.5
+    # a normal, differentiable model raises no gradient-masking flag
+    assert m["gradient_masking_suspected"] == 0.0
+    assert m["zero_gradient_share"] == 0.0 and m["sanity_robust_accuracy"] == 0.0
+    assert "no sign of gradient masking" in result.summary
+    assert result.details["grey_perturbation"] is True
+    assert any("APGD-DLR skipped" in w for w in result.warnings)
+    assert not any(k.startswith("robust_accuracy.apgd_dlr") for k in m)
+    titles = [f.title for f in result.figures]
+    assert "Robust accuracy against the L-inf budget" in titles and "Robust accuracy against the L2 budget" in titles
+    assert any(t.startswith("Attack gallery") for t in titles)
+    column = result.per_image["robust.linf.3/255"]
+    rows = demo_ctx.stratified_rows(16, "adversarial")
+    assert len(column) == len(demo_ctx.forward)
+    assert sum(v is not None for v in column) == len(rows)
+    assert np.mean([column[r] for r in rows]) == pytest.approx(m["worst_case_robust_accuracy.linf.3/255"])
+
+
+class QuantisedInput(ModelAdapter):
+    """The demo model behind a rounding step: gradients vanish, the model still works."""
+
+    def __init__(self, inner):
+        super().__init__(spec="quantised-demo", image_size=inner.image_size, mean=inner.pixel_mean.flatten().tolist(),
+                         std=inner.pixel_std.flatten().tolist())
+        self.inner = inner
+
+    def _encode_normalized_image(self, images):
+        return self.inner._encode_normalized_image(torch.round(images * 2) / 2)
+
+    def _encode_prompts(self, prompts):
+        return self.inner._encode_prompts(prompts)
+
+    @property
+    def logit_scale(self):
+        return self.inner.logit_scale
+
+
+def test_gradient_masking_layer_raises_the_flags(demo):
+    ctx = make_context(QuantisedInput(demo).eval(), phantom_dataset(48, seed=3), prompts=demo_prompts())
+    result = run_check(ctx, n_images=16, attacks=["fgsm", "pgd_linf", "square"], eps=["4/255"], eps_l2=[0.5],
+                       square_queries=40)
+    m = result.metrics
+    assert m["clean_accuracy"] > 0.5
+    assert m["zero_gradient_share"] == 1.0 and m["flag.zero_gradients"] == 1.0
+    assert m["flag.survives_large_eps"] == 1.0 and m["sanity_robust_accuracy"] > 0
+    assert m["gradient_masking_suspected"] == 1.0
+    assert "gradient masking suspected" in result.summary
+    assert sum("Gradient masking suspected" in w for w in result.warnings) >= 2
+
+
+def test_flag_rules_on_planted_outcomes():
+    n = 10
+    ok = lambda k: np.arange(n) >= k  # noqa: E731  (the first k images fooled)
+    robust = {("pgd_linf", "linf", 1 / 255): ok(2), ("pgd_linf", "linf", 2 / 255): ok(5),
+              ("square", "linf", 1 / 255): ok(3), ("square", "linf", 2 / 255): ok(4)}
+    flags, warnings = AdversarialCheck._flags(robust, {}, ["pgd_linf", "square"], [1 / 255, 2 / 255], [], 0.0,
+                                              float("nan"), 0.0, n)
+    assert flags == {"black_box_beats_white_box": True, "accuracy_rises_with_eps": False,
+                     "zero_gradients": False, "survives_large_eps": False}
+    assert "fooled 1 image(s)" in warnings[0]
+    robust[("square", "linf", 1 / 255)] = ok(2)
+    robust[("square", "linf", 2 / 255)] = ok(1)  # fewer fooled at the larger budget
+    robust[("pgd_linf", "linf", 2 / 255)] = ok(2)
+    flags, _ = AdversarialCheck._flags(robust, {}, ["pgd_linf", "square"], [1 / 255, 2 / 255], [], 16 / 255,
+                                       0.0, 0.0, n)
+    assert flags == {"black_box_beats_white_box": False, "accuracy_rises_with_eps": True,
+                     "zero_gradients": False, "survives_large_eps": False}
+
+
+def test_grey_attack_stays_grey_and_within_budget(demo_ctx):
+    model = adv.GreyInput(adv.differentiable_classifier(demo_ctx))
+    rows = demo_ctx.stratified_rows(8, "grey")
+    x = demo_ctx.load_pixels(rows).mean(1, keepdim=True)
+    y = torch.as_tensor(demo_ctx.forward.labels[rows])
+    settings = adv.AttackSettings(3, 1, 5)
+    linf = adv.run_attack("pgd_linf", model, x, y, 4 / 255, settings, 0, 64)
+    assert linf.shape[1] == 1 and (linf - x).abs().max() <= 4 / 255 + 1e-6
+    eps = 0.5
+    l2 = adv.run_attack("pgd_l2", model, x, y, eps / math.sqrt(3), settings, 0, 64)
+    seen = l2.expand(-1, 3, -1, -1) - x.expand(-1, 3, -1, -1)  # what the model sees
+    assert seen.flatten(1).norm(dim=1).max() <= eps + 1e-5
+    assert torch.equal(model(l2), model.classifier(l2.expand(-1, 3, -1, -1)))
+
+
+def test_apgd_dlr_runs_on_three_classes_and_matches_torchattacks(demo):
+    dataset = phantom_dataset(48, seed=5)
+    dataset.classes = ["normal", "opacity", "pleural effusion"]  # a third class with no images
+    base = demo_prompts()
+    prompts = PromptSet(base.templates, dict(base.phrasings) | {"pleural effusion": ["fluid in the pleural space"]})
+    ctx = make_context(demo, dataset, prompts=prompts)
+    eps, steps = 2 / 255, 3
+    result = run_check(ctx, attacks=["apgd_dlr"], eps=[eps], eps_l2=[], steps=steps, n_images=16, grey=False,
+                       sanity_eps=0.0)
+    rows = ctx.stratified_rows(16, "adversarial")
+    expected = bare_robust_accuracy(ctx, rows, lambda f: torchattacks.APGD(
+        f, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=adv.attack_seed(ctx, "apgd_dlr", "linf", eps),
+        loss="dlr"), 0)
+    assert result.metrics["robust_accuracy.apgd_dlr.2/255"] == pytest.approx(expected, abs=1e-9)
+    assert not result.warnings
+
+
+def test_same_seed_same_metrics_and_bad_parameters(demo_ctx):
+    given = dict(n_images=8, eps=["2/255"], eps_l2=[0.25], steps=2, square_queries=5, gallery=0)
+    a, b = run_check(demo_ctx, **given), run_check(demo_ctx, **given)
+    assert a.metrics == b.metrics
+    assert adv.parse_budgets(["1/255, 2/255", 0.5, "[4/255]"], "x") == [1 / 255, 2 / 255, 4 / 255, 0.5]
+    for bad in (dict(attacks=["cw"]), dict(eps=["two/255"]), dict(eps=[-0.1]), dict(steps=0), dict(n_images=-1),
+                dict(eps=[True])):
+        with pytest.raises(InputError, match="adversarial"):
+            run_check(demo_ctx, **given | bad)
+
+
+# -- PneumoniaMNIST with a small model trained here ---------------------------------------
+PNEUMONIA_PROMPTS = """
+templates = ["a paediatric chest x-ray showing {}.", "a chest radiograph with {}."]
+[classes]
+normal = ["clear lungs", "no pneumonia"]
+pneumonia = ["pneumonia", "lung consolidation"]
+"""
+
+
+def train_tiny_clip_on_pneumoniamnist(npz_path, seconds_steps: int = 160):
+    """Fine-tune the tiny open_clip model on the train split with the zero-shot objective."""
+    from mcaudit.models.openclip_loader import make_tokenizer
+    from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
+
+    torch.manual_seed(0)
+    data = np.load(npz_path)
+    images = torch.as_tensor(data["train_images"], dtype=torch.float32).unsqueeze(1) / 255.0
+    labels = torch.as_tensor(data["train_labels"].reshape(-1), dtype=torch.long)
+    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    model = tiny_openclip(0).train()
+    tokenizer = make_tokenizer(TINY_MODEL_CFG, None)
+    tokens = tokenizer(["a paediatric chest x-ray showing clear lungs.", "a paediatric chest x-ray showing pneumonia."])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(seconds_steps):
+        idx = torch.randint(0, len(images), (96,), generator=gen)
+        x = (images[idx].expand(-1, 3, -1, -1) - 0.5) / 0.25
+        img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+        loss = torch.nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pneumonia_model_folder(tmp_path_factory):
+    from mcaudit.testing import save_openclip_folder
+
+    npz = shared("pneumoniamnist/pneumoniamnist.npz")
+    model = train_tiny_clip_on_pneumoniamnist(npz)
+    folder = save_openclip_folder(model, tmp_path_factory.mktemp("pneumonia-clip"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    prompts = folder / "prompts.toml"
+    prompts.write_text(PNEUMONIA_PROMPTS)
+    return npz, folder, prompts
+
+
+def test_pneumoniamnist_attacks_lower_accuracy_and_report_shows_curves(pneumonia_model_folder, mcaudit_run):
+    npz, folder, prompts = pneumonia_model_folder
+    out = mcaudit_run("--model", folder, "--data", npz, "--split", "test", "--prompts", prompts,
+                      "-p", "mcaudit.plugins.adversarial", "--checks", "performance,adversarial",
+                      "--set", "adversarial.n_images=48", "--set", "adversarial.eps=[\"1/255\", \"4/255\", \"16/255\"]",
+                      "--set", "adversarial.eps_l2=[0.25, 1.0]")
+    assert out.exit_code == 0, out.output
+    check = out.results["checks"]["adversarial"]
+    assert check["status"] == "ok", check.get("summary")
+    m = check["metrics"]
+    assert m["clean_accuracy"] >= 0.7
+    for name in ("fgsm", "pgd_linf", "apgd_ce", "square"):
+        accs = [m[f"robust_accuracy.{name}.{e}"] for e in ("1/255", "4/255", "16/255")]
+        assert accs[0] >= accs[1] >= accs[2], (name, accs)
+    assert m["robust_accuracy.pgd_linf.16/255"] < m["clean_accuracy"] - 0.4
+    assert m["robust_accuracy.pgd_l2.1"] < m["clean_accuracy"]
+    assert m["gradient_masking_suspected"] == 0.0
+    html = out.html
+    assert "Robust accuracy against the L-inf budget" in html and "Robust accuracy against the L2 budget" in html
+    assert html.count("data:image/png;base64,") >= 3
+    samples = (out.out_dir / "samples.csv").read_text().splitlines()
+    assert "adversarial.robust.linf.16/255" in samples[0]
