@@ -67,6 +67,7 @@ def cli():
 @click.option("--batch-size", type=int, help="Images per batch (default 64).")
 @click.option("--seed", type=int, help="Seed for subsampling and attacks (default 0).")
 @click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--threads", type=int, help="CPU threads for torch (default 0: automatic; one for tiny models).")
 @click.option("--split", help="Split of a MedMNIST .npz (default test).")
 @click.option("--ood", help="Out-of-distribution data for the anomaly check (any data format).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Format option, e.g. dicom_frame=middle.")

@@ -43,6 +43,7 @@ class RunConfig:
     batch_size: int = 64
     seed: int = 0
     workers: int = 0
+    threads: int = 0  # CPU intra-op threads; 0 = automatic
     split: str = "test"
     strict: bool = False
     allow_network: bool = False

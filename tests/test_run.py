@@ -44,6 +44,7 @@ def test_results_schema_and_samples_match_sklearn(tmp_path):
         assert key in r
     assert len(r["model"]["weights_sha256"]) == 64 and len(r["dataset"]["sha256"]) == 64
     assert r["environment"]["device"] == "cpu" and r["environment"]["precision"] == "fp32"
+    assert r["environment"]["cpu_threads"] == 1  # the tiny demo model runs single-threaded
     perf = r["checks"]["performance"]
     assert perf["status"] == "ok" and perf["duration_s"] > 0
     assert perf["params"] == {"n_bootstrap": 200}
