@@ -43,15 +43,6 @@ GALLERY_PREFERENCE = ("pgd_linf", "apgd_ce", "fgsm", "apgd_dlr", "square")
 SANITY_STEPS = 20  # PGD iterations of the large-budget sanity attack
 
 
-def differentiable_classifier(ctx) -> nn.Module:
-    """pixels -> logits on the run's device, safe to differentiate.
-
-    The shared class features were computed under ``torch.inference_mode``; a tensor made
-    there cannot take part in autograd, so the classifier gets its own copy.
-    """
-    return ctx.model.zero_shot_classifier(ctx.class_features.clone()).to(ctx.device).eval()
-
-
 class GreyInput(nn.Module):
     """Takes one grey channel and shows the model the three identical channels it expects.
 
@@ -235,7 +226,7 @@ class AdversarialCheck(Check):
 
         rows = ctx.stratified_rows(params["n_images"], "adversarial")
         labels_np = ctx.forward.labels[rows]
-        classifier = differentiable_classifier(ctx)
+        classifier = ctx.classifier()
         grey = bool(params["grey"]) and ctx.is_grey
         model: nn.Module = GreyInput(classifier) if grey else classifier
         bs = ctx.batch_size

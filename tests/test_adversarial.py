@@ -180,7 +180,7 @@ def test_flag_rules_on_planted_outcomes():
 
 
 def test_grey_attack_stays_grey_and_within_budget(demo_ctx):
-    model = adv.GreyInput(adv.differentiable_classifier(demo_ctx))
+    model = adv.GreyInput(demo_ctx.classifier())
     rows = demo_ctx.stratified_rows(8, "grey")
     x = demo_ctx.load_pixels(rows).mean(1, keepdim=True)
     y = torch.as_tensor(demo_ctx.forward.labels[rows])

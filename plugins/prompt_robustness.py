@@ -1,0 +1,408 @@
+"""How much zero-shot accuracy depends on the wording of the class prompts.
+
+Two questions, both answered from the image features of the shared forward pass (the image
+encoder is never run again; only prompts are encoded):
+
+* Template sensitivity: accuracy when every class is described with one template alone.
+* Adversarial wording: within a small edit budget, which misspelling (character level: typos,
+  swapped letters, deleted letters) or synonym substitution (word level, from a medical
+  synonym list shipped with mcaudit) of a class's phrasings lowers accuracy most? The search
+  is greedy: each step tries a seeded sample of single edits and keeps the most harmful.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.metrics import accuracy, balanced_accuracy
+
+LEVELS = ("char", "word")
+
+# Neighbouring keys on a QWERTY keyboard: the typos a hurried typist makes.
+KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+
+
+def keyboard_neighbours() -> dict[str, str]:
+    where = {ch: (r, c) for r, row in enumerate(KEYBOARD_ROWS) for c, ch in enumerate(row)}
+    out = {}
+    for ch, (r, c) in where.items():
+        near = []
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                rr, cc = r + dr, c + dc
+                if (dr or dc) and 0 <= rr < len(KEYBOARD_ROWS) and 0 <= cc < len(KEYBOARD_ROWS[rr]):
+                    near.append(KEYBOARD_ROWS[rr][cc])
+        out[ch] = "".join(near)
+    return out
+
+
+NEIGHBOURS = keyboard_neighbours()
+
+
+# -- the synonym list ------------------------------------------------------------------
+def load_synonym_groups(path: str | Path | None = None) -> list[list[str]]:
+    """The shipped synonym groups, plus those of ``path`` when given."""
+    shipped = resources.files("mcaudit.plugins") / "medical_synonyms.toml"
+    groups = _read_groups(shipped.read_text(encoding="utf-8"), "medical_synonyms.toml")
+    if path:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"prompt_robustness.synonyms: cannot read {p} ({exc.strerror or exc})") from exc
+        groups += _read_groups(text, str(p))
+    return groups
+
+
+def _read_groups(text: str, source: str) -> list[list[str]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"prompt_robustness.synonyms: {source} is not valid TOML ({exc})") from exc
+    groups = data.get("groups")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and len(g) >= 2 and all(isinstance(t, str) and t.strip() for t in g) for g in groups
+    ):
+        raise InputError(f"prompt_robustness.synonyms: {source} needs groups = [[\"term\", \"synonym\", ...], ...]")
+    return [[" ".join(t.lower().split()) for t in g] for g in groups]
+
+
+def synonym_map(groups: list[list[str]]) -> dict[str, list[str]]:
+    """term -> the other terms of every group it belongs to, in a stable order."""
+    out: dict[str, dict[str, None]] = {}
+    for group in groups:
+        for term in group:
+            alts = out.setdefault(term, {})
+            for other in group:
+                if other != term:
+                    alts[other] = None
+    return {t: list(a) for t, a in out.items()}
+
+
+# -- single edits ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Edit:
+    phrasing: int  # which of the class's phrasings is edited
+    text: str  # the phrasing after the edit
+    what: str  # for the report, e.g. "swap 'ac' -> 'ca'"
+
+
+def char_edits(text: str, index: int) -> list[Edit]:
+    """Every deletion, adjacent swap and keyboard typo of a letter."""
+    out: list[Edit] = []
+    for i, ch in enumerate(text):
+        if not ch.isalpha():
+            continue
+        if len(text.strip()) > 1:
+            out.append(Edit(index, text[:i] + text[i + 1 :], f"delete '{ch}'"))
+        nxt = text[i + 1] if i + 1 < len(text) else ""
+        if nxt.isalpha() and nxt.lower() != ch.lower():
+            out.append(Edit(index, text[:i] + nxt + ch + text[i + 2 :], f"swap '{ch}{nxt}' -> '{nxt}{ch}'"))
+        for typo in NEIGHBOURS.get(ch.lower(), ""):
+            typo = typo.upper() if ch.isupper() else typo
+            out.append(Edit(index, text[:i] + typo + text[i + 1 :], f"typo '{ch}' -> '{typo}'"))
+    return out
+
+
+def word_edits(text: str, index: int, synonyms: dict[str, list[str]]) -> list[Edit]:
+    """Every replacement of a listed term (whole words, any case) by one of its synonyms."""
+    out: list[Edit] = []
+    lower = text.lower()
+    for term, alternatives in synonyms.items():
+        for match in re.finditer(r"(?<![\w-])" + re.escape(term) + r"(?![\w-])", lower):
+            a, b = match.span()
+            for alt in alternatives:
+                out.append(Edit(index, text[:a] + alt + text[b:], f"'{text[a:b]}' -> '{alt}'"))
+    return out
+
+
+# -- scoring prompts against cached image features -------------------------------------
+class PromptScorer:
+    """Encodes prompts once each and scores class embeddings against fixed image features."""
+
+    def __init__(self, ctx, rows: np.ndarray):
+        self.model = ctx.model
+        self.feats = ctx.forward.image_features[rows].to(ctx.device)
+        self.labels = ctx.forward.labels[rows]
+        self.labels_t = torch.as_tensor(self.labels, device=ctx.device)
+        self.scale = float(ctx.model.logit_scale)
+        self.n_classes = len(ctx.classes)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if todo:
+            with torch.inference_mode():
+                emb = self.model.encode_text(todo).float()
+            self._cache.update(zip(todo, emb))
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def class_embedding(self, prompts: list[str]) -> torch.Tensor:
+        # CLIP's prompt ensemble, as ModelAdapter.class_text_features builds it
+        return torch.nn.functional.normalize(self.encode(prompts).mean(dim=0), dim=-1)
+
+    def logits(self, class_emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.feats @ class_emb.T
+
+    def objective(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy and mean true-class margin for logits shaped (..., N, C)."""
+        correct = (logits.argmax(dim=-1) == self.labels_t).float().mean(dim=-1)
+        true = logits.gather(-1, self.labels_t.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        other = logits.scatter(-1, self.labels_t.expand(*logits.shape[:-1]).unsqueeze(-1), float("-inf")).amax(dim=-1)
+        margin = (true - other).mean(dim=-1)
+        return correct.cpu().numpy(), margin.cpu().numpy()
+
+
+@dataclass
+class ClassAttack:
+    class_name: str
+    level: str
+    original: list[str]
+    perturbed: list[str]
+    edits: list[str] = field(default_factory=list)
+    accuracy_before: float = float("nan")
+    accuracy_after: float = float("nan")
+    preds_after: np.ndarray | None = None
+
+
+def greedy_attack(
+    scorer: PromptScorer, base: torch.Tensor, k: int, phrasings: list[str], templates: list[str],
+    level: str, budget: int, max_candidates: int, synonyms: dict[str, list[str]], rng: np.random.Generator,
+    class_name: str,
+) -> ClassAttack:
+    """Greedily edit class ``k``'s phrasings to lower accuracy; other classes stay as they are.
+
+    Each step scores a seeded sample of single edits and keeps the one with the lowest accuracy
+    (ties broken by the lowest mean margin of the true class); the search stops early when no
+    edit makes things worse.
+    """
+    current = list(phrasings)
+    emb = base.clone()
+    acc0, margin0 = scorer.objective(scorer.logits(emb))
+    best = (float(acc0), float(margin0))
+    result = ClassAttack(class_name, level, list(phrasings), list(phrasings), accuracy_before=float(acc0))
+    for _ in range(budget):
+        candidates: list[Edit] = []
+        for i, text in enumerate(current):
+            candidates += char_edits(text, i) if level == "char" else word_edits(text, i, synonyms)
+        candidates = [c for c in candidates if c.text.strip() and c.text not in current]
+        if not candidates:
+            break
+        if len(candidates) > max_candidates:
+            pick = np.sort(rng.choice(len(candidates), size=max_candidates, replace=False))
+            candidates = [candidates[i] for i in pick]
+        prompt_sets = [[t.format(w) for w in _with(current, c) for t in templates] for c in candidates]
+        scorer.encode([p for ps in prompt_sets for p in ps])  # one batched text pass per step
+        cand_emb = torch.stack([scorer.class_embedding(ps) for ps in prompt_sets])
+        logits = scorer.logits(emb).unsqueeze(0).repeat(len(candidates), 1, 1)
+        logits[:, :, k] = scorer.scale * (cand_emb @ scorer.feats.T)
+        accs, margins = scorer.objective(logits)
+        j = int(np.lexsort((margins, accs))[0])
+        if (accs[j], margins[j]) >= best:
+            break
+        best = (float(accs[j]), float(margins[j]))
+        current = _with(current, candidates[j])
+        emb[k] = cand_emb[j]
+        result.edits.append(candidates[j].what)
+    result.perturbed = current
+    result.accuracy_after = best[0]
+    result.preds_after = scorer.logits(emb).argmax(dim=1).cpu().numpy()
+    return result
+
+
+def _with(phrasings: list[str], edit: Edit) -> list[str]:
+    out = list(phrasings)
+    out[edit.phrasing] = edit.text
+    return out
+
+
+# -- the check -------------------------------------------------------------------------
+class PromptRobustnessCheck(Check):
+    name = "prompt_robustness"
+    description = (
+        "Prompt robustness from the cached image features: accuracy under each template alone (spread, "
+        "worst template), and the worst accuracy a greedy search finds within a small edit budget of "
+        "character-level misspellings or medical synonym substitutions of each class's phrasings."
+    )
+    params = {
+        "levels": Param(list(LEVELS), "edit levels searched: char (typos, swaps, deletions), word (synonyms)"),
+        "char_budget": Param(2, "character edits allowed per class"),
+        "word_budget": Param(1, "synonym substitutions allowed per class"),
+        "max_candidates": Param(48, "single edits scored per greedy step (a seeded sample when there are more)"),
+        "synonyms": Param("", "extra synonym TOML (groups = [[\"term\", \"synonym\"], ...]) added to the shipped list"),
+        "n_images": Param(0, "images scored: a stratified, seeded subsample (0: all; no image is re-encoded)"),
+        "worst_prompts": Param(10, "rows of the worst prompts table"),
+    }
+    metrics = {
+        "ensemble_accuracy": "accuracy with every template together (the audited prompt set)",
+        "template_accuracy.worst": "accuracy with the worst single template",
+        "template_accuracy.best": "accuracy with the best single template",
+        "template_accuracy.spread": "best minus worst single-template accuracy",
+        "prompt_attack.<level>.accuracy.<class>": "accuracy after the worst edits found for that class's phrasings",
+        "prompt_attack.<level>.worst_accuracy": "lowest accuracy over classes for that edit level",
+        "prompt_attack.worst_accuracy": "lowest accuracy over classes and edit levels",
+        "prompt_attack.accuracy_drop": "ensemble accuracy minus the worst accuracy under prompt edits",
+    }
+    default_thresholds: dict[str, str] = {}
+    uses_model = False
+
+    def run(self, ctx, params):
+        levels = list(dict.fromkeys(params["levels"]))
+        bad = [lv for lv in levels if lv not in LEVELS]
+        if bad:
+            raise InputError(f"prompt_robustness.levels: unknown level {bad[0]!r} (known: {', '.join(LEVELS)})")
+        for key in ("char_budget", "word_budget", "max_candidates", "n_images", "worst_prompts"):
+            if params[key] < 0 or (key == "max_candidates" and params[key] < 1):
+                raise InputError(f"prompt_robustness.{key}: must be {'at least 1' if key == 'max_candidates' else '>= 0'}, got {params[key]}")
+        synonyms = synonym_map(load_synonym_groups(params["synonyms"] or None))
+
+        classes = ctx.classes
+        rows = ctx.stratified_rows(params["n_images"], "prompt_robustness")
+        scorer = PromptScorer(ctx, rows)
+        phrasings = [list(ctx.prompts.phrasings.get(c) or [c]) for c in classes]
+        templates = [list(ctx.prompts.class_templates.get(c) or ctx.prompts.templates) for c in classes]
+        base = torch.stack([
+            scorer.class_embedding([t.format(w) for w in ws for t in ts]) for ws, ts in zip(phrasings, templates)
+        ])
+        labels = scorer.labels
+        k = len(classes)
+        ensemble_preds = scorer.logits(base).argmax(dim=1).cpu().numpy()
+        ensemble_acc = accuracy(labels, ensemble_preds)
+
+        template_rows, template_accs, template_preds = [], [], []
+        scorer.encode([t.format(w) for t in ctx.prompts.all_templates() for ws in phrasings for w in ws])
+        for template in ctx.prompts.all_templates():
+            emb = torch.stack([scorer.class_embedding([template.format(w) for w in ws]) for ws in phrasings])
+            preds = scorer.logits(emb).argmax(dim=1).cpu().numpy()
+            acc = accuracy(labels, preds)
+            template_accs.append(acc)
+            template_preds.append(preds)
+            template_rows.append([template, acc, balanced_accuracy(labels, preds, k), acc - ensemble_acc])
+        worst_t = int(np.argmin(template_accs))
+        metrics = {
+            "ensemble_accuracy": ensemble_acc,
+            "template_accuracy.worst": float(template_accs[worst_t]),
+            "template_accuracy.best": float(max(template_accs)),
+            "template_accuracy.spread": float(max(template_accs) - min(template_accs)),
+            "n_images": float(len(rows)),
+        }
+
+        attacks: list[ClassAttack] = []
+        budgets = {"char": params["char_budget"], "word": params["word_budget"]}
+        for level in levels:
+            for c, name in enumerate(classes):
+                rng = ctx.rng(f"prompt_robustness:{level}:{name}")
+                attacks.append(greedy_attack(scorer, base, c, phrasings[c], templates[c], level, budgets[level],
+                                             params["max_candidates"], synonyms, rng, name))
+        for level in levels:
+            mine = [a for a in attacks if a.level == level]
+            for a in mine:
+                metrics[f"prompt_attack.{level}.accuracy.{a.class_name}"] = a.accuracy_after
+            metrics[f"prompt_attack.{level}.worst_accuracy"] = min(a.accuracy_after for a in mine)
+        worst_attack = min(attacks, key=lambda a: a.accuracy_after) if attacks else None
+        if worst_attack is not None:
+            metrics["prompt_attack.worst_accuracy"] = worst_attack.accuracy_after
+            metrics["prompt_attack.accuracy_drop"] = ensemble_acc - worst_attack.accuracy_after
+
+        return self._result(ctx, rows, metrics, template_rows, template_preds[worst_t], attacks, worst_attack,
+                            ensemble_acc, params, levels, ctx.prompts.all_templates()[worst_t])
+
+    @staticmethod
+    def _result(ctx, rows, metrics, template_rows, worst_template_preds, attacks, worst_attack, ensemble_acc,
+                params, levels, worst_template) -> CheckResult:
+        labels = ctx.forward.labels[rows]
+        template_table = Table(
+            "Accuracy under each template alone",
+            ["template", "accuracy", "balanced accuracy", "change vs all templates"],
+            sorted(template_rows, key=lambda r: r[1]),
+            note=f"All templates together (the audited prompt set): accuracy {ensemble_acc:.1%} on {len(rows)} images. "
+                 "Image features come from the shared forward pass; only the prompts are re-encoded.",
+        )
+        ranked = sorted(attacks, key=lambda a: a.accuracy_after)[: params["worst_prompts"]]
+        attack_table = Table(
+            "Worst prompt edits found",
+            ["class edited", "edit level", "edits", "original phrasing", "edited phrasing", "accuracy before", "accuracy after"],
+            [[a.class_name, a.level, "; ".join(a.edits) or "none found",
+              " | ".join(a.original), " | ".join(a.perturbed), a.accuracy_before, a.accuracy_after] for a in ranked],
+            note=(f"Greedy search per class: up to {params['char_budget']} character edit(s) (typo, swap, deletion) or "
+                  f"{params['word_budget']} synonym substitution(s) of the class's phrasings, every template kept; "
+                  f"the other classes' prompts unchanged. {params['max_candidates']} candidate edits scored per step."),
+        )
+        figures = []
+        from mcaudit.reports import plots
+
+        fig, ax = plots.new_figure(5.4, max(2.2, 0.45 * len(template_rows) + 1.0))
+        ordered = sorted(template_rows, key=lambda r: r[1])
+        ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#4c72b0")
+        ax.axvline(ensemble_acc, color="black", linestyle="--", label="all templates")
+        ax.set_yticks(range(len(ordered)), [_short(r[0]) for r in ordered], fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("accuracy")
+        ax.legend(fontsize=8, loc="lower right")
+        figures.append(plots.to_figure(fig, "Accuracy per template",
+                                       "Zero-shot accuracy when every class is described with one template alone; "
+                                       "the dashed line is the audited prompt ensemble."))
+
+        per_image: dict[str, list] = {}
+        column = [None] * len(ctx.forward)
+        for r, p, y in zip(rows, worst_template_preds, labels):
+            column[int(r)] = int(p == y)
+        per_image["correct_worst_template"] = column
+        if worst_attack is not None and worst_attack.preds_after is not None:
+            column = [None] * len(ctx.forward)
+            for r, p, y in zip(rows, worst_attack.preds_after, labels):
+                column[int(r)] = int(p == y)
+            per_image["correct_worst_prompt_edit"] = column
+
+        warnings = []
+        spread = metrics["template_accuracy.spread"]
+        if len(template_rows) == 1:
+            warnings.append("Only one template: template sensitivity cannot be measured; add templates to the prompt file.")
+        elif spread >= 0.10:
+            warnings.append(f"Accuracy depends strongly on the template: {spread:.1%} between the best and the worst "
+                            f"({worst_template!r}).")
+        drop = metrics.get("prompt_attack.accuracy_drop", 0.0)
+        if worst_attack is not None and drop >= 0.10:
+            warnings.append(
+                f"Small prompt edits change the result: {', '.join(worst_attack.edits) or 'edits'} on the "
+                f"{worst_attack.class_name!r} phrasing drop accuracy by {drop:.1%}.")
+        summary = (
+            f"Accuracy {ensemble_acc:.1%} with all templates; single templates range from "
+            f"{metrics['template_accuracy.worst']:.1%} to {metrics['template_accuracy.best']:.1%}"
+        )
+        if worst_attack is not None:
+            summary += (f"; the worst small prompt edit found ({worst_attack.level} level, class "
+                        f"{worst_attack.class_name!r}) lowers it to {worst_attack.accuracy_after:.1%}.")
+        else:
+            summary += "."
+        details = {
+            "rows": len(rows),
+            "templates": [r[0] for r in template_rows],
+            "template_accuracy": [r[1] for r in template_rows],
+            "attacks": [
+                {"class": a.class_name, "level": a.level, "original": a.original, "perturbed": a.perturbed,
+                 "edits": a.edits, "accuracy_before": a.accuracy_before, "accuracy_after": a.accuracy_after}
+                for a in attacks
+            ],
+            "levels": levels,
+        }
+        return CheckResult(metrics=metrics, summary=summary, tables=[template_table, attack_table],
+                           figures=figures, warnings=warnings, details=details, per_image=per_image)
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+@hookimpl
+def mcaudit_register_checks(register: Callable) -> None:
+    register(PromptRobustnessCheck)
