@@ -82,6 +82,8 @@ def collect_thresholds(
     for name, text in config_thresholds.items():
         merged[name] = parse_threshold(name, text, config_source)
     path: Path | None = None
+    if gate is None:
+        return list(merged.values())
     if gate:
         path = Path(gate)
     elif gate == "" and not config_thresholds:

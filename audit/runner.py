@@ -299,6 +299,8 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         "checks": entries,
         "gate": {"applied": False, "passed": None, "results": []},
     }
+    # The checks' own default thresholds rank the findings in the report even without --gate.
+    results["findings"] = apply_gate(results, collect_thresholds(None, {}, defaults))["results"]
     if cfg.gate is not None:
         results["gate"] = apply_gate(results, thresholds)
     results["environment"]["cpu_threads"] = torch.get_num_threads()

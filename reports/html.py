@@ -46,9 +46,15 @@ def format_number(value: Any) -> str:
 
 
 def check_verdicts(results: dict[str, Any]) -> dict[str, str]:
-    """Per check: error, fail (a gate threshold on it failed), skipped or ok."""
+    """Per check: error, fail (a threshold on it failed), skipped or ok.
+
+    Without --gate, the checks' default thresholds decide "fail", so the worst findings
+    come first in the report even when nothing gates the run.
+    """
     out = {name: c.get("status", "ok") for name, c in results.get("checks", {}).items()}
-    for g in (results.get("gate") or {}).get("results", []):
+    gate = results.get("gate") or {}
+    outcomes = gate.get("results", []) if gate.get("applied") else results.get("findings", [])
+    for g in outcomes:
         name = g["name"].split(".", 1)[0]
         if not g["passed"] and out.get(name) == "ok":
             out[name] = "fail"
