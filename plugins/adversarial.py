@@ -244,7 +244,7 @@ class AdversarialCheck(Check):
             clean_acc = float(correct.mean()) if n else float("nan")
             # per (attack, norm, eps): bool array over the subsample, True = still correct
             robust: dict[tuple[str, str, float], np.ndarray] = {}
-            gallery_src: dict[tuple[str, float], torch.Tensor] = {}
+            gallery_src: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
             budgets = [("linf", e) for e in eps_linf] + [("l2", e) for e in eps_l2]
             for norm, eps in budgets:
                 for name in attacks:
@@ -255,9 +255,10 @@ class AdversarialCheck(Check):
                     ok = correct.copy()
                     if len(keep):
                         adv = run_attack(name, model, x, y, attack_eps, settings, attack_seed(ctx, name, norm, eps), bs)
-                        ok[correct] = (predict(model, adv, bs) == y).cpu().numpy()
+                        adv_pred = predict(model, adv, bs)
+                        ok[correct] = (adv_pred == y).cpu().numpy()
                         if norm == "linf" and eps == max(eps_linf):
-                            gallery_src[(name, eps)] = adv
+                            gallery_src[(name, eps)] = (adv, adv_pred)
                     robust[(name, norm, eps)] = ok
             sanity_acc = self._sanity(model, x, y, correct, robust, eps_linf, sanity, settings,
                                       attack_seed(ctx, "sanity", "linf", sanity), bs, n)
@@ -445,28 +446,36 @@ class AdversarialCheck(Check):
         name = next((a for a in GALLERY_PREFERENCE if (a, eps) in gallery_src), None)
         if name is None:
             return None
-        adv = gallery_src[(name, eps)]
+        adv, adv_pred = gallery_src[(name, eps)]
         clean = images[keep]
-        with torch.no_grad():
-            adv_pred = predict(model, adv, ctx.batch_size)
         fooled = torch.nonzero(adv_pred != clean_pred[keep]).flatten()[:count].tolist()
         if not fooled:
             return None
         classes = ctx.classes
-        pics, titles = [], []
+        # one mosaic in one axes: far cheaper to lay out and encode than a grid of subplots
+        tiles, row_labels = [], []
         for i in fooled:
             c = clean[i].detach().float().cpu()
             a = adv[i].detach().float().cpu()
             delta = a - c
             amp = 0.5 + delta / (2 * max(float(delta.abs().max()), 1e-12))
-            pics += [_hwc(c), _hwc(amp), _hwc(a)]
-            titles += [f"clean: {_short(classes[int(clean_pred[keep][i])])}", "perturbation (amplified)",
-                       f"attacked: {_short(classes[int(adv_pred[i])])}"]
-        fig = plots.image_grid(pics, titles, cols=3, cell=1.9, cmap="gray" if grey else None)
+            tiles.append([_hwc(c), _hwc(amp), _hwc(a)])
+            row_labels.append(f"{_short(classes[int(clean_pred[keep][i])])}\n-> {_short(classes[int(adv_pred[i])])}")
+        mosaic, centres_x, centres_y = _mosaic(tiles)
+        rows_n = len(tiles)
+        fig, ax = plots.new_figure(6.0, 0.6 + 1.9 * rows_n)
+        ax.imshow(mosaic, cmap="gray" if mosaic.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(centres_x, ["clean", "perturbation (amplified)", "attacked"], fontsize=8)
+        ax.xaxis.tick_top()
+        ax.set_yticks(centres_y, row_labels, fontsize=8)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
         return plots.to_figure(
             fig, f"Attack gallery ({name}, L-inf {budget_label('linf', eps)})",
-            "Each row: the clean image with the model's prediction, the perturbation stretched to the full grey "
-            "range so it is visible (mid-grey is no change), and the attacked image with its new prediction.")
+            "Each row: the clean image, the perturbation stretched to the full grey range so it is visible "
+            "(mid-grey is no change), and the attacked image; the row label gives the model's prediction before "
+            "and after the attack.")
 
     @staticmethod
     def _summary(metrics, clean_acc, eps_linf, eps_l2, n, flags) -> str:
@@ -493,6 +502,20 @@ def _norm_name(norm: str) -> str:
 
 def _short(text: str) -> str:
     return text if len(text) <= 16 else text[:14] + "…"
+
+
+def _mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> tuple[np.ndarray, list[float], list[float]]:
+    """Equal-sized images laid out in rows, separated by white gaps; also the tile centres."""
+    h, w = tiles[0][0].shape[:2]
+    cols = len(tiles[0])
+    shape = (len(tiles) * (h + gap) - gap, cols * (w + gap) - gap) + tiles[0][0].shape[2:]
+    out = np.ones(shape, dtype=np.float32)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    centres_x = [c * (w + gap) + (w - 1) / 2 for c in range(cols)]
+    centres_y = [r * (h + gap) + (h - 1) / 2 for r in range(len(tiles))]
+    return out, centres_x, centres_y
 
 
 def _hwc(img: torch.Tensor) -> np.ndarray:
