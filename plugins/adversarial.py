@@ -158,15 +158,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Te
     return torch.cat([model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)])
 
 
-def zero_gradient_share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """Share of images whose cross-entropy loss has an exactly zero gradient in pixel space."""
-    zero = 0
+def zero_gradient_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Which images have an exactly zero cross-entropy gradient in pixel space."""
+    out = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].clone().requires_grad_(True)
         loss = nn.functional.cross_entropy(model(x), labels[i : i + batch_size], reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
-        zero += int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
-    return zero / max(1, len(images))
+        out.append((grad.flatten(1).abs().amax(dim=1) == 0).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
 # -- the check -------------------------------------------------------------------------
@@ -225,69 +225,78 @@ class AdversarialCheck(Check):
             return CheckResult.skipped("no attack left to run: " + " ".join(notes))
 
         rows = ctx.stratified_rows(params["n_images"], "adversarial")
-        labels_np = ctx.forward.labels[rows]
+        local = ctx.shard_rows(rows)  # under torchrun each rank attacks its share of the rows
         classifier = ctx.classifier()
         grey = bool(params["grey"]) and ctx.is_grey
         model: nn.Module = GreyInput(classifier) if grey else classifier
         bs = ctx.batch_size
         with torch.no_grad():
-            pixels = ctx.load_pixels(rows)
+            pixels = ctx.load_pixels(local)
         images = pixels.mean(dim=1, keepdim=True) if grey else pixels
-        labels = torch.as_tensor(labels_np, device=ctx.device)
+        labels = torch.as_tensor(ctx.forward.labels[local], device=ctx.device)
+        budgets = [("linf", e) for e in eps_linf] + [("l2", e) for e in eps_l2]
+        keys = [(name, norm, eps) for norm, eps in budgets for name in attacks if ATTACKS[name][0] == norm]
 
         with ctx.autocast():
             clean_pred = predict(model, images, bs)
             correct = (clean_pred == labels).cpu().numpy()
             keep = torch.as_tensor(np.flatnonzero(correct), device=ctx.device)
             x, y = images[keep], labels[keep]
-            n = len(rows)
-            clean_acc = float(correct.mean()) if n else float("nan")
-            # per (attack, norm, eps): bool array over the subsample, True = still correct
+            # per (attack, norm, eps): bool array over the rows, True = still classified correctly
             robust: dict[tuple[str, str, float], np.ndarray] = {}
             gallery_src: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
-            budgets = [("linf", e) for e in eps_linf] + [("l2", e) for e in eps_l2]
-            for norm, eps in budgets:
-                for name in attacks:
-                    if ATTACKS[name][0] != norm:
-                        continue
-                    # the grey attack moves one channel; its L2 norm on three channels is sqrt(3) larger
-                    attack_eps = eps / math.sqrt(3) if (grey and norm == "l2") else eps
-                    ok = correct.copy()
-                    if len(keep):
-                        adv = run_attack(name, model, x, y, attack_eps, settings, attack_seed(ctx, name, norm, eps), bs)
-                        adv_pred = predict(model, adv, bs)
-                        ok[correct] = (adv_pred == y).cpu().numpy()
-                        if norm == "linf" and eps == max(eps_linf):
-                            gallery_src[(name, eps)] = (adv, adv_pred)
-                    robust[(name, norm, eps)] = ok
-            sanity_acc = self._sanity(model, x, y, correct, robust, eps_linf, sanity, settings,
-                                      attack_seed(ctx, "sanity", "linf", sanity), bs, n)
-            zero_grad = zero_gradient_share(model, x, y, bs) if len(keep) else 0.0
+            for name, norm, eps in keys:
+                # the grey attack moves one channel; its L2 norm on three channels is sqrt(3) larger
+                attack_eps = eps / math.sqrt(3) if (grey and norm == "l2") else eps
+                ok = correct.copy()
+                if len(keep):
+                    adv = run_attack(name, model, x, y, attack_eps, settings, attack_seed(ctx, name, norm, eps), bs)
+                    adv_pred = predict(model, adv, bs)
+                    ok[correct] = (adv_pred == y).cpu().numpy()
+                    if norm == "linf" and eps == max(eps_linf):
+                        gallery_src[(name, eps)] = (adv, adv_pred)
+                robust[(name, norm, eps)] = ok
+            survives = self._sanity(model, x, y, correct, robust, eps_linf, sanity, settings,
+                                    attack_seed(ctx, "sanity", "linf", sanity), bs)
+            zero = np.zeros(len(local), dtype=bool)
+            zero[correct] = zero_gradient_images(model, x, y, bs)
 
-        return self._result(ctx, rows, correct, clean_acc, attacks, eps_linf, eps_l2, robust, sanity, sanity_acc,
-                            zero_grad, notes, grey, images, keep, clean_pred, gallery_src, model, params)
+        per_row = {"correct": correct, "survives_sanity": survives, "zero_gradient": zero}
+        per_row.update({f"robust{i}": robust[key] for i, key in enumerate(keys)})
+        _, merged = ctx.gather_rows(local, per_row)
+        all_correct = merged["correct"].astype(bool)
+        all_robust = {key: merged[f"robust{i}"].astype(bool) for i, key in enumerate(keys)}
+        n = len(rows)
+        clean_acc = float(all_correct.mean()) if n else float("nan")
+        sanity_acc = float(merged["survives_sanity"].sum()) / n if (sanity > 0 and n) else float("nan")
+        zero_grad = float(merged["zero_gradient"][all_correct].mean()) if all_correct.any() else 0.0
+        return self._result(ctx, rows, all_correct, clean_acc, attacks, eps_linf, eps_l2, all_robust, sanity,
+                            sanity_acc, zero_grad, notes, grey, images, keep, clean_pred, gallery_src, params)
 
     @staticmethod
-    def _sanity(model, x, y, correct, robust, eps_linf, sanity, settings, seed, bs, n) -> float:
-        """Robust accuracy under a long PGD at a budget that should defeat any model.
+    def _sanity(model, x, y, correct, robust, eps_linf, sanity, settings, seed, bs) -> np.ndarray:
+        """Which rows survive a long PGD at a budget that should defeat any model.
 
         An adversarial image found within a smaller L-inf ball also lies within this larger
         one, so only the images that survived every attack at the largest budget are attacked.
         """
-        if sanity <= 0:
-            return float("nan")
+        survives = np.zeros(len(correct), dtype=bool)
+        if sanity <= 0 or not len(y):
+            return survives
         alive = np.ones(len(y), dtype=bool)
         if eps_linf and max(eps_linf) <= sanity:
             big = max(eps_linf)
             for (name, norm, eps), ok in robust.items():
                 if norm == "linf" and eps == big:
                     alive &= ok[correct]
-        idx = torch.as_tensor(np.flatnonzero(alive), device=y.device)
-        if len(idx) == 0:
-            return 0.0
-        long_run = AttackSettings(max(SANITY_STEPS, 2 * settings.steps), settings.restarts, settings.square_queries)
-        adv = run_attack("pgd_linf", model, x[idx], y[idx], sanity, long_run, seed, bs)
-        return float((predict(model, adv, bs) == y[idx]).sum().item()) / n
+        idx = np.flatnonzero(alive)
+        if len(idx):
+            long_run = AttackSettings(max(SANITY_STEPS, 2 * settings.steps), settings.restarts, settings.square_queries)
+            at = torch.as_tensor(idx, device=y.device)
+            adv = run_attack("pgd_linf", model, x[at], y[at], sanity, long_run, seed, bs)
+            alive[idx] = (predict(model, adv, bs) == y[at]).cpu().numpy()
+            survives[np.flatnonzero(correct)] = alive
+        return survives
 
     @staticmethod
     def _attacks(names: list[Any]) -> list[str]:
@@ -302,7 +311,7 @@ class AdversarialCheck(Check):
         return out
 
     def _result(self, ctx, rows, correct, clean_acc, attacks, eps_linf, eps_l2, robust, sanity, sanity_acc,
-                zero_grad, notes, grey, images, keep, clean_pred, gallery_src, model, params) -> CheckResult:
+                zero_grad, notes, grey, images, keep, clean_pred, gallery_src, params) -> CheckResult:
         n = len(rows)
         n_correct = int(correct.sum())
         metrics: dict[str, float] = {"clean_accuracy": clean_acc, "n_images": float(n)}
@@ -345,7 +354,7 @@ class AdversarialCheck(Check):
 
         figures = [fig for fig in (self._curve(plots, robust, clean_acc, attacks, "linf", eps_linf),
                                    self._curve(plots, robust, clean_acc, attacks, "l2", eps_l2)) if fig is not None]
-        gallery = self._gallery(plots, ctx, rows, keep, images, clean_pred, gallery_src, model, grey, eps_linf, params["gallery"])
+        gallery = self._gallery(plots, ctx, keep, images, clean_pred, gallery_src, eps_linf, params["gallery"])
         if gallery is not None:
             figures.append(gallery)
 
@@ -439,7 +448,8 @@ class AdversarialCheck(Check):
             "eps 0 is the clean accuracy. Curves must fall with eps; a curve that rises hints at gradient masking.")
 
     @staticmethod
-    def _gallery(plots, ctx, rows, keep, images, clean_pred, gallery_src, model, grey, eps_linf, count):
+    def _gallery(plots, ctx, keep, images, clean_pred, gallery_src, eps_linf, count):
+        """Successful attacks at the largest L-inf budget, from this process's rows."""
         if count <= 0 or not gallery_src or not eps_linf:
             return None
         eps = max(eps_linf)

@@ -130,20 +130,28 @@ class CertifiedCheck(Check):
             raise InputError(f"certified.n_images: must be 0 (all) or positive, got {params['n_images']}")
 
         rows = ctx.stratified_rows(params["n_images"], "certified")
+        local = ctx.shard_rows(rows)  # under torchrun each rank certifies its share of the rows
         labels = ctx.forward.labels[rows]
         n_classes = len(ctx.classes)
         model = ctx.classifier()
         generator = torch.Generator(device=ctx.device)
-        generator.manual_seed(int(ctx.rng("certified:noise").integers(0, 2**62)))
+        generator.manual_seed(int(ctx.rng(f"certified:noise:{ctx.world.rank}").integers(0, 2**62)))
         with torch.no_grad(), ctx.autocast():
-            images = ctx.load_pixels(rows)
-            clean_pred = model(images).argmax(dim=1).cpu().numpy()
+            images = ctx.load_pixels(local)
+            clean_pred = torch.cat([model(images[i : i + ctx.batch_size]).argmax(dim=1)
+                                    for i in range(0, len(images), ctx.batch_size)]).cpu().numpy()
             outcome = {
                 s: certify(model, images, s, params["n0"], params["n"], params["alpha"], n_classes,
                            params["noise_batch"], generator)
                 for s in sigmas
             }
-        return self._result(ctx, rows, labels, clean_pred, outcome, sigmas, radii, params)
+        per_row = {"clean_pred": clean_pred}
+        for i, s in enumerate(sigmas):
+            per_row.update({f"{key}{i}": outcome[s][key] for key in ("prediction", "radius", "p_lower", "counts")})
+        _, merged = ctx.gather_rows(local, per_row)
+        outcome = {s: {key: merged[f"{key}{i}"] for key in ("prediction", "radius", "p_lower", "counts")}
+                   for i, s in enumerate(sigmas)}
+        return self._result(ctx, rows, labels, merged["clean_pred"], outcome, sigmas, radii, params)
 
     @staticmethod
     def _number_list(values, option: str) -> list[float]:
