@@ -253,7 +253,7 @@ class PromptRobustnessCheck(Check):
         "prompt_attack.accuracy_drop": "ensemble accuracy minus the worst accuracy under prompt edits",
     }
     default_thresholds: dict[str, str] = {}
-    uses_model = False
+    uses_model = True  # the text tower only: image features come from the shared pass
 
     def run(self, ctx, params):
         levels = list(dict.fromkeys(params["levels"]))
