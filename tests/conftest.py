@@ -27,3 +27,29 @@ def shared(path: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared data not available: {p}")
     return p
+
+
+NETWORK_ATTEMPTS: list = []
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No network, and an empty Hugging Face cache instead of the developer's own."""
+    import socket
+
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        NETWORK_ATTEMPTS.append(args)
+        raise RuntimeError(f"a test tried to reach the network: {args}")
+
+    NETWORK_ATTEMPTS.clear()
+    # Name lookup comes first (and fails quietly without a network), so refuse both.
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache

@@ -7,13 +7,14 @@ PLIP and PubMedCLIP are published, and loaded without network access.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import NETWORK_ATTEMPTS
 
 from mcaudit.errors import InputError
 from mcaudit.plugin_manager import make_plugin_manager
@@ -130,28 +131,10 @@ def plip_folder(tmp_path_factory):
     return save_plip_style(tmp_path_factory.mktemp("hf") / "tiny-plip")
 
 
-NETWORK_ATTEMPTS: list = []
-
-
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No test reaches the network, and none sees the developer's own cache."""
-    import huggingface_hub.constants
-
-    def refuse(*args, **kwargs):
-        NETWORK_ATTEMPTS.append(args)
-        raise RuntimeError(f"a test tried to reach the network: {args}")
-
-    NETWORK_ATTEMPTS.clear()
-    # Name lookup comes first (and fails quietly without a network), so refuse both.
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
+def offline(offline_hub):
+    """Every test here runs with the network refused and an empty Hugging Face cache."""
+    return offline_hub
 
 
 def load(spec, checkpoint=None, allow_network=False):
