@@ -105,10 +105,26 @@ class AuditContext:
             chosen.append(rng.choice(rows, size=min(quota, len(rows)), replace=False))
         return np.sort(np.concatenate(chosen))
 
+    pixel_cache_bytes: int = 256 * 2**20
+    _pixel_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
     def load_pixels(self, rows: np.ndarray | list[int]) -> torch.Tensor:
-        """Pixels of the given rows, (len(rows), 3, H, W) in [0, 1], on the run's device."""
-        items = [self.dataset[int(self.forward.indices[r])] for r in rows]
-        return torch.stack([it["pixels"] for it in items]).to(self.device)
+        """Pixels of the given rows, (len(rows), 3, H, W) in [0, 1], on the run's device.
+
+        Several checks attack or explain overlapping subsamples; decoded images are kept
+        (up to ``pixel_cache_bytes``) so that a DICOM or large JPEG is decoded once per run.
+        """
+        out = []
+        for r in rows:
+            r = int(r)
+            pixels = self._pixel_cache.get(r)
+            if pixels is None:
+                pixels = self.dataset[int(self.forward.indices[r])]["pixels"]
+                size = pixels.numel() * pixels.element_size()
+                if size * (len(self._pixel_cache) + 1) <= self.pixel_cache_bytes:
+                    self._pixel_cache[r] = pixels
+            out.append(pixels)
+        return torch.stack(out).to(self.device)
 
     def iter_batches(self, rows: np.ndarray, batch_size: int | None = None, desc: str = "") -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """(rows, pixels, labels) batches over ``rows``, pixels on the device."""

@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
@@ -156,3 +157,19 @@ def test_python_dash_m(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "mcaudit", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "0.1.0" in proc.stdout
+
+
+def test_subsample_images_are_decoded_once(mcaudit_demo_model, mcaudit_phantoms, mcaudit_context, monkeypatch):
+    ctx = mcaudit_context(mcaudit_demo_model, mcaudit_phantoms(n=30))
+    decoded = []
+    original = type(ctx.dataset).load_pixels
+
+    def counting(self, index):
+        decoded.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(type(ctx.dataset), "load_pixels", counting)
+    first = ctx.load_pixels([3, 5, 7])
+    again = ctx.load_pixels([5, 7, 9])
+    assert decoded == [int(ctx.forward.indices[r]) for r in (3, 5, 7, 9)]
+    assert torch.equal(first[1:], again[:2])
