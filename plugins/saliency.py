@@ -13,7 +13,9 @@ Scaling up: the demo defaults (8 images, four methods, 10 curve steps, two casca
 run in a few seconds on a CPU. For an audit worth quoting, raise ``n_images`` to 100 or more,
 ``steps`` to 20-50, ``ig_steps`` to 32-64, ``cascade_points`` to 0 (every layer), add
 ``gradient_shap`` and ``occlusion`` to ``methods``, and use a GPU; the curve and attribution
-batch sizes bound memory.
+batch sizes bound memory. Under torchrun each process explains its share of the images and the
+per-image results are gathered, so the metrics equal a single process's (GradientSHAP's random
+draws and the random pixel orders are tied to the image, not to the process that handles it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .saliency_metrics import (
 from .saliency_tower import detached_copy, find_image_tower, frozen_parameters, randomise_parameters
 
 MAX_OVERLAY_ROWS = 12
+LOCALISATION = ("pointing_game", "mass_in_mask", "top_iou")
 
 
 class SaliencyCheck(Check):
@@ -116,7 +119,11 @@ class SaliencyCheck(Check):
 
     def _run(self, ctx, params, methods):
         rows = _choose_rows(ctx, params)
-        classifier, targets, target_name = _classifier_and_targets(ctx, rows, params["target_prompt"])
+        # Under torchrun each process explains its share of the images; the per-image results
+        # are gathered below, so every process computes the metrics from all of them.
+        local = ctx.shard_rows(rows)
+        positions = np.searchsorted(rows, local)
+        classifier, targets, target_name = _classifier_and_targets(ctx, local, params["target_prompt"])
         tower = find_image_tower(classifier)
         warnings, notes = [], [tower.note] if tower.note else []
         if "grad_cam" in methods and not tower.has_grad_cam:
@@ -125,42 +132,52 @@ class SaliencyCheck(Check):
         if not methods:
             return CheckResult.skipped("no attribution method applies to this model: " + "; ".join(warnings))
 
-        pixels = torch.cat([p for _, p, _ in ctx.iter_batches(rows, desc="saliency: images")])
+        pixels = _load_pixels(ctx, local)
         settings = _settings(ctx, params, pixels)
-        maps = {m: attribution_maps(m, classifier, tower, pixels, targets, settings, ctx.autocast) for m in methods}
+        maps = {m: attribution_maps(m, classifier, tower, pixels, targets, settings, ctx.autocast, rows=local) for m in methods}
+        deletion, insertion = _faithfulness(ctx, params, classifier, pixels, targets, maps, positions, len(rows))
+        per_row: dict[str, np.ndarray] = {}
+        for name in deletion:
+            per_row[f"deletion:{name}"], per_row[f"insertion:{name}"] = deletion[name], insertion[name]
+        cascade = None
+        if params["cascade_points"] > 0:
+            cascade = _randomisation(ctx, params, classifier, pixels, targets, maps, settings, local)
+            for m in cascade["spearman"]:
+                # (images, cascade points): one column per point of the cascade
+                per_row[f"spearman:{m}"] = np.stack(cascade["spearman"][m], axis=1)
+                per_row[f"ssim:{m}"] = np.stack(cascade["ssim"][m], axis=1)
+        masks = [ctx.load_mask(int(r)) for r in local]
+        has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks], dtype=bool)
+        per_row["has_mask"] = has_mask
+        if ctx.world.active or has_mask.any():
+            # Under torchrun every process reports localisation columns (NaN without a mask),
+            # since whether any image has a mask is only known once they are gathered.
+            per_row.update(_localisation(methods, maps, masks, has_mask, params["top_percent"]))
+
+        _, merged = ctx.gather_rows(local, per_row)
+        deletion = {n: merged[f"deletion:{n}"] for n in deletion}
+        insertion = {n: merged[f"insertion:{n}"] for n in insertion}
+        has_mask_all = merged["has_mask"].astype(bool)
 
         metrics: dict[str, float] = {"n_images": float(len(rows))}
         per_image_values: dict[str, np.ndarray] = {}
-        deletion, insertion = _faithfulness(ctx, params, classifier, pixels, targets, maps)
         for name in ["random", *methods]:
             per_image_values[f"{name}.deletion_auc"] = curve_area(deletion[name])
             per_image_values[f"{name}.insertion_auc"] = curve_area(insertion[name])
         for m in methods:
             per_image_values[f"{m}.deletion_gain"] = per_image_values["random.deletion_auc"] - per_image_values[f"{m}.deletion_auc"]
             per_image_values[f"{m}.insertion_gain"] = per_image_values[f"{m}.insertion_auc"] - per_image_values["random.insertion_auc"]
-
-        cascade = None
-        if params["cascade_points"] > 0:
-            cascade = _randomisation(ctx, params, classifier, pixels, targets, maps, settings)
+        if cascade is not None:
+            cascade["spearman"] = {m: [np.ascontiguousarray(c) for c in merged[f"spearman:{m}"].T] for m in cascade["spearman"]}
+            cascade["ssim"] = {m: [np.ascontiguousarray(c) for c in merged[f"ssim:{m}"].T] for m in cascade["ssim"]}
             for m in methods:
                 per_image_values[f"{m}.randomisation_spearman"] = cascade["spearman"][m][-1]
                 per_image_values[f"{m}.randomisation_ssim"] = cascade["ssim"][m][-1]
-
-        masks = [ctx.load_mask(int(r)) for r in rows]
-        has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks])
-        metrics["n_mask_images"] = float(has_mask.sum())
-        if has_mask.any():
-            stack = torch.stack([masks[i].bool().cpu() for i in np.flatnonzero(has_mask)])
+        metrics["n_mask_images"] = float(has_mask_all.sum())
+        if has_mask_all.any():
             for m in methods:
-                sub = maps[m][torch.as_tensor(np.flatnonzero(has_mask))]
-                for key, values in (
-                    ("pointing_game", pointing_hits(sub, stack)),
-                    ("mass_in_mask", mass_inside(sub, stack)),
-                    ("top_iou", top_fraction_iou(sub, stack, params["top_percent"])),
-                ):
-                    full = np.full(len(rows), np.nan)
-                    full[has_mask] = values
-                    per_image_values[f"{m}.{key}"] = full
+                for key in LOCALISATION:
+                    per_image_values[f"{m}.{key}"] = merged[f"{m}.{key}"]
 
         intervals = {}
         rng = ctx.rng("saliency:bootstrap")
@@ -190,8 +207,9 @@ class SaliencyCheck(Check):
             if metrics[f"{m}.deletion_gain"] <= 0 and metrics[f"{m}.insertion_gain"] <= 0:
                 warnings.append(f"{METHOD_LABELS[m]} is no better than a random pixel order on deletion or insertion")
 
-        tables = _tables(methods, metrics, intervals, cascade, bool(has_mask.any()), params)
-        figures = _figures(ctx, rows, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name)
+        has_masks = bool(has_mask_all.any())
+        tables = _tables(methods, metrics, intervals, cascade, has_masks, params)
+        figures = _figures(ctx, rows, local, pixels, maps, masks, has_mask_all, deletion, insertion, cascade, params, target_name)
         per_image = {}
         for key in ("deletion_auc", "insertion_auc", "mass_in_mask"):
             for m in methods:
@@ -202,7 +220,7 @@ class SaliencyCheck(Check):
                     per_image[f"{m}.{key}"] = column
         return CheckResult(
             metrics=metrics, intervals=intervals,
-            summary=_summary(methods, metrics, cascade, bool(has_mask.any()), target_name),
+            summary=_summary(methods, metrics, cascade, has_masks, target_name),
             tables=tables, figures=figures, warnings=warnings,
             details={
                 "target": target_name, "methods": methods, "image_tower": tower.kind, "notes": notes,
@@ -274,6 +292,26 @@ def _classifier_and_targets(ctx, rows, prompt: str):
     return classifier, targets, "predicted class"
 
 
+def _load_pixels(ctx, rows) -> torch.Tensor:
+    if len(rows) == 0:  # a torchrun process whose share of the images is empty
+        return torch.zeros((0, 3, *ctx.model.image_size), device=ctx.device)
+    return torch.cat([p for _, p, _ in ctx.iter_batches(rows, desc="saliency: images")])
+
+
+def _localisation(methods, maps, masks, has_mask, top_percent) -> dict[str, np.ndarray]:
+    """Per method and image: pointing hit, attribution mass and top-pixel IoU in the mask (NaN without one)."""
+    out = {f"{m}.{key}": np.full(len(has_mask), np.nan) for m in methods for key in LOCALISATION}
+    if has_mask.any():
+        held = np.flatnonzero(has_mask)
+        stack = torch.stack([masks[i].bool().cpu() for i in held])
+        for m in methods:
+            sub = maps[m][torch.as_tensor(held)]
+            values = (pointing_hits(sub, stack), mass_inside(sub, stack), top_fraction_iou(sub, stack, top_percent))
+            for key, v in zip(LOCALISATION, values):
+                out[f"{m}.{key}"][has_mask] = v
+    return out
+
+
 def _settings(ctx, params, pixels) -> AttributionSettings:
     side = min(pixels.shape[-2:])
     window = params["occlusion_window"] or max(2, side // 8)
@@ -287,12 +325,17 @@ def _settings(ctx, params, pixels) -> AttributionSettings:
     )
 
 
-def _faithfulness(ctx, params, classifier, pixels, targets, maps):
+def _faithfulness(ctx, params, classifier, pixels, targets, maps, positions, total):
+    """Deletion and insertion curves of the held images; ``positions`` are their places among
+    the ``total`` images, so each gets the same random pixel order in any process."""
     generator = ctx.torch_generator("saliency:pixel-order")
-    hw = pixels[0, 0].numel()
-    orders = {"random": random_ranks(len(pixels), hw, generator)}
-    orders.update({m: pixel_ranks(a, generator) for m, a in maps.items()})
+    hw = pixels.shape[-2] * pixels.shape[-1]
+    orders = {"random": random_ranks(total, hw, generator, positions)}
+    orders.update({m: pixel_ranks(a, generator, positions, total) for m, a in maps.items()})
     names = list(orders)
+    if len(pixels) == 0:  # a torchrun process whose share of the images is empty
+        empty = np.empty((0, params["steps"] + 1))
+        return {n: empty for n in names}, {n: empty for n in names}
     probability = params["curve_score"] == "probability"
 
     def score(images, image_index):
@@ -309,7 +352,7 @@ def _faithfulness(ctx, params, classifier, pixels, targets, maps):
     return ({n: deletion[i] for i, n in enumerate(names)}, {n: insertion[i] for i, n in enumerate(names)})
 
 
-def _randomisation(ctx, params, classifier, pixels, targets, maps, settings):
+def _randomisation(ctx, params, classifier, pixels, targets, maps, settings, rows):
     copy = detached_copy(classifier)
     tower = find_image_tower(copy)
     levels = tower.levels
@@ -328,7 +371,11 @@ def _randomisation(ctx, params, classifier, pixels, targets, maps, settings):
             done += 1
         names.append(levels[point - 1][0])
         for m in methods:
-            shuffled = attribution_maps(m, copy, tower, pixels, targets, settings, ctx.autocast)
+            if len(pixels) == 0:  # a torchrun process whose share of the images is empty
+                spearman[m].append(np.empty(0))
+                ssim[m].append(np.empty(0))
+                continue
+            shuffled = attribution_maps(m, copy, tower, pixels, targets, settings, ctx.autocast, rows=rows)
             spearman[m].append(rank_correlation(maps[m], shuffled))
             ssim[m].append(structural_similarity(normalised_abs(maps[m]), normalised_abs(shuffled)))
     del copy
@@ -387,19 +434,35 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Tab
     return tables
 
 
-def _figures(ctx, rows, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name):
+def _figures(ctx, rows, local, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name):
+    """The report's figures. ``has_mask``, the curves and the cascade cover all of ``rows``;
+    ``pixels``, ``maps`` and ``masks`` only the ``local`` rows this process explained."""
     from .saliency_figures import cascade_figure, curves_figure, overlay_grid
 
     labels = dict(METHOD_LABELS, random="random order")
     chosen = _overlay_rows(ctx, rows, has_mask, params["overlays_per_class"])
+    grid = None
+    if chosen:
+        # Under torchrun the overlay images may be held by other processes: gather them.
+        mine = np.flatnonzero(np.isin(local, rows[chosen]))
+        idx = torch.as_tensor(mine, dtype=torch.long)
+        side = tuple(pixels.shape[-2:])
+        held = {
+            "pixels": pixels[idx.to(pixels.device)].cpu().numpy(),
+            "mask": np.stack([masks[i].bool().cpu().numpy() if masks[i] is not None else np.zeros(side, bool) for i in mine])
+            if len(mine) else np.zeros((0, *side), bool),
+        }
+        held.update({f"map:{m}": a[idx].numpy() for m, a in maps.items()})
+        _, grid = ctx.gather_rows(local[mine], held)
+    if not ctx.world.is_main:  # only the first process writes the report
+        return []
     figures = []
     if chosen:
         classes, preds, labels_true = ctx.classes, ctx.forward.preds, ctx.forward.labels
         titles = [f"{classes[labels_true[rows[i]]][:18]}\n→ {classes[preds[rows[i]]][:18]}" for i in chosen]
-        idx = torch.as_tensor(chosen)
         figures.append(overlay_grid(
-            pixels[idx].cpu(), {m: a[idx] for m, a in maps.items()},
-            [masks[i].bool().cpu() if has_mask[i] else None for i in chosen], titles, labels,
+            torch.from_numpy(grid["pixels"]), {m: torch.from_numpy(grid[f"map:{m}"]) for m in maps},
+            [torch.from_numpy(mk) if has_mask[i] else None for i, mk in zip(chosen, grid["mask"])], titles, labels,
         ))
     score_name = f"{params['curve_score']} of the {target_name}"
     figures.append(curves_figure(deletion, insertion, labels, score_name))

@@ -58,19 +58,33 @@ def attribution_maps(
     targets: torch.Tensor,
     settings: AttributionSettings,
     autocast=contextlib.nullcontext,
+    rows: np.ndarray | None = None,
 ) -> torch.Tensor:
     """(N, H, W) float32 maps on the CPU; larger means more evidence for the target.
 
     Signed methods keep their sign (summed over colour channels), so deletion removes the
     strongest positive evidence first; Saliency is the largest absolute gradient over channels,
     as Simonyan et al. define it; Grad-CAM is rectified and upsampled bilinearly.
+
+    ``rows`` names the images (their rows in the forward pass; positions 0..N-1 when None).
+    GradientSHAP draws random baselines and path points, seeded by the row, so an image's map
+    does not depend on which other images it was explained with (under torchrun, on which
+    process); the other methods are deterministic.
     """
+    if len(pixels) == 0:  # a torchrun process whose share of the images is empty
+        return torch.zeros((0, *pixels.shape[-2:]), dtype=torch.float32)
+    if method == "gradient_shap":
+        # Captum draws GradientSHAP's samples for a whole call at once, so one image per call
+        # is what makes the draws per image; each call still evaluates shap_samples copies.
+        ids = np.arange(len(pixels)) if rows is None else np.asarray(rows)
+        out = []
+        for i, row in enumerate(ids):
+            with seeded_global_rngs(settings.seed + int(row), pixels.device), autocast():
+                maps = _one_batch(method, classifier, tower, pixels[i : i + 1], targets[i : i + 1], settings)
+            out.append(maps.detach().float().cpu())
+        return torch.cat(out)
     out = []
     bs = settings.batch_size
-    if method == "gradient_shap":
-        # GradientSHAP evaluates n_samples copies of every image at once and has no internal
-        # batch size of its own: bound the images per call instead.
-        bs = max(1, min(bs, settings.internal_batch_size // max(1, settings.shap_samples)))
     for start in range(0, len(pixels), bs):
         x = pixels[start : start + bs]
         t = targets[start : start + bs]

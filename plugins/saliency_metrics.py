@@ -36,25 +36,59 @@ def baseline_images(pixels: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown baseline {kind!r}")
 
 
-def pixel_ranks(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def pixel_ranks(
+    maps: torch.Tensor, generator: torch.Generator, positions: np.ndarray | None = None, total: int | None = None,
+) -> torch.Tensor:
     """(N, H*W) rank of every pixel, 0 for the most relevant; ties are broken at random.
 
     Rectified maps (Grad-CAM) have large flat regions; a fixed tie order (say, raster order)
     would make the curve depend on where the image's top-left corner is.
+
+    Under torchrun a process holds only its share of the images: ``positions`` says where each
+    of ``maps`` sits among ``total`` images. The generator still draws one shuffle for every one
+    of the ``total`` images, in order, so an image's tie order is the same however the images
+    are split across processes.
     """
-    n, hw = maps.shape[0], maps[0].numel()
+    n, hw = maps.shape[0], int(np.prod(maps.shape[1:]))
+    slots = _slots(n, positions, total)
     ranks = torch.empty((n, hw), dtype=torch.long)
-    for i in range(n):
+    for p in range(len(slots)):
         shuffle = torch.randperm(hw, generator=generator)
+        i = slots[p]
+        if i < 0:
+            continue
         values = maps[i].reshape(-1).float().cpu()[shuffle]
         order = shuffle[torch.argsort(values, descending=True, stable=True)]
         ranks[i, order] = torch.arange(hw)
     return ranks
 
 
-def random_ranks(n: int, hw: int, generator: torch.Generator) -> torch.Tensor:
-    """The ranks a random attribution gives: a uniform random pixel order per image."""
-    return torch.stack([torch.argsort(torch.randperm(hw, generator=generator)) for _ in range(n)])
+def random_ranks(n: int, hw: int, generator: torch.Generator, positions: np.ndarray | None = None) -> torch.Tensor:
+    """The ranks a random attribution gives: a uniform random pixel order per image.
+
+    The generator draws an order for each of the ``n`` images; only those at ``positions``
+    (all when None) are returned, so a process holding some of the images gets the same
+    orders for them as a single process would.
+    """
+    slots = _slots(n if positions is None else len(positions), positions, n)
+    ranks = torch.empty((int((slots >= 0).sum()), hw), dtype=torch.long)
+    for p in range(n):
+        order = torch.argsort(torch.randperm(hw, generator=generator))
+        if slots[p] >= 0:
+            ranks[slots[p]] = order
+    return ranks
+
+
+def _slots(n: int, positions: np.ndarray | None, total: int | None) -> np.ndarray:
+    """For each of ``total`` images, the index among the ``n`` held ones (-1: held elsewhere)."""
+    if positions is None:
+        return np.arange(n)
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) != n or total is None or (n and (positions.min() < 0 or positions.max() >= total)):
+        raise ValueError("positions must give one place in 0..total-1 for each map")
+    slots = np.full(total, -1, dtype=np.int64)
+    slots[positions] = np.arange(n)
+    return slots
 
 
 def changed_counts(n_pixels: int, steps: int) -> list[int]:

@@ -20,6 +20,7 @@ from mcaudit.plugins.saliency_metrics import (
     perturbation_curves,
     pixel_ranks,
     pointing_hits,
+    random_ranks,
     rank_correlation,
     structural_similarity,
     top_fraction_iou,
@@ -258,10 +259,24 @@ def test_pixel_ranks_break_ties_at_random_but_reproducibly():
     c = pixel_ranks(flat, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a[0, 2 * 8 + 3] == 0  # the one relevant pixel first
-    assert sorted(a[0].tolist()) == list(range(64))
 
 
-# -- sanity and localisation measures against outside references -------------------------------
+def test_pixel_orders_of_a_shard_equal_those_of_the_whole():
+    """A torchrun process holding images 2 and 3 of 5 gets the orders one process gives them."""
+    maps = torch.zeros(5, 6, 6)
+    maps[:, 1, 1] = 1.0  # mostly ties, so the random tie order matters
+    whole = torch.cat([random_ranks(5, 36, torch.Generator().manual_seed(3)), pixel_ranks(maps, torch.Generator().manual_seed(4))])
+    gen_r, gen_p = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    held = np.array([2, 3])
+    part = torch.cat([random_ranks(5, 36, gen_r, held), pixel_ranks(maps[held], gen_p, held, 5)])
+    assert torch.equal(part, whole[[2, 3, 7, 8]])
+    # the generator advanced past all five images, so the next draws agree too
+    reference = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        torch.randperm(36, generator=reference)
+    assert torch.equal(gen_r.get_state(), reference.get_state())
+
+
 def test_rank_correlation_and_ssim_match_scipy_and_torchmetrics():
     from scipy.stats import spearmanr
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -460,3 +475,68 @@ def test_ham10000_localisation_and_mask_outlines(tmp_path):
 
     pngs = [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", outcome.html)]
     assert pngs and max(_cyan_pixels(p) for p in pngs) > 50  # the cyan mask outlines are drawn
+
+
+# -- torchrun: two gloo processes split the images --------------------------------------------------
+def _phantom_manifest(folder: Path, n: int) -> Path:
+    """Demo phantoms as PNGs in a CSV manifest, every third one with a (left lung) region mask."""
+    from PIL import Image
+
+    from mcaudit.testing import phantom_dataset
+
+    data = phantom_dataset(n, seed=5, groups=())
+    (folder / "masks").mkdir(parents=True)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 14:30] = 255
+    Image.fromarray(mask).save(folder / "masks" / "lung.png")
+    lines = ["path,label,mask"]
+    for i in range(n):
+        pixels = (data[i]["pixels"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{data.classes[data.records[i].label]},{'masks/lung.png' if i % 3 == 0 else ''}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.csv"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_the_images(tmp_path):
+    """Each process explains its share of the images (GradientSHAP's draws seeded per row);
+    the gathered per-image results give the metrics, intervals and per-image columns of one
+    process, and rank 0 still draws the overlay grid with images held by both processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mcaudit.testing import run_cli
+
+    manifest = _phantom_manifest(tmp_path / "data", 30)
+    args = ["--quiet", "--model", "demo", "--data", str(manifest), "--checks", "saliency", "--threads", "1",
+            "--set", "saliency.methods=integrated_gradients,saliency,gradient_shap,grad_cam",
+            "--set", "saliency.n_images=9", "--set", "saliency.n_mask_images=3", "--set", "saliency.steps=5",
+            "--set", "saliency.ig_steps=8", "--set", "saliency.shap_samples=4", "--set", "saliency.n_bootstrap=50"]
+    single = run_cli(["run", *args], tmp_path / "single")
+    assert single.exit_code == 0, single.output
+    env = dict(os.environ, OMP_NUM_THREADS="1", MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mcaudit", "run", *args, "--out", str(tmp_path / "multi")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = single.results["checks"]["saliency"]
+    two = json.loads((tmp_path / "multi" / "results.json").read_text())["checks"]["saliency"]
+    assert one["status"] == two["status"] == "ok", (one["summary"], two["summary"])
+    assert two["details"]["rows"] == one["details"]["rows"] and len(one["details"]["rows"]) == 12
+    assert one["metrics"]["n_mask_images"] == two["metrics"]["n_mask_images"] >= 3
+    assert set(two["metrics"]) == set(one["metrics"]) and "gradient_shap.mass_in_mask" in one["metrics"]
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6, nan_ok=True), key
+    assert set(two["intervals"]) == set(one["intervals"])
+    for key, (lo, hi) in one["intervals"].items():
+        assert two["intervals"][key] == pytest.approx([lo, hi], rel=1e-6, abs=1e-6), key
+    for name in ("mean_deletion_curve", "mean_insertion_curve", "cascade_spearman"):
+        for method, curve in one["details"][name].items():
+            assert two["details"][name][method] == pytest.approx(curve, rel=1e-6, abs=1e-6), (name, method)
+    assert [f["title"] for f in two["figures"]] == [f["title"] for f in one["figures"]]
+    assert "Attribution maps" in [f["title"] for f in two["figures"]]
