@@ -72,7 +72,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for both sides (0: torch's default; mcaudit runs models under 10M parameters on 1)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from mcaudit.devices import resolve_device
     from mcaudit.plugins.adversarial import parse_budgets
