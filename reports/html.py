@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-STATUS_ORDER = {"error": 0, "fail": 1, "skipped": 3, "ok": 4}
+STATUS_ORDER = {"error": 0, "fail": 1, "flagged": 2, "skipped": 3, "ok": 4}
 
 
 def _env() -> jinja2.Environment:
@@ -48,16 +48,17 @@ def format_number(value: Any) -> str:
 def check_verdicts(results: dict[str, Any]) -> dict[str, str]:
     """Per check: error, fail (a threshold on it failed), skipped or ok.
 
-    Without --gate, the checks' default thresholds decide "fail", so the worst findings
-    come first in the report even when nothing gates the run.
+    Without --gate, the checks' default thresholds mark a check "flagged", so the worst
+    findings come first in the report even when nothing gates the run.
     """
     out = {name: c.get("status", "ok") for name, c in results.get("checks", {}).items()}
     gate = results.get("gate") or {}
     outcomes = gate.get("results", []) if gate.get("applied") else results.get("findings", [])
+    label = "fail" if gate.get("applied") else "flagged"
     for g in outcomes:
         name = g["name"].split(".", 1)[0]
         if not g["passed"] and out.get(name) == "ok":
-            out[name] = "fail"
+            out[name] = label
     return out
 
 
