@@ -66,7 +66,7 @@ def audit_pgd(ctx, n, eps_list, steps) -> tuple[float, dict[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=128, help="images attacked")
+    ap.add_argument("--n", type=int, default=256, help="images attacked")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--eps", default="1/255,2/255,4/255")
     ap.add_argument("--batch-size", type=int, default=64)
