@@ -9,6 +9,11 @@ Fixtures:
   the shared forward pass, so a check's ``run`` can be called directly.
 * ``mcaudit_run``: a function ``(*args) -> RunOutcome`` that runs ``mcaudit run`` in-process
   with ``--out`` in a temporary folder and returns the exit code, output and parsed results.
+* ``mcaudit_encoder_calls``: a list that receives the batch size of every image-encoder call,
+  to prove that a forward-only check adds no pass over the images.
+
+Helpers: ``run_torchrun(args, out_dir)`` runs ``mcaudit run`` under torchrun with the gloo
+backend, to compare a sharded run with a single-process one.
 
 Nothing heavy is imported until a fixture is used.
 """
@@ -131,6 +136,37 @@ def run_cli(args: list[str], out_dir: Path | None = None) -> RunOutcome:
         args += ["--out", str(out_dir)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return RunOutcome(result.exit_code, result.output, Path(out_dir) if out_dir else Path("."))
+
+
+def run_torchrun(args: list[str], out_dir: Path, nproc: int = 2, timeout: int = 300) -> dict[str, Any]:
+    """Run ``mcaudit run ARGS --out OUT_DIR`` under torchrun (gloo on the CPU); parsed results."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "mcaudit", "run", *map(str, args), "--out", str(out_dir)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+@pytest.fixture
+def mcaudit_encoder_calls(monkeypatch):
+    from mcaudit.models.adapter import ModelAdapter
+
+    calls: list[int] = []
+    original = ModelAdapter.encode_image
+
+    def counting(self, pixels):
+        calls.append(len(pixels))
+        return original(self, pixels)
+
+    monkeypatch.setattr(ModelAdapter, "encode_image", counting)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,15 @@ def offline_hub(monkeypatch, tmp_path):
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """A Hugging Face cache entry for ``repo_id`` holding the files of ``source``."""
+    entry = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = entry / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(revision)
+    return snapshot

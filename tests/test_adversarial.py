@@ -296,26 +296,14 @@ def test_pneumoniamnist_attacks_lower_accuracy_and_report_shows_curves(pneumonia
 
 @pytest.mark.slow
 def test_torchrun_two_processes_share_the_attacked_rows(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from mcaudit.testing import run_cli
+    from mcaudit.testing import run_cli, run_torchrun
 
     args = ["--quiet", "--model", "demo", "--data", "phantom:n=50", "-p", "mcaudit.plugins.adversarial",
             "-p", "mcaudit.plugins.certified", "--checks", "adversarial,certified", "--set", "adversarial.n_images=12",
             "--set", "certified.n_images=12", "--set", "certified.n=16"]
     single = run_cli(["run", *args], tmp_path / "single")
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, OMP_NUM_THREADS="1", MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mcaudit", "run", *args, "--out", str(tmp_path / "multi")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = json.loads((tmp_path / "multi" / "results.json").read_text())["checks"]
+    multi = run_torchrun(args, tmp_path / "multi")["checks"]
     for name in ("adversarial", "certified"):
         assert multi[name]["status"] == "ok"
         for key in ("clean_accuracy", "n_images"):  # the same rows, whichever rank handled them

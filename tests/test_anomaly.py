@@ -69,20 +69,6 @@ def write_noise_npz(path, n, size=64, seed=0):
     return path
 
 
-class CountEncodes:
-    """Counts the images that pass through any adapter's image encoder."""
-
-    def __init__(self, monkeypatch):
-        self.rows = 0
-        original = ModelAdapter.encode_image
-
-        def counting(adapter, pixels):
-            self.rows += int(pixels.shape[0])
-            return original(adapter, pixels)
-
-        monkeypatch.setattr(ModelAdapter, "encode_image", counting)
-
-
 # -- metrics against outside references -------------------------------------------------
 
 
@@ -186,11 +172,10 @@ def test_trivially_separable_ood_gives_auroc_near_one(tmp_path):
         assert r.metrics[f"ood.{score}.aupr_in"] == r.metrics[f"ood.{score}.aupr_out"] == 1.0
 
 
-def test_noise_images_are_detected_by_the_demo_model(ctx, tmp_path, monkeypatch):
+def test_noise_images_are_detected_by_the_demo_model(ctx, tmp_path, monkeypatch, mcaudit_encoder_calls):
     spec = str(write_noise_npz(tmp_path / "noise.npz", 60))
-    counter = CountEncodes(monkeypatch)
     r = AnomalyCheck().run(with_ood(ctx, spec), params())
-    assert counter.rows == 60  # the OOD images, once; the 300 audited images not again
+    assert sum(mcaudit_encoder_calls) == 60  # the OOD images, once; the 300 audited images not again
     assert r.metrics["ood.best_auroc"] >= 0.98
     assert r.details["ood.best_score"] == "mahalanobis"
     assert r.metrics["ood.mahalanobis.fpr95"] <= 0.15
@@ -231,10 +216,9 @@ def test_generated_sets_give_non_trivial_results_on_the_demo(generated, ctx):
     assert sum(v is None for v in generated.per_image["knn"]) == n - 150
 
 
-def test_same_seed_same_metrics_and_no_audited_image_encoded(ctx, monkeypatch):
-    counter = CountEncodes(monkeypatch)
+def test_same_seed_same_metrics_and_no_audited_image_encoded(ctx, monkeypatch, mcaudit_encoder_calls):
     first, again = (AnomalyCheck().run(ctx, params(n_generated=16, n_bootstrap=20)) for _ in range(2))
-    assert counter.rows == 2 * (16 + 16)  # corrupted copies and far-OOD images, not the 300 audited
+    assert sum(mcaudit_encoder_calls) == 2 * (16 + 16)  # corrupted copies and far-OOD images, not the 300 audited
     assert first.metrics == again.metrics and first.intervals == again.intervals
     assert first.intervals  # bootstrap intervals are reported when asked for
 
@@ -270,7 +254,7 @@ def test_zero_shot_needs_a_normal_class(ctx):
 # -- command line ---------------------------------------------------------------------------
 
 
-def test_cli_ood_csv_manifest(tmp_path, mcaudit_run, monkeypatch):
+def test_cli_ood_csv_manifest(tmp_path, mcaudit_run, monkeypatch, mcaudit_encoder_calls):
     from PIL import Image
 
     folder = tmp_path / "ood"
@@ -282,12 +266,11 @@ def test_cli_ood_csv_manifest(tmp_path, mcaudit_run, monkeypatch):
         Image.fromarray(img).save(folder / f"noise{i}.png")
         lines.append(f"noise{i}.png,screenshot")  # a label that is no audited class
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
-    counter = CountEncodes(monkeypatch)
     out = mcaudit_run("-p", PLUGIN, "--checks", "anomaly", "--data", "phantom:n=120", "--model", "demo",
                       "--ood", str(folder / "manifest.csv"), "--set", "anomaly.n_bootstrap=20",
                       "--set", 'anomaly.normal_classes=["normal"]')
     assert out.exit_code == 0, out.output
-    assert counter.rows == 120 + 24  # one shared pass plus the OOD images, once
+    assert sum(mcaudit_encoder_calls) == 120 + 24  # one shared pass plus the OOD images, once
     check = out.results["checks"]["anomaly"]
     assert check["status"] == "ok"
     assert check["metrics"]["ood.n_images"] == 24

@@ -9,7 +9,6 @@ import torch
 
 from mcaudit import InputError
 from mcaudit.metrics import equal_width_edges, expected_calibration_error
-from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugins.calibration import CalibrationCheck, fit_temperature
 from mcaudit.testing import run_cli
 
@@ -151,15 +150,8 @@ def test_tiny_split_skips_temperature_with_warning():
     assert "temperature" not in result.metrics and any("temperature scaling skipped" in w for w in result.warnings)
 
 
-def test_no_extra_image_encoder_pass_and_report_sections(tmp_path, monkeypatch):
-    calls = []
-    original = ModelAdapter.encode_image
-
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return original(self, pixels)
-
-    monkeypatch.setattr(ModelAdapter, "encode_image", counting)
+def test_no_extra_image_encoder_pass_and_report_sections(tmp_path, mcaudit_encoder_calls):
+    calls = mcaudit_encoder_calls
     alone = run_cli(["run", "--quiet", *SMALL, "--checks", "performance"], tmp_path / "a")
     assert alone.exit_code == 0, alone.output
     alone_calls = list(calls)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from mcaudit.distributed import World, shard
 from mcaudit.forward import encode_with_backoff
-from mcaudit.testing import run_cli
+from mcaudit.testing import run_cli, run_torchrun
 
 
 def test_shards_cover_every_item_once():
@@ -45,16 +41,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     args = ["--quiet", "--model", "demo", "--data", "phantom:n=50", "--checks", "performance", "--seed", "5"]
     single = run_cli(["run", *args], tmp_path / "single")
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, OMP_NUM_THREADS="1", MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mcaudit", "run", *args, "--out", str(tmp_path / "multi")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    multi = json.loads((tmp_path / "multi" / "results.json").read_text())
+    multi = run_torchrun(args, tmp_path / "multi")
     assert multi["environment"]["world_size"] == 2
     assert multi["checks"]["performance"]["metrics"] == single.results["checks"]["performance"]["metrics"]
     assert multi["checks"]["performance"]["intervals"] == single.results["checks"]["performance"]["intervals"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NETWORK_ATTEMPTS
+from conftest import NETWORK_ATTEMPTS, put_in_hub_cache
 
 from mcaudit.errors import InputError
 from mcaudit.plugin_manager import make_plugin_manager
@@ -107,18 +107,6 @@ def save_plip_style(folder: Path, seed: int = 1) -> Path:
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": MEAN, "image_std": STD, "resample": 3,
     }))
     return folder
-
-
-def put_in_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
-    """A Hugging Face cache entry for ``repo_id`` holding the files of ``source``."""
-    entry = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for path in source.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(revision)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NETWORK_ATTEMPTS
+from conftest import NETWORK_ATTEMPTS, put_in_hub_cache
 
 from mcaudit.errors import InputError
 from mcaudit.models import openclip_loader
@@ -69,18 +69,6 @@ def save_biomedclip_folder(model, folder: Path, with_tower: Path | None = None) 
         for path in with_tower.iterdir():
             (folder / path.name).write_bytes(path.read_bytes())
     return folder
-
-
-def put_in_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "fedcba9876543210fedcba9876543210fedcba98") -> Path:
-    """A Hugging Face cache entry for ``repo_id`` holding the files of ``source``."""
-    entry = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for path in source.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(revision)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from mcaudit.models.adapter import ModelAdapter
 from mcaudit.testing import run_cli
 
 SMALL = ["--model", "demo", "--data", "phantom:n=60", "--checks", "performance"]
@@ -68,18 +67,10 @@ def test_same_seed_same_metrics(tmp_path):
     assert a["checks"]["performance"]["intervals"] == b["checks"]["performance"]["intervals"]
 
 
-def test_one_image_encoder_pass_per_image(tmp_path, monkeypatch):
-    calls = []
-    original = ModelAdapter.encode_image
-
-    def counting(self, pixels):
-        calls.append(len(pixels))
-        return original(self, pixels)
-
-    monkeypatch.setattr(ModelAdapter, "encode_image", counting)
+def test_one_image_encoder_pass_per_image(tmp_path, mcaudit_encoder_calls):
     out = run_cli(["run", "--quiet", *SMALL, "--batch-size", "16"], tmp_path / "o")
     assert out.exit_code == 0, out.output
-    assert sum(calls) == 60 and len(calls) == 4
+    assert sum(mcaudit_encoder_calls) == 60 and len(mcaudit_encoder_calls) == 4
 
 
 def test_failing_check_is_marked_error_and_others_run(tmp_path, monkeypatch):

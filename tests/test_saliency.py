@@ -503,12 +503,7 @@ def test_torchrun_two_processes_split_the_images(tmp_path):
     """Each process explains its share of the images (GradientSHAP's draws seeded per row);
     the gathered per-image results give the metrics, intervals and per-image columns of one
     process, and rank 0 still draws the overlay grid with images held by both processes."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from mcaudit.testing import run_cli
+    from mcaudit.testing import run_cli, run_torchrun
 
     manifest = _phantom_manifest(tmp_path / "data", 30)
     args = ["--quiet", "--model", "demo", "--data", str(manifest), "--checks", "saliency", "--threads", "1",
@@ -517,15 +512,8 @@ def test_torchrun_two_processes_split_the_images(tmp_path):
             "--set", "saliency.ig_steps=8", "--set", "saliency.shap_samples=4", "--set", "saliency.n_bootstrap=50"]
     single = run_cli(["run", *args], tmp_path / "single")
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, OMP_NUM_THREADS="1", MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mcaudit", "run", *args, "--out", str(tmp_path / "multi")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     one = single.results["checks"]["saliency"]
-    two = json.loads((tmp_path / "multi" / "results.json").read_text())["checks"]["saliency"]
+    two = run_torchrun(args, tmp_path / "multi")["checks"]["saliency"]
     assert one["status"] == two["status"] == "ok", (one["summary"], two["summary"])
     assert two["details"]["rows"] == one["details"]["rows"] and len(one["details"]["rows"]) == 12
     assert one["metrics"]["n_mask_images"] == two["metrics"]["n_mask_images"] >= 3
