@@ -227,8 +227,8 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
     open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
-    if cfg.ood:
-        open_dataset(cfg.ood, "ood", ())  # a bad --ood is a usage error now, not a check error later
+    # A bad --ood is a usage error now, not a check error later; the check reuses this one.
+    opened_ood = {cfg.ood: open_dataset(cfg.ood, "ood", ())} if cfg.ood else {}
     if prompts.classes:
         missing = [c for c in dataset.classes if c not in prompts.phrasings]
         if missing:
@@ -251,7 +251,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,
         seed=cfg.seed, workers=cfg.workers, show_progress=show,
         options={"ood": cfg.ood},
-        open_dataset=lambda spec: open_dataset(spec, "ood", ()),
+        open_dataset=lambda spec: opened_ood.get(spec) or open_dataset(spec, "ood", ()),
         world=world,
     )
     entries, check_results = run_checks(ctx, selected, show)
