@@ -221,8 +221,8 @@ class AnomalyCheck(Check):
         "<set>.<score>.aupr_in": "average precision with the audited images as the positive class",
         "<set>.<score>.aupr_out": "average precision with the OOD images as the positive class (score negated)",
         "<set>.<score>.fpr95": "share of OOD images accepted when the threshold accepts 95% of the audited images (lower is better)",
-        "<set>.best_auroc": "highest AUROC over the six scores (chosen on the same images, so optimistic)",
-        "<set>.best_fpr95": "FPR at 95% TPR of that best score",
+        "<set>.best_auroc": "AUROC of the score that separated best on a random half of the ID and OOD images, measured on the other half (choosing and measuring on the same images would flatter it)",
+        "<set>.best_fpr95": "FPR at 95% TPR of that score, on the same held-out half",
         "<set>.n_images": "OOD images scored",
         "n_id_eval": "held-out audited images every OOD score is evaluated on",
         "zero_shot.auroc": "AUROC of the abnormal-prompt probability against the normal/abnormal class mapping",
@@ -263,14 +263,13 @@ class AnomalyCheck(Check):
 
         rows, figures, summaries = [], [], []
         for set_name, scores in ood_scores.items():
-            best_name, best = None, None
             for score_name in SCORES:
                 sep = separation(id_eval[score_name], scores[score_name])
                 for m, v in sep.items():
                     result.metrics[f"{set_name}.{score_name}.{m}"] = v
-                if best is None or _better(sep["auroc"], best["auroc"]):
-                    best_name, best = score_name, sep
                 rows.append([SET_TITLES[set_name], score_name, _r(sep["auroc"]), _r(sep["aupr_in"]), _r(sep["aupr_out"]), _r(sep["fpr95"])])
+            best_name, best, halves = _choose_then_measure(ctx, set_name, id_eval, scores)
+            result.details[f"{set_name}.best_score_halves"] = halves
             result.metrics[f"{set_name}.best_auroc"] = best["auroc"]
             result.metrics[f"{set_name}.best_fpr95"] = best["fpr95"]
             result.metrics[f"{set_name}.n_images"] = float(len(ood_sets[set_name].logits))
@@ -334,6 +333,35 @@ def _validate(params: dict[str, Any]) -> None:
     for t in params["state_templates"]:
         if t.count("{}") != 1:
             raise InputError(f"anomaly.state_templates: {t!r} must contain exactly one {{}}")
+
+
+def _choose_then_measure(ctx, set_name, id_eval, scores) -> tuple[str, dict[str, float], dict[str, int]]:
+    """The best of the six scores, chosen on one half of the images and measured on the other.
+
+    The largest of six AUROCs measured on the same images is biased upward: on an OOD set
+    drawn from the audited distribution it comes out above 0.5. Choosing on a random half and
+    reporting the other half keeps the gated number honest. Sets too small to halve fall back
+    to choosing and measuring on all images, which the halves detail shows as zeros.
+    """
+    n_id, n_ood = len(id_eval["msp"]), len(scores["msp"])
+    rng = ctx.rng(f"anomaly.choose.{set_name}")
+    id_perm, ood_perm = rng.permutation(n_id), rng.permutation(n_ood)
+    halved = min(n_id, n_ood) >= 4
+    if halved:
+        id_a, id_b = id_perm[: n_id // 2], id_perm[n_id // 2 :]
+        ood_a, ood_b = ood_perm[: n_ood // 2], ood_perm[n_ood // 2 :]
+    else:
+        id_a = id_b = id_perm
+        ood_a = ood_b = ood_perm
+    best_name, best_auroc = None, None
+    for name in SCORES:
+        auroc = separation(id_eval[name][id_a], scores[name][ood_a])["auroc"]
+        if best_name is None or _better(auroc, best_auroc):
+            best_name, best_auroc = name, auroc
+    measured = separation(id_eval[best_name][id_b], scores[best_name][ood_b])
+    halves = {"choose_id": int(len(id_a)) if halved else 0, "choose_ood": int(len(ood_a)) if halved else 0,
+              "measure_id": int(len(id_b)), "measure_ood": int(len(ood_b))}
+    return best_name, measured, halves
 
 
 def _split(ctx, fit_fraction: float) -> tuple[np.ndarray, np.ndarray]:
