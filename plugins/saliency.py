@@ -7,7 +7,7 @@ predicted class (or a prompt the user names), then asks three questions of each 
   curves, compared with a random pixel order);
 * sanity: do its maps depend on what the model learned? (model parameter randomisation,
   Adebayo et al. 2018);
-* localisation: where the data has region masks, does the evidence fall inside them?
+* localisation: where the data has region masks or boxes, does the evidence fall inside them?
 
 Scaling up: the demo defaults (8 images, four methods, 10 curve steps, two cascade points)
 run in a few seconds on a CPU. For an audit worth quoting, raise ``n_images`` to 100 or more,
@@ -55,7 +55,7 @@ class SaliencyCheck(Check):
         "Attribution maps (captum: Integrated Gradients, Saliency, Input x Gradient, GradientSHAP, "
         "Occlusion, Grad-CAM) tested for faithfulness (deletion and insertion curves against a "
         "random order), for sanity (model parameter randomisation) and, where the data has "
-        "masks, for localisation (pointing game, attribution mass and top-pixel IoU in the mask)."
+        "masks or boxes, for localisation (pointing game, attribution mass and top-pixel IoU in the mask)."
     )
     params = {
         "methods": Param(
@@ -269,7 +269,7 @@ def _choose_rows(ctx, params) -> np.ndarray:
     """The stratified subsample, plus images that carry a mask so that localisation has data."""
     rows = set(ctx.stratified_rows(params["n_images"], "saliency:rows").tolist())
     records, indices = ctx.dataset.records, ctx.forward.indices
-    masked = [r for r in range(len(ctx.forward)) if records[int(indices[r])].mask and r not in rows]
+    masked = [r for r in range(len(ctx.forward)) if records[int(indices[r])].has_region and r not in rows]
     if masked and params["n_mask_images"] > 0:
         pick = ctx.rng("saliency:mask-rows").permutation(len(masked))[: params["n_mask_images"]]
         rows.update(masked[i] for i in pick)
@@ -425,7 +425,7 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Tab
         ))
     if has_masks:
         tables.append(Table(
-            "Localisation against the annotated masks (mean over masked images, 95% interval)",
+            "Localisation against the annotated regions, masks or boxes (mean over annotated images, 95% interval)",
             ["method", "pointing game hit rate", "attribution mass inside the mask", f"IoU of top {params['top_percent']:g}% pixels"],
             [[label[m], _cell(metrics, intervals, f"{m}.pointing_game"), _cell(metrics, intervals, f"{m}.mass_in_mask"),
               _cell(metrics, intervals, f"{m}.top_iou")] for m in methods],

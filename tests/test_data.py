@@ -63,6 +63,57 @@ def test_manifest_classes_groups_and_masks(tmp_path):
     assert ds.load_mask(1) is None and ds.load_mask(0).shape == (16, 16)
 
 
+def test_manifest_boxes_become_regions_where_the_image_lands(tmp_path):
+    # A 128 x 64 (w x h) image at model size 64 x 64: no scaling, the centre crop drops 32
+    # columns on each side. Box 1 (x 40..56, y 8..32) lands at columns 8..24; box 2 is half
+    # outside the crop (x 90..110 -> 58..64 after the crop); box 3 lies wholly cropped away.
+    Image.new("L", (128, 64)).save(tmp_path / "wide.png")
+    Image.new("L", (64, 64)).save(tmp_path / "plain.png")
+    (tmp_path / "m.csv").write_text(
+        "path,label,boxes\nwide.png,tb,\"40,8,16,24; 90,40,20,10;0,0,20,20\"\nplain.png,healthy,\n")
+    ds = load_manifest(tmp_path / "m.csv", DataRequest(image_size=(64, 64)))
+    assert ds.records[0].boxes == ((40.0, 8.0, 16.0, 24.0), (90.0, 40.0, 20.0, 10.0), (0.0, 0.0, 20.0, 20.0))
+    assert ds.records[0].has_region and not ds.records[1].has_region
+    expected = np.zeros((64, 64), bool)
+    expected[8:32, 8:24] = True
+    expected[40:50, 58:64] = True
+    assert np.array_equal(ds.load_mask(0).numpy(), expected)
+    assert ds.load_mask(1) is None
+
+
+def test_boxes_and_mask_on_one_image_are_united(tmp_path):
+    Image.new("L", (20, 20)).save(tmp_path / "a.png")
+    mask = np.zeros((20, 20), np.uint8)
+    mask[0:5, 0:5] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    (tmp_path / "m.csv").write_text("path,label,mask,boxes\na.png,x,m.png,\"10,10,5,5\"\n")
+    region = load_manifest(tmp_path / "m.csv", DataRequest(image_size=(20, 20))).load_mask(0).numpy()
+    assert region.sum() == 50 and region[0:5, 0:5].all() and region[10:15, 10:15].all()
+
+
+@pytest.mark.parametrize("boxes, complaint", [
+    ("10,10,5", "expected x,y,width,height"),
+    ("a,b,c,d", "expected x,y,width,height"),
+    ("10,10,0,5", "positive width and height"),
+    ("10,10,nan,5", "finite position"),
+])
+def test_bad_boxes_name_the_line(tmp_path, boxes, complaint):
+    Image.new("L", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text(f'path,label,boxes\na.png,x,\na.png,x,"{boxes}"\n')
+    out = run_cli(["run", "--model", "demo", "--data", tmp_path / "m.csv", "--checks", "performance"], tmp_path / "o")
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert "m.csv line 3" in out.output and complaint in out.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unquoted_commas_are_a_one_line_error(tmp_path):
+    Image.new("L", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path,label,boxes\na.png,x,10,10,5,5\n")
+    out = run_cli(["run", "--model", "demo", "--data", tmp_path / "m.csv", "--checks", "performance"], tmp_path / "o")
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert "m.csv line 2: 6 fields for 3 columns" in out.output
+
+
 def test_image_folder(tmp_path):
     for cls in ("benign", "malignant"):
         (tmp_path / cls).mkdir()

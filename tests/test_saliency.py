@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import io
 from pathlib import Path
 
@@ -186,6 +188,35 @@ def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, squ
     assert control["saliency.deletion_gain"] < 1.0 < trained["saliency.deletion_gain"]
     assert control["grad_cam.deletion_gain"] < 1.0 < trained["grad_cam.deletion_gain"]
     assert "saliency.randomisation_spearman" not in control  # cascade_points 0 turns the test off
+
+
+def with_boxes(data: SquareDataset, box) -> SquareDataset:
+    """The same images with a box (x, y, width, height) as their region instead of a mask file."""
+    boxed = SquareDataset(data.images, np.array([r.label for r in data.records]), None)
+    for record in boxed.records:
+        record.boxes = (box,)
+    return boxed
+
+
+SQUARE_BOX = (SQUARE[1].start, SQUARE[0].start, SQUARE[1].stop - SQUARE[1].start, SQUARE[0].stop - SQUARE[0].start)
+
+
+def test_known_answer_a_box_around_the_square_scores_as_its_mask_does(square_model, square_data, square_result):
+    boxed = make_context(square_model, with_boxes(square_data, SQUARE_BOX), prompts=SQUARE_PROMPTS)
+    assert torch.equal(boxed.load_mask(0), torch.from_numpy(square_mask()))
+    result = SaliencyCheck().run(boxed, SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS))
+    for method in KNOWN_ANSWER_PARAMS["methods"]:
+        for key in ("pointing_game", "mass_in_mask", "top_iou"):
+            assert result.metrics[f"{method}.{key}"] == pytest.approx(square_result.metrics[f"{method}.{key}"], abs=1e-9)
+
+
+def test_known_answer_a_box_away_from_the_square_gets_no_credit(square_model, square_data):
+    away = (0, SIZE - 8, 8, 8)  # the bottom-left corner: never the square, rarely the distractor
+    boxed = make_context(square_model, with_boxes(square_data, away), prompts=SQUARE_PROMPTS)
+    result = SaliencyCheck().run(boxed, SaliencyCheck.resolve_params({**KNOWN_ANSWER_PARAMS, "methods": ["saliency"]}))
+    assert result.metrics["n_mask_images"] == 12
+    assert result.metrics["saliency.pointing_game"] <= 0.1
+    assert result.metrics["saliency.mass_in_mask"] < 0.15
 
 
 def test_mass_in_mask_matches_captum_run_bare(square_model, square_context, square_result):
@@ -475,6 +506,49 @@ def test_ham10000_localisation_and_mask_outlines(tmp_path):
 
     pngs = [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", outcome.html)]
     assert pngs and max(_cyan_pixels(p) for p in pngs) > 50  # the cyan mask outlines are drawn
+
+
+def test_tbx11k_boxes_from_coco_annotations(tmp_path):
+    """Three TBX11K radiographs: their COCO boxes become the regions localisation is scored on."""
+    import importlib.util
+    import json
+
+    from mcaudit.testing import run_cli
+
+    annotations = shared("cxr_samples/tbx11k/annotations/TBX11K_train.json")
+    images = annotations.parent.parent / "imgs"
+    spec = importlib.util.spec_from_file_location("coco_to_manifest", Path(__file__).parents[1] / "examples" / "coco_to_manifest.py")
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    manifest = tmp_path / "tbx.csv"
+    assert converter.main([str(annotations), str(images), str(manifest)]) == 0
+    coco = json.loads(annotations.read_text())
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(coco["images"]) == 3
+    assert sorted(r["label"] for r in rows) == ["health", "tb", "tb"]
+    assert sum(len(r["boxes"].split(";")) for r in rows if r["boxes"]) == len(coco["annotations"])
+
+    from mcaudit.data.formats import load_manifest
+    from mcaudit.registry import DataRequest
+
+    data = load_manifest(manifest, DataRequest(image_size=(64, 64)))
+    first = coco["annotations"][0]  # a box on a 512 x 512 image: 1/8 of it at 64 x 64
+    region = data.load_mask(next(i for i, r in enumerate(data.records) if r.boxes == ((*[round(v, 2) for v in first["bbox"]],),)))
+    x, y, w, h = first["bbox"]
+    assert abs(int(region.sum()) - (w / 8) * (h / 8)) <= (w / 8 + h / 8 + 1) * 2
+
+    folder = save_openclip_folder(tiny_openclip(0), tmp_path / "tiny")
+    outcome = run_cli([
+        "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.saliency",
+        "--set", "saliency.methods=saliency,grad_cam", "--set", "saliency.n_images=2", "--set", "saliency.steps=4",
+        "--set", "saliency.cascade_points=1", "--device", "cpu",
+    ], tmp_path / "out")
+    assert outcome.exit_code == 0, outcome.output
+    metrics = outcome.results["checks"]["saliency"]["metrics"]
+    assert metrics["n_mask_images"] == 2  # the two tb images; the healthy one has no box
+    for method in ("saliency", "grad_cam"):
+        assert 0 <= metrics[f"{method}.mass_in_mask"] <= 1
 
 
 # -- torchrun: two gloo processes split the images --------------------------------------------------

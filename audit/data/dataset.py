@@ -16,13 +16,22 @@ from mcaudit.data.images import UnreadableImage, read_image
 
 @dataclass
 class Record:
-    """One image: where it comes from, its class index, its subgroup values and mask."""
+    """One image: where it comes from, its class index, its subgroup values and region.
+
+    The annotated region is a mask image, boxes (x, y, width, height in the source image's
+    pixels, COCO's convention), or both; localisation checks read it through ``load_mask``.
+    """
 
     source: str
     label: int
     groups: dict[str, str] = field(default_factory=dict)
     mask: str | None = None
     path: Path | None = None
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+    @property
+    def has_region(self) -> bool:
+        return bool(self.mask or self.boxes)
 
 
 class AuditDataset(torch.utils.data.Dataset):
@@ -77,11 +86,34 @@ class AuditDataset(torch.utils.data.Dataset):
     def load_mask(self, index: int) -> torch.Tensor | None:
         """The record's binary mask at the model's resolution (H x W bool), or None."""
         record = self.records[index]
-        if not record.mask:
+        if not record.has_region:
             return None
-        arr, _ = read_image(Path(record.mask), {})
-        mask = to_model_size(arr, self.image_size, interpolation="nearest")[0] > 0.5
-        return mask
+        region = None
+        if record.mask:
+            arr, _ = read_image(Path(record.mask), {})
+            region = arr[..., 0] > 0.5
+        if record.boxes:
+            if region is None:
+                height, width = self.source_size(index)
+                region = np.zeros((height, width), dtype=bool)
+            paint_boxes(region, record.boxes)
+        # the same resizing as the image, so the region stays where it was drawn
+        return to_model_size(region.astype(np.float32)[..., None], self.image_size, interpolation="nearest")[0] > 0.5
+
+    def source_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image as stored, before resizing to the model."""
+        arr, _ = self.load_pixels(index)
+        return int(arr.shape[0]), int(arr.shape[1])
+
+
+def paint_boxes(region: np.ndarray, boxes) -> None:
+    """Set the pixels of each (x, y, width, height) box, clipped to the image, in place."""
+    height, width = region.shape
+    for x, y, w, h in boxes:
+        x0, y0 = max(0, int(np.floor(x))), max(0, int(np.floor(y)))
+        x1, y1 = min(width, int(np.ceil(x + w))), min(height, int(np.ceil(y + h)))
+        if x1 > x0 and y1 > y0:
+            region[y0:y1, x0:x1] = True
 
 
 def to_model_size(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:

@@ -19,12 +19,12 @@ from mcaudit.hookimpl import hookimpl
 from mcaudit.registry import DataRequest, FormatInfo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
-RESERVED_COLUMNS = {"path", "label", "mask"}
+RESERVED_COLUMNS = {"path", "label", "mask", "boxes"}
 
 
 @hookimpl
 def mcaudit_register_data_formats(register):
-    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask and subgroup columns; images may be PNG, JPEG, TIFF or DICOM"))
+    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask, boxes (x,y,w,h;... in pixels) and subgroup columns; images may be PNG, JPEG, TIFF or DICOM"))
     register(FormatInfo("imagefolder", ("FOLDER/CLASS/IMAGE",), "a folder with one sub-folder of images per class"))
     register(FormatInfo("medmnist", ("FILE.npz",), "MedMNIST .npz; pick the split with --split (train, val, test)"))
     register(FormatInfo("dicom", ("FILE.dcm in a manifest or folder",), "DICOM via pydicom: rescale slope/intercept, VOI window, MONOCHROME1 inverted; multi-frame needs --data-option dicom_frame=N|middle"))
@@ -59,6 +59,20 @@ def _known_classes(request: DataRequest) -> list[str] | None:
     return list(classes) if classes else None
 
 
+def parse_boxes(text: str, where: str) -> tuple[tuple[float, float, float, float], ...]:
+    """``x,y,w,h;x,y,w,h`` (pixels of the source image, top-left corner first) as tuples."""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            x, y, w, h = (float(v) for v in part.split(","))
+        except ValueError:
+            raise InputError(f"{where}: boxes {text!r}: expected x,y,width,height in pixels, boxes separated by ';'") from None
+        if not all(np.isfinite((x, y, w, h))) or w <= 0 or h <= 0:
+            raise InputError(f"{where}: boxes {text!r}: each box needs a finite position and a positive width and height")
+        boxes.append((x, y, w, h))
+    return tuple(boxes)
+
+
 def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
     raw = path.read_bytes()
     try:
@@ -78,6 +92,10 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
             raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(group_columns) or 'none'})")
     rows = []
     for line_no, row in enumerate(reader, start=2):
+        if None in row:  # csv's place for fields beyond the header's
+            raise InputError(
+                f"{path} line {line_no}: {len(columns) + len(row[None])} fields for {len(columns)} columns; "
+                'quote values that contain commas, e.g. "10,20,30,40" in the boxes column')
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("path"):
             raise InputError(f"{path} line {line_no}: empty path")
@@ -111,6 +129,7 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
                 groups={c: row.get(c, "") for c in group_columns},
                 mask=mask,
                 path=image_path,
+                boxes=parse_boxes(row.get("boxes", ""), f"{path} line {line_no}"),
             )
         )
     return AuditDataset(
