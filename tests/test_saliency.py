@@ -386,6 +386,46 @@ def test_vit_grad_cam_matches_hand_written_hooks(square_model, square_context):
     assert ours[0][SQUARE].mean() > ours[0].mean()
 
 
+def test_timm_vit_grad_cam_matches_hand_written_hooks():
+    """BiomedCLIP's image tower is a timm ViT trunk inside open_clip's TimmModel."""
+    from mcaudit.models.openclip_adapter import OpenClipAdapter
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 160},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "custom_text": True,
+    }
+    model = tiny_openclip(0, cfg)
+    adapter = OpenClipAdapter(model, None, spec="timm", image_size=(160, 160), mean=[0.5] * 3, std=[0.25] * 3).eval()
+    classifier = adapter.zero_shot_classifier(torch.nn.functional.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), dim=-1))
+    tower = find_image_tower(classifier)
+    trunk = model.visual.trunk
+    assert tower.kind == "timm ViT" and tower.has_grad_cam
+    assert [name for name, _ in tower.levels][:2] == ["output head", f"block {len(trunk.blocks)}"]
+    assert tower.levels[-1][0] == "patch embedding"
+    x = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1])
+    settings = AttributionSettings(batch_size=2, internal_batch_size=8, ig_steps=4, shap_samples=2, occlusion_window=8, occlusion_stride=4, seed=0)
+    ours = attribution_maps("grad_cam", classifier, tower, x, target, settings)
+
+    # reference: Grad-CAM by hand on the last block's normed input tokens, prefix tokens dropped
+    saved = {}
+    handle = trunk.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: saved.update(tokens=out))
+    logits = classifier(x.clone().requires_grad_(True))
+    handle.remove()
+    tokens = saved["tokens"]
+    grads = torch.autograd.grad(logits[torch.arange(2), target].sum(), tokens)[0]
+    prefix = trunk.num_prefix_tokens
+    gh, gw = trunk.patch_embed.grid_size
+    patches, g = tokens[:, prefix:], grads[:, prefix:]
+    cam = torch.relu(((g.mean(dim=1, keepdim=True)) * patches).sum(dim=2)).reshape(2, 1, gh, gw)
+    cam = torch.nn.functional.interpolate(cam, size=(160, 160), mode="bilinear", align_corners=False)[:, 0]
+    assert cam.abs().sum() > 0
+    torch.testing.assert_close(ours, cam.detach(), atol=1e-5, rtol=1e-4)
+
+
 def test_resnet_tower_uses_the_last_conv_stage():
     cfg = {
         "embed_dim": 16,
