@@ -155,7 +155,7 @@ class PromptScorer:
 
     def objective(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Accuracy and mean true-class margin for logits shaped (..., N, C)."""
-        correct = (logits.argmax(dim=-1) == self.labels_t).float().mean(dim=-1)
+        correct = (logits.argmax(dim=-1) == self.labels_t).double().mean(dim=-1)  # float32 would leave 1e-8 "drops"
         true = logits.gather(-1, self.labels_t.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
         other = logits.scatter(-1, self.labels_t.expand(*logits.shape[:-1]).unsqueeze(-1), float("-inf")).amax(dim=-1)
         margin = (true - other).mean(dim=-1)
@@ -375,13 +375,15 @@ class PromptRobustnessCheck(Check):
             warnings.append(
                 f"Small prompt edits change the result: {', '.join(worst_attack.edits) or 'edits'} on the "
                 f"{worst_attack.class_name!r} phrasing drop accuracy by {drop:.1%}.")
-        summary = (
-            f"Accuracy {ensemble_acc:.1%} with all templates; single templates range from "
-            f"{metrics['template_accuracy.worst']:.1%} to {metrics['template_accuracy.best']:.1%}"
-        )
-        if worst_attack is not None:
+        worst_t, best_t = metrics["template_accuracy.worst"], metrics["template_accuracy.best"]
+        summary = f"Accuracy {ensemble_acc:.1%} with all templates; " + (
+            f"single templates range from {worst_t:.1%} to {best_t:.1%}" if f"{worst_t:.1%}" != f"{best_t:.1%}"
+            else f"every single template gives {best_t:.1%}")
+        if worst_attack is not None and drop > 0:
             summary += (f"; the worst small prompt edit found ({worst_attack.level} level, class "
                         f"{worst_attack.class_name!r}) lowers it to {worst_attack.accuracy_after:.1%}.")
+        elif worst_attack is not None:
+            summary += "; no small prompt edit tried lowers it."
         else:
             summary += "."
         details = {

@@ -66,6 +66,9 @@ def test_template_accuracy_matches_sklearn_without_image_passes(demo_ctx):
     # the demo model's text tower barely depends on the wording: nothing to flag
     assert m["prompt_attack.accuracy_drop"] < 0.05 and not result.warnings
     assert len(result.per_image["correct_worst_template"]) == len(demo_ctx.forward)
+    # accuracies are counts over the same images: a drop is a whole number of images, exactly
+    n = len(demo_ctx.forward)
+    assert m["prompt_attack.accuracy_drop"] * n == pytest.approx(round(m["prompt_attack.accuracy_drop"] * n), abs=1e-9)
 
 
 # -- a toy CLIP whose text tower is a bag of hashed words that understands negation ---------
