@@ -521,17 +521,22 @@ def _cyan_pixels(png: bytes) -> int:
     return int(((rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)).sum())
 
 
-def test_ham10000_localisation_and_mask_outlines(tmp_path):
-    manifest = shared("ham10000/manifest.csv")
+def audit_saliency_on(manifest: Path, tmp_path: Path, n_images: int):
+    """``mcaudit run`` of a small saliency check (Saliency, Grad-CAM) with a tiny model."""
     from mcaudit.testing import run_cli
 
     folder = save_openclip_folder(tiny_openclip(0), tmp_path / "tiny")
     outcome = run_cli([
         "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.saliency",
-        "--set", "saliency.methods=saliency,grad_cam", "--set", "saliency.n_images=4", "--set", "saliency.steps=4",
+        "--set", "saliency.methods=saliency,grad_cam", "--set", f"saliency.n_images={n_images}", "--set", "saliency.steps=4",
         "--set", "saliency.cascade_points=1", "--device", "cpu",
     ], tmp_path / "out")
     assert outcome.exit_code == 0, outcome.output
+    return outcome
+
+
+def test_ham10000_localisation_and_mask_outlines(tmp_path):
+    outcome = audit_saliency_on(shared("ham10000/manifest.csv"), tmp_path, n_images=4)
     entry = outcome.results["checks"]["saliency"]
     assert entry["status"] == "ok", entry.get("summary")
     metrics = entry["metrics"]
@@ -552,8 +557,6 @@ def test_tbx11k_boxes_from_coco_annotations(tmp_path):
     """Three TBX11K radiographs: their COCO boxes become the regions localisation is scored on."""
     import importlib.util
     import json
-
-    from mcaudit.testing import run_cli
 
     annotations = shared("cxr_samples/tbx11k/annotations/TBX11K_train.json")
     images = annotations.parent.parent / "imgs"
@@ -578,13 +581,7 @@ def test_tbx11k_boxes_from_coco_annotations(tmp_path):
     x, y, w, h = first["bbox"]
     assert abs(int(region.sum()) - (w / 8) * (h / 8)) <= (w / 8 + h / 8 + 1) * 2
 
-    folder = save_openclip_folder(tiny_openclip(0), tmp_path / "tiny")
-    outcome = run_cli([
-        "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.saliency",
-        "--set", "saliency.methods=saliency,grad_cam", "--set", "saliency.n_images=2", "--set", "saliency.steps=4",
-        "--set", "saliency.cascade_points=1", "--device", "cpu",
-    ], tmp_path / "out")
-    assert outcome.exit_code == 0, outcome.output
+    outcome = audit_saliency_on(manifest, tmp_path, n_images=2)
     metrics = outcome.results["checks"]["saliency"]["metrics"]
     assert metrics["n_mask_images"] == 2  # the two tb images; the healthy one has no box
     for method in ("saliency", "grad_cam"):
