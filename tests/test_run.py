@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import torch
@@ -34,6 +35,15 @@ def test_demo_run_writes_report(tmp_path, monkeypatch):
     assert results["checks"]["performance"]["metrics"]["accuracy"] > 0.75
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org", "")
     assert not list(folder.glob(".*.tmp"))
+    # each check's own tables come first; its long flat metric list is folded away, a short one is not
+    folds = {name: re.search(r'<details class="metrics"( open)?><summary>All metrics \((\d+)\)',
+                             html[html.index(f'id="check-{name}"'):]).groups() for name in results["checks"]}
+    for name, (is_open, count) in folds.items():
+        assert int(count) == len(results["checks"][name]["metrics"])
+        assert bool(is_open) == (int(count) <= 12), name
+    assert not folds["fairness"][0] and folds["performance"][0]
+    section = html[html.index('id="check-fairness"'):]
+    assert section.index("<h3>") < section.index('<details class="metrics"')
 
 
 def test_results_schema_and_samples_match_sklearn(tmp_path):
