@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mcaudit.batching import with_backoff
 from mcaudit.data.dataset import AuditDataset, collate
 from mcaudit.devices import autocast
 from mcaudit.distributed import SINGLE, World, all_gather_objects, shard
@@ -44,15 +45,7 @@ class ForwardOutputs:
 
 def encode_with_backoff(adapter: ModelAdapter, pixels: torch.Tensor) -> torch.Tensor:
     """Encode a batch; on a CUDA out-of-memory error, halve it and retry instead of failing."""
-    try:
-        return adapter.encode_image(pixels)
-    except torch.OutOfMemoryError:
-        if len(pixels) == 1:
-            raise
-        if pixels.is_cuda:
-            torch.cuda.empty_cache()
-        half = len(pixels) // 2
-        return torch.cat([encode_with_backoff(adapter, pixels[:half]), encode_with_backoff(adapter, pixels[half:])])
+    return with_backoff(lambda rows: adapter.encode_image(pixels[rows]), 0, len(pixels))
 
 
 def _gather(indices, feats, logits, grey, failures, world: World):

@@ -29,6 +29,7 @@ import torchattacks
 from torch import nn
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.batching import in_batches
 
 # name -> (threat model, white-box?, short description for the report)
 ATTACKS: dict[str, tuple[str, bool, str]] = {
@@ -141,21 +142,19 @@ def run_attack(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         attack = build_attack(name, model, eps, settings, seed)
-        adv = torch.cat([attack(images[i : i + batch_size], labels[i : i + batch_size])
-                         for i in range(0, len(images), batch_size)])
+        adv = in_batches(lambda rows: attack(images[rows], labels[rows]), len(images), batch_size)
         if name in ("pgd_linf", "pgd_l2"):
             for _ in range(settings.restarts - 1):
                 alive = torch.nonzero(predict(model, adv, batch_size) == labels).flatten()
                 if len(alive) == 0:
                     break
-                adv[alive] = torch.cat([attack(images[alive[i : i + batch_size]], labels[alive[i : i + batch_size]])
-                                        for i in range(0, len(alive), batch_size)])
+                adv[alive] = in_batches(lambda rows: attack(images[alive[rows]], labels[alive[rows]]), len(alive), batch_size)
     return adv.detach()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)])
+    return in_batches(lambda rows: model(images[rows]).argmax(dim=1), len(images), batch_size)
 
 
 def zero_gradient_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from scipy.stats import beta, norm
 from torch import nn
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.batching import in_batches
 from mcaudit.metrics import accuracy
 
 
@@ -138,8 +139,7 @@ class CertifiedCheck(Check):
         generator.manual_seed(int(ctx.rng(f"certified:noise:{ctx.world.rank}").integers(0, 2**62)))
         with torch.no_grad(), ctx.autocast():
             images = ctx.load_pixels(local)
-            clean_pred = torch.cat([model(images[i : i + ctx.batch_size]).argmax(dim=1)
-                                    for i in range(0, len(images), ctx.batch_size)]).cpu().numpy()
+            clean_pred = in_batches(lambda rows: model(images[rows]).argmax(dim=1), len(images), ctx.batch_size).cpu().numpy()
             outcome = {
                 s: certify(model, images, s, params["n0"], params["n"], params["alpha"], n_classes,
                            params["noise_batch"], generator)

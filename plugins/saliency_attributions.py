@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mcaudit.batching import in_batches
 from mcaudit.models.adapter import ZeroShotClassifier
 
 from .saliency_tower import ImageTower
@@ -83,15 +84,13 @@ def attribution_maps(
                 maps = _one_batch(method, classifier, tower, pixels[i : i + 1], targets[i : i + 1], settings)
             out.append(maps.detach().float().cpu())
         return torch.cat(out)
-    out = []
-    bs = settings.batch_size
-    for start in range(0, len(pixels), bs):
-        x = pixels[start : start + bs]
-        t = targets[start : start + bs]
-        with seeded_global_rngs(settings.seed + start, pixels.device), autocast():
-            maps = _one_batch(method, classifier, tower, x, t, settings)
-        out.append(maps.detach().float().cpu())
-    return torch.cat(out)
+
+    def batch(part: slice) -> torch.Tensor:
+        with seeded_global_rngs(settings.seed + part.start, pixels.device), autocast():
+            maps = _one_batch(method, classifier, tower, pixels[part], targets[part], settings)
+        return maps.detach().float().cpu()
+
+    return in_batches(batch, len(pixels), settings.batch_size)
 
 
 def _one_batch(method, classifier, tower, x, t, s: AttributionSettings) -> torch.Tensor:

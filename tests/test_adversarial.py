@@ -194,6 +194,37 @@ def test_grey_attack_stays_grey_and_within_budget(demo_ctx):
     assert torch.equal(model(l2), model.classifier(l2.expand(-1, 3, -1, -1)))
 
 
+class RunsOutOfMemory(torch.nn.Module):
+    """The classifier, raising CUDA's out-of-memory error for batches over ``limit`` images."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.sizes = inner, limit, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(x)
+
+
+def test_attacks_and_predictions_halve_batches_that_run_out_of_memory(demo_ctx):
+    classifier = demo_ctx.classifier()
+    rows = demo_ctx.stratified_rows(12, "oom")
+    x = demo_ctx.load_pixels(rows)
+    y = torch.as_tensor(demo_ctx.forward.labels[rows])
+    settings = adv.AttackSettings(3, 1, 5)
+    fits = adv.run_attack("fgsm", classifier, x, y, 4 / 255, settings, 0, 12)
+    tight = RunsOutOfMemory(classifier, 3)
+    halved = adv.run_attack("fgsm", tight, x, y, 4 / 255, settings, 0, 12)
+    assert torch.allclose(halved, fits, atol=1e-6)  # FGSM is deterministic: the same images
+    assert tight.sizes[0] == 12 and max(s for s in tight.sizes if s <= 3) == 3
+    assert torch.equal(adv.predict(tight, halved, 12), adv.predict(classifier, fits, 12))
+    never = RunsOutOfMemory(classifier, 0)
+    with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: the error stands
+        adv.predict(never, x, 12)
+
+
 def test_apgd_dlr_runs_on_three_classes_and_matches_torchattacks(demo):
     dataset = phantom_dataset(48, seed=5)
     dataset.classes = ["normal", "opacity", "pleural effusion"]  # a third class with no images
