@@ -270,12 +270,14 @@ class Outcomes:
         self.scored_classes = [1] if self.n_classes == 2 else list(range(self.n_classes))
 
 
-def measure_groups(o: Outcomes, rows: np.ndarray, codes: np.ndarray, n_groups: int, macro: bool) -> tuple[np.ndarray, np.ndarray]:
+def measure_groups(o: Outcomes, rows: np.ndarray, codes: np.ndarray, n_groups: int, macro: bool,
+                   auroc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GROUP_METRICS per group (G, metrics) and per-positive-class (TPR, FPR, selection) rates (G, P, 3).
 
     ``rows`` index the images (repeats allowed, for the bootstrap) and ``codes`` give each
     one's group. Everything is counted with bincount so that all groups cost one pass; the
-    bootstrap and the permutation test call this thousands of times.
+    bootstrap and the permutation test call this thousands of times. ``auroc`` (G,), when
+    given, is used instead of computing the per-group AUROC here.
     """
     k_cls = o.n_classes
     y, p = o.labels[rows], o.preds[rows]
@@ -302,7 +304,8 @@ def measure_groups(o: Outcomes, rows: np.ndarray, codes: np.ndarray, n_groups: i
         conf_sum = np.bincount(gb, weights=o.confidence[rows], minlength=size).reshape(n_groups, o.n_bins)
         correct_sum = np.bincount(gb, weights=correct, minlength=size).reshape(n_groups, o.n_bins)
         ece = np.abs(correct_sum - conf_sum).sum(axis=1) / n
-    auroc = grouped_auroc(o, rows, codes, n_groups, support)
+    if auroc is None:
+        auroc = grouped_auroc(o, rows, codes, n_groups, support)
     values = np.stack([accuracy, bal, auroc, tpr, fpr, selection, ece], axis=1)
     rates = np.stack([tpr_k, fpr_k, sel_k], axis=2)
     return values, rates
@@ -339,6 +342,67 @@ def grouped_auroc(o: Outcomes, rows, codes, n_groups, support) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
     return _row_nanmean(per)
+
+
+def permuted_auroc(o: Outcomes, rows: np.ndarray, perm_codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """grouped_auroc for the same images under P relabellings ``perm_codes`` (P, n): (P, G).
+
+    Only the group labels move between permutations, so the scores are sorted once; a stable
+    sort on the small integer group keys (a radix sort in numpy) then lines up every
+    (permutation, group) in score order, and the rank sums follow as in grouped_auroc.
+    """
+    n_perm, n = perm_codes.shape
+    y = o.labels[rows]
+    total = n_perm * n_groups
+    per = np.full((total, len(o.scored_classes)), np.nan)
+    flat = np.arange(n_perm)[:, None] * n_groups + perm_codes
+    key_type = np.int16 if total < 2**15 else np.int32
+    for j, k in enumerate(o.scored_classes):
+        score = o.probs[rows, k]
+        order = np.argsort(score, kind="stable")
+        s_sorted = score[order]
+        new_tie = np.ones(n, dtype=bool)
+        new_tie[1:] = s_sorted[1:] != s_sorted[:-1]
+        tie_of = np.cumsum(new_tie)
+        keys = flat[:, order].ravel().astype(key_type)
+        by_group = np.argsort(keys, kind="stable")
+        g_sorted = keys[by_group].astype(np.int64)
+        t_sorted = np.tile(tie_of, n_perm)[by_group]
+        is_pos = np.tile(y[order] == k, n_perm)[by_group]
+        new_run = np.ones(len(by_group), dtype=bool)
+        new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
+        run_id = np.cumsum(new_run) - 1
+        run_start = np.flatnonzero(new_run)
+        run_end = np.append(run_start[1:], len(by_group))
+        counts = np.bincount(g_sorted, minlength=total)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        # average 1-based rank of a tie run, counted from the start of its group
+        ranks = ((run_start + run_end + 1) / 2.0 - starts[g_sorted[run_start]])[run_id]
+        n_pos = np.bincount(g_sorted, weights=is_pos, minlength=total)
+        n_neg = counts - n_pos
+        rank_sum = np.bincount(g_sorted, weights=ranks * is_pos, minlength=total)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+    return _row_nanmean(per).reshape(n_perm, n_groups)
+
+
+def permuted_values(o: Outcomes, rows: np.ndarray, perm_codes: np.ndarray, n_groups: int, macro: bool) -> np.ndarray:
+    """GROUP_METRICS (P, G, metrics) of the same images under P relabellings, in one pass:
+    permutation p's group g becomes group p * G + g of one large grouping."""
+    n_perm = len(perm_codes)
+    flat_codes = (np.arange(n_perm)[:, None] * n_groups + perm_codes).ravel()
+    auroc = permuted_auroc(o, rows, perm_codes, n_groups).ravel()
+    values, _ = measure_groups(o, np.tile(rows, n_perm), flat_codes, n_perm * n_groups, macro, auroc=auroc)
+    return values.reshape(n_perm, n_groups, -1)
+
+
+def spread_over_groups(values: np.ndarray) -> np.ndarray:
+    """Largest minus smallest finite value over the groups (axis 1); NaN with fewer than two."""
+    finite = np.isfinite(values)
+    hi = np.where(finite, values, -np.inf).max(axis=1)
+    lo = np.where(finite, values, np.inf).min(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite.sum(axis=1) >= 2, hi - lo, np.nan)
 
 
 def group_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -445,7 +509,8 @@ def audit_column(o: Outcomes, name: str, grouping: Grouping, s: Settings, rng: n
         return measure_groups(o, rows, codes, len(groups_rows), s.macro)
 
     def gaps_of(values, rates, rows_in):
-        overall = group_auroc(o.labels[rows_in], o.probs[rows_in])
+        support = np.bincount(o.labels[rows_in], minlength=o.n_classes).astype(np.float64)[None, :]
+        overall = float(grouped_auroc(o, rows_in, np.zeros(len(rows_in), dtype=np.int64), 1, support)[0])
         return gap_statistics(values[in_gaps], rates[in_gaps], overall)
 
     rows_in = np.concatenate([members[g] for g in np.flatnonzero(in_gaps)] or [np.array([], dtype=np.int64)])
@@ -453,7 +518,7 @@ def audit_column(o: Outcomes, name: str, grouping: Grouping, s: Settings, rng: n
     gaps = gaps_of(values, rates, rows_in)
 
     value_ci, gap_ci = bootstrap(o, members, in_gaps, s, rng, evaluate, gaps_of, values.shape)
-    gap_p, p_value = permutation_test(o, codes, in_gaps, s, rng, evaluate, gaps, n_groups)
+    gap_p, p_value = permutation_test(o, codes, in_gaps, s, rng, gaps)
     gap_values = {m: gaps[f"{m}_gap"] for m in GROUP_METRICS if np.isfinite(gaps[f"{m}_gap"])}
     largest = max(gap_values, key=gap_values.get) if gap_values else ""
     return ColumnAudit(name, grouping, sizes, in_gaps, values, value_ci, gaps, gap_ci, gap_p, p_value,
@@ -495,30 +560,37 @@ def _percentiles(x: np.ndarray, n_boot: int) -> tuple[float, float]:
     return float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))
 
 
-def permutation_test(o, codes, in_gaps, s, rng, evaluate, observed, n_groups):
+def permutation_test(o, codes, in_gaps, s, rng, observed):
     """Shuffle group labels among the images of the compared groups and recompute the gaps.
 
     The statistic of the headline p-value is the largest gap over the metrics, recomputed the
     same way under every shuffle, so choosing the largest after the fact is accounted for.
+    Shuffles are drawn one by one from ``rng`` and evaluated in chunks (permuted_values).
     """
     keys = [f"{m}_gap" for m in GROUP_METRICS]
     obs = np.array([observed[k] for k in keys])
     if s.n_permutations <= 0 or in_gaps.sum() < 2 or not np.isfinite(obs).any():
         return {}, float("nan")
-    rows = np.flatnonzero(np.isin(codes, np.flatnonzero(in_gaps)))
-    labels_of_rows = codes[rows]
     compared = np.flatnonzero(in_gaps)
+    rows = np.flatnonzero(np.isin(codes, compared))
+    position = np.full(codes.max() + 1, -1, dtype=np.int64)
+    position[compared] = np.arange(len(compared))
+    labels_of_rows = position[codes[rows]]
     exceed = np.zeros(len(keys))
     exceed_max = 0
     obs_max = np.nanmax(obs)
-    for _ in range(s.n_permutations):
-        shuffled = rng.permutation(labels_of_rows)
-        values, rates = evaluate([rows[shuffled == g] for g in compared])
-        perm = gap_statistics(values, rates, float("nan"))
-        stat = np.array([perm[k] for k in keys])
-        # a tiny tolerance so that floating-point noise on equal gaps counts as "as large"
-        exceed += np.nan_to_num(stat >= obs - 1e-12, nan=0.0)
-        exceed_max += bool(np.nanmax(np.where(np.isfinite(stat), stat, -np.inf)) >= obs_max - 1e-12)
+    # chunks of about a million images in all keep the working arrays small
+    chunk = max(1, min(128, 1_000_000 // max(1, len(rows))))
+    done = 0
+    while done < s.n_permutations:
+        size = min(chunk, s.n_permutations - done)
+        shuffled = np.stack([rng.permutation(labels_of_rows) for _ in range(size)])
+        stat = spread_over_groups(permuted_values(o, rows, shuffled, len(compared), s.macro))  # (size, metrics)
+        with np.errstate(invalid="ignore"):
+            # a tiny tolerance so that floating-point noise on equal gaps counts as "as large"
+            exceed += (stat >= obs - 1e-12).sum(axis=0)
+            exceed_max += int((np.where(np.isfinite(stat), stat, -np.inf).max(axis=1) >= obs_max - 1e-12).sum())
+        done += size
     p = (exceed + 1) / (s.n_permutations + 1)
     gap_p = {k: float(v) for k, v, ob in zip(keys, p, obs) if np.isfinite(ob)}
     return gap_p, float((exceed_max + 1) / (s.n_permutations + 1))

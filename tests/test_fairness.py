@@ -247,3 +247,72 @@ def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manife
             assert lo is not None and hi is not None and lo <= g["accuracy"] <= hi, (column, name)
             assert f"{column}: per group" in html.replace("&amp;", "&")
     assert {c for c in columns} <= set(fair["details"]["columns"])
+
+
+# -- the chunked permutation test equals the plain per-shuffle loop -----------------------------
+def _outcomes(n=240, k=3, seed=0):
+    from mcaudit.plugins.fairness import Outcomes
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(k), size=n)
+    probs[: n // 4] = probs[0]  # a block of tied scores, so ties are counted one half
+    labels = rng.integers(0, k, n)
+    labels[: n // 4:2] = 0
+    return Outcomes(labels, probs.argmax(axis=1), probs, list(range(k)), k, 10)
+
+
+def test_permuted_auroc_equals_grouped_auroc_permutation_by_permutation():
+    from mcaudit.plugins.fairness import grouped_auroc, permuted_auroc
+
+    o = _outcomes()
+    rng = np.random.default_rng(1)
+    rows = np.sort(rng.choice(len(o.labels), 200, replace=False))
+    perm_codes = np.stack([rng.integers(0, 4, len(rows)) for _ in range(7)])
+    perm_codes[0, :] = 0  # a permutation where three groups are empty: NaN
+    batched = permuted_auroc(o, rows, perm_codes, 4)
+    for p, codes in enumerate(perm_codes):
+        support = np.zeros((4, o.n_classes))
+        np.add.at(support, (codes, o.labels[rows]), 1)
+        np.testing.assert_allclose(batched[p], grouped_auroc(o, rows, codes, 4, support), atol=1e-12, equal_nan=True)
+    # and both equal scikit-learn's macro one-vs-rest AUROC for one group
+    g = perm_codes[3] == 2
+    expected = np.mean([roc_auc_score(o.labels[rows][g] == k, o.probs[rows][g, k]) for k in range(o.n_classes)])
+    assert batched[3, 2] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("macro", [False, True])
+def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
+    from mcaudit.plugins.fairness import GROUP_METRICS, Settings, gap_statistics, measure_groups, permutation_test
+
+    o = _outcomes(seed=2)
+    codes = np.random.default_rng(3).integers(0, 4, len(o.labels))
+    codes[:5] = -1  # missing values stay out
+    codes[codes == 1] = np.where(np.arange((codes == 1).sum()) < 4, 1, 2)  # group 1: 4 images, too small
+    in_gaps = np.array([True, False, True, True])
+    compared = [0, 2, 3]
+    s = Settings(positives=[0, 1, 2] if macro else [1], positive_label="", macro=macro, min_group_size=10, quantile_bins=4,
+                 edges={}, intersections=False, n_bootstrap=0, n_permutations=150, alpha=0.05, n_bins=10)
+    members = [np.flatnonzero(codes == g) for g in compared]
+    rows_all = np.concatenate(members)
+    values, rates = measure_groups(o, rows_all, np.repeat(np.arange(3), [len(m) for m in members]), 3, macro)
+    observed = gap_statistics(values, rates, float("nan"))
+
+    # the loop the chunked version replaced: one shuffle, one evaluation, one set of gaps at a time
+    rng = np.random.default_rng(4)
+    keys = [f"{m}_gap" for m in GROUP_METRICS]
+    obs = np.array([observed[k] for k in keys])
+    rows = np.flatnonzero(np.isin(codes, compared))
+    exceed, exceed_max = np.zeros(len(keys)), 0
+    for _ in range(s.n_permutations):
+        shuffled = rng.permutation(codes[rows])
+        group_rows = [rows[shuffled == g] for g in compared]
+        v, r = measure_groups(o, np.concatenate(group_rows), np.repeat(np.arange(3), [len(x) for x in group_rows]), 3, macro)
+        stat = np.array([gap_statistics(v, r, float("nan"))[k] for k in keys])
+        exceed += np.nan_to_num(stat >= obs - 1e-12, nan=0.0)
+        exceed_max += bool(np.nanmax(np.where(np.isfinite(stat), stat, -np.inf)) >= np.nanmax(obs) - 1e-12)
+    expected_p = {k: (e + 1) / (s.n_permutations + 1) for k, e, ob in zip(keys, exceed, obs) if np.isfinite(ob)}
+
+    gap_p, p_value = permutation_test(o, codes, in_gaps, s, np.random.default_rng(4), observed)
+    assert gap_p == pytest.approx(expected_p, abs=1e-12)
+    assert p_value == pytest.approx((exceed_max + 1) / (s.n_permutations + 1), abs=1e-12)
+    assert 0 < min(gap_p.values()) and max(gap_p.values()) <= 1
