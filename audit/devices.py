@@ -35,6 +35,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def full_precision(device: torch.device):
+    """Autocast off: scores computed from encoder outputs stay fp32 under a bf16/fp16 pass."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision for bf16/fp16; weights stay fp32 so gradients stay well-behaved."""
     if precision not in PRECISIONS:

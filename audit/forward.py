@@ -13,7 +13,7 @@ import torch
 
 from mcaudit.batching import with_backoff
 from mcaudit.data.dataset import AuditDataset, collate
-from mcaudit.devices import autocast
+from mcaudit.devices import autocast, full_precision
 from mcaudit.distributed import SINGLE, World, all_gather_objects, shard
 from mcaudit.errors import InputError
 from mcaudit.models.adapter import ModelAdapter
@@ -138,7 +138,8 @@ def run_forward(
                 continue
             pixels = batch["pixels"].to(device, non_blocking=True)
             f = encode_with_backoff(adapter, pixels).float()
-            out.add(batch["index"], f, scale * f @ text.T)
+            with full_precision(device):
+                out.add(batch["index"], f, scale * f @ text.float().T)
             grey.extend(batch["grey"])
     indices, feats, logits = out.parts()
     if world.active:

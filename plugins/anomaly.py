@@ -24,6 +24,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.devices import full_precision
 from mcaudit.metrics import (
     auroc_binary,
     average_precision,
@@ -379,7 +380,8 @@ def _encode(ctx, batches) -> Encoded:
         for pixels in batches:
             f = ctx.model.encode_image(pixels.to(ctx.device)).float()
             feats.append(f.cpu())
-            logits.append((scale * f @ text.T).cpu())
+            with full_precision(ctx.device):
+                logits.append((scale * f @ text.T).cpu())
     return Encoded(torch.cat(feats), torch.cat(logits))
 
 
