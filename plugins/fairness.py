@@ -268,6 +268,14 @@ class Outcomes:
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)  # the calibration check's equal-width bins
         self.conf_bin = np.clip(np.searchsorted(edges, self.confidence, side="right") - 1, 0, self.n_bins - 1)
         self.scored_classes = [1] if self.n_classes == 2 else list(range(self.n_classes))
+        self._tie_ids: dict[int, np.ndarray] = {}
+
+    def tie_ids(self, k: int) -> np.ndarray:
+        """Per image, the rank of its class-k score among the distinct scores (ties share one)."""
+        if k not in self._tie_ids:
+            distinct, inverse = np.unique(self.probs[:, k], return_inverse=True)
+            self._tie_ids[k] = inverse.astype(np.int64)
+        return self._tie_ids[k]
 
 
 def measure_groups(o: Outcomes, rows: np.ndarray, codes: np.ndarray, n_groups: int, macro: bool,
@@ -342,6 +350,51 @@ def grouped_auroc(o: Outcomes, rows, codes, n_groups, support) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
     return _row_nanmean(per)
+
+
+def batched_auroc(o: Outcomes, rows: np.ndarray, keys: np.ndarray, total: int) -> np.ndarray:
+    """grouped_auroc of many groupings at once: image ``rows[i]`` (repeats allowed) is in group
+    ``keys[i]`` of ``total``, e.g. replicate * G + group. Returns (total,).
+
+    A stable sort by score (tie ids precomputed per class), then one by group key, both radix
+    sorts, lines up every group in score order; the rank sums then follow as in grouped_auroc,
+    for all groups in one pass. permuted_auroc is the faster special case of one set of
+    rows under many labellings, used by the permutation test.
+    """
+    y = o.labels[rows]
+    per = np.full((total, len(o.scored_classes)), np.nan)
+    keys = keys.astype(np.int64)
+    counts = np.bincount(keys, minlength=total)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for j, k in enumerate(o.scored_classes):
+        tie = o.tie_ids(k)[rows]
+        by_score = _stable_order(tie)
+        by_group = by_score[_stable_order(keys[by_score])]
+        g_sorted = keys[by_group].astype(np.int64)
+        t_sorted = tie[by_group]
+        is_pos = y[by_group] == k
+        new_run = np.ones(len(by_group), dtype=bool)
+        new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
+        run_id = np.cumsum(new_run) - 1
+        run_start = np.flatnonzero(new_run)
+        run_end = np.append(run_start[1:], len(by_group))
+        # average 1-based rank of a tie run, counted from the start of its group
+        ranks = ((run_start + run_end + 1) / 2.0 - starts[g_sorted[run_start]])[run_id]
+        n_pos = np.bincount(g_sorted, weights=is_pos, minlength=total)
+        n_neg = counts - n_pos
+        rank_sum = np.bincount(g_sorted, weights=ranks * is_pos, minlength=total)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+    return _row_nanmean(per)
+
+
+def _stable_order(values: np.ndarray) -> np.ndarray:
+    """Stable argsort of non-negative integers below 2**32, as radix passes on 16-bit digits
+    (numpy radix-sorts 16-bit keys; larger integer keys would take a comparison sort)."""
+    if len(values) == 0 or values.max() < 2**16:
+        return np.argsort(values.astype(np.uint16), kind="stable")
+    by_low = np.argsort((values & 0xFFFF).astype(np.uint16), kind="stable")
+    return by_low[np.argsort((values[by_low] >> 16).astype(np.uint16), kind="stable")]
 
 
 def permuted_auroc(o: Outcomes, rows: np.ndarray, perm_codes: np.ndarray, n_groups: int) -> np.ndarray:
@@ -517,7 +570,7 @@ def audit_column(o: Outcomes, name: str, grouping: Grouping, s: Settings, rng: n
     values, rates = evaluate(members)
     gaps = gaps_of(values, rates, rows_in)
 
-    value_ci, gap_ci = bootstrap(o, members, in_gaps, s, rng, evaluate, gaps_of, values.shape)
+    value_ci, gap_ci = bootstrap(o, members, in_gaps, s, rng, values.shape)
     gap_p, p_value = permutation_test(o, codes, in_gaps, s, rng, gaps)
     gap_values = {m: gaps[f"{m}_gap"] for m in GROUP_METRICS if np.isfinite(gaps[f"{m}_gap"])}
     largest = max(gap_values, key=gap_values.get) if gap_values else ""
@@ -525,22 +578,39 @@ def audit_column(o: Outcomes, name: str, grouping: Grouping, s: Settings, rng: n
                        largest, warnings, missing)
 
 
-def bootstrap(o, members, in_gaps, s, rng, evaluate, gaps_of, shape):
+def bootstrap(o, members, in_gaps, s, rng, shape):
     """Percentile intervals; images are resampled within each group and class, so group sizes
-    and class mixes stay as observed and only the sampling noise of each group is measured."""
+    and class mixes stay as observed and only the sampling noise of each group is measured.
+    Replicates are drawn one by one from ``rng`` and evaluated in chunks, replicate b's group
+    g becoming group b * G + g of one large grouping."""
     value_ci = np.full(shape + (2,), np.nan)
     gap_ci: dict[str, tuple[float, float]] = {}
     if s.n_bootstrap <= 0:
         return value_ci, gap_ci
+    n_groups = len(members)
     strata = [[m[o.labels[m] == k] for k in np.unique(o.labels[m])] for m in members]
+    empty = np.array([], dtype=np.int64)
+    compared = np.flatnonzero(in_gaps)
     all_values, all_gaps = [], []
-    for _ in range(s.n_bootstrap):
-        resampled = [np.concatenate([st[rng.integers(0, len(st), len(st))] for st in group]) if group else np.array([], dtype=np.int64)
-                     for group in strata]
-        values, rates = evaluate(resampled)
-        rows_in = np.concatenate([resampled[g] for g in np.flatnonzero(in_gaps)] or [np.array([], dtype=np.int64)])
-        all_values.append(values)
-        all_gaps.append(gaps_of(values, rates, rows_in))
+    chunk = max(1, min(64, 1_000_000 // max(1, sum(len(m) for m in members))))
+    done = 0
+    while done < s.n_bootstrap:
+        size = min(chunk, s.n_bootstrap - done)
+        replicates = [[np.concatenate([st[rng.integers(0, len(st), len(st))] for st in group]) if group else empty
+                       for group in strata] for _ in range(size)]
+        rows = np.concatenate([r for rep in replicates for r in rep])
+        keys = np.repeat(np.arange(size * n_groups), [len(r) for rep in replicates for r in rep])
+        auroc = batched_auroc(o, rows, keys, size * n_groups)
+        values, rates = measure_groups(o, rows, keys, size * n_groups, s.macro, auroc=auroc)
+        values = values.reshape(size, n_groups, -1)
+        rates = rates.reshape(size, n_groups, *rates.shape[1:])
+        # the AUROC of each replicate's compared images together, for es_auroc
+        inside = np.isin(keys % n_groups, compared)
+        overall = batched_auroc(o, rows[inside], keys[inside] // n_groups, size)
+        for b in range(size):
+            all_values.append(values[b])
+            all_gaps.append(gap_statistics(values[b][in_gaps], rates[b][in_gaps], float(overall[b])))
+        done += size
     stacked = np.array(all_values)
     with np.errstate(all="ignore"):
         for g in range(shape[0]):

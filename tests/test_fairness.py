@@ -316,3 +316,57 @@ def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
     assert gap_p == pytest.approx(expected_p, abs=1e-12)
     assert p_value == pytest.approx((exceed_max + 1) / (s.n_permutations + 1), abs=1e-12)
     assert 0 < min(gap_p.values()) and max(gap_p.values()) <= 1
+
+
+def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
+    from mcaudit.plugins.fairness import batched_auroc, grouped_auroc
+
+    o = _outcomes(seed=5)
+    rng = np.random.default_rng(6)
+    blocks = [rng.integers(0, len(o.labels), 150) for _ in range(5)]  # resamples: rows repeat
+    codes = [rng.integers(0, 3, 150) for _ in range(5)]
+    keys = np.concatenate([b * 3 + c for b, c in enumerate(codes)])
+    batched = batched_auroc(o, np.concatenate(blocks), keys, 15).reshape(5, 3)
+    for b in range(5):
+        support = np.zeros((3, o.n_classes))
+        np.add.at(support, (codes[b], o.labels[blocks[b]]), 1)
+        np.testing.assert_allclose(batched[b], grouped_auroc(o, blocks[b], codes[b], 3, support), atol=1e-12)
+
+
+def test_chunked_bootstrap_equals_the_per_replicate_loop():
+    from mcaudit.plugins.fairness import GAP_KEYS, Settings, bootstrap, gap_statistics, grouped_auroc, measure_groups
+
+    o = _outcomes(seed=7)
+    codes = np.random.default_rng(8).integers(0, 3, len(o.labels))
+    members = [np.flatnonzero(codes == g) for g in range(3)]
+    in_gaps = np.array([True, False, True])
+    s = Settings(positives=[1], positive_label="", macro=False, min_group_size=10, quantile_bins=4, edges={},
+                 intersections=False, n_bootstrap=90, n_permutations=0, alpha=0.05, n_bins=10)
+    value_ci, gap_ci = bootstrap(o, members, in_gaps, s, np.random.default_rng(9), (3, 7))
+
+    # the loop the chunked version replaced
+    rng = np.random.default_rng(9)
+    strata = [[m[o.labels[m] == k] for k in np.unique(o.labels[m])] for m in members]
+    values_all, gaps_all = [], []
+    for _ in range(s.n_bootstrap):
+        resampled = [np.concatenate([st[rng.integers(0, len(st), len(st))] for st in group]) for group in strata]
+        v, r = measure_groups(o, np.concatenate(resampled), np.repeat(np.arange(3), [len(x) for x in resampled]), 3, False)
+        rows_in = np.concatenate([resampled[0], resampled[2]])
+        support = np.bincount(o.labels[rows_in], minlength=o.n_classes).astype(float)[None, :]
+        overall = float(grouped_auroc(o, rows_in, np.zeros(len(rows_in), dtype=np.int64), 1, support)[0])
+        values_all.append(v)
+        gaps_all.append(gap_statistics(v[in_gaps], r[in_gaps], overall))
+    stacked = np.array(values_all)
+    for g in range(3):
+        for m in range(7):
+            x = stacked[:, g, m][np.isfinite(stacked[:, g, m])]
+            if len(x) >= 22:
+                np.testing.assert_allclose(value_ci[g, m], np.quantile(x, [0.025, 0.975]), atol=1e-12)
+    for key in GAP_KEYS:
+        x = np.array([d[key] for d in gaps_all])
+        x = x[np.isfinite(x)]
+        if len(x) >= 22:
+            np.testing.assert_allclose(gap_ci[key], np.quantile(x, [0.025, 0.975]), atol=1e-12)
+        else:
+            assert key not in gap_ci
+    assert "es_auroc" in gap_ci and "accuracy_gap" in gap_ci
