@@ -96,6 +96,9 @@ CPU_NOTES = """\
   whatever the data size, so the ratio approaches 1 as the audit grows and weighs more on
   a small set. Prompts are cut after their end token before the text tower runs (exact:
   see tests/test_text_trimming.py), which took 3 s of text encoding off ViT-B-32 on CPU.
+  The fairness check's permutation test and bootstrap evaluate their shuffles and resamples
+  in chunks (same p-values and intervals as one at a time, checked by tests), which halved
+  its cost at 8k images; on a GPU these CPU statistics are most of the fixed cost.
 - The PGD comparison runs on one CPU thread, which is what mcaudit uses for models under
   10M parameters (the demo model); its extra cost is the zero-gradient probe, the tables,
   the robust-accuracy plot and the attack gallery.
