@@ -107,7 +107,7 @@ CPU_NOTES = """\
   images stream through the DataLoader and the per-image outputs go into buffers allocated
   once (per-batch output tensors had fragmented the C heap: +700 MB resident at 16k images).
 - One run per benchmark on a shared 2-core machine: ratios move by a few percent between
-  runs (the forward ratio was 1.04 to 1.06 in three runs since prompts are cut; 1.06 to 1.16
+  runs (the forward ratio was 1.04 to 1.06 in four runs since prompts are cut; 1.06 to 1.16
   before).""".splitlines()
 
 GPU_NOTES = """\
