@@ -51,6 +51,35 @@ def auroc_binary(positive: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def auroc_of_resamples(positive: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """auroc_binary of each resample ``idx[b]`` (rows of indices into ``positive``/``scores``).
+
+    Resamples only repeat items of one pool, so nothing needs sorting per resample: the pool
+    is sorted once, and each resample's average ranks follow from how often it drew each
+    item (running counts over the pool's tie groups). Exact, ties counting one half.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_boot, m = idx.shape
+    n = len(scores)
+    order = np.argsort(scores, kind="mergesort")
+    s_sorted = scores[order]
+    tie = np.cumsum(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) - 1
+    n_ties = int(tie[-1]) + 1 if n else 0
+    rank_of = np.empty(n, dtype=np.int64)
+    rank_of[order] = np.arange(n)
+    drawn = np.bincount((np.arange(n_boot)[:, None] * n + rank_of[idx]).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    in_tie = np.bincount((np.arange(n_boot)[:, None] * n_ties + tie).ravel(), weights=drawn.ravel(),
+                         minlength=n_boot * n_ties).reshape(n_boot, n_ties)
+    average_rank = np.cumsum(in_tie, axis=1) - in_tie + (in_tie + 1) / 2.0
+    drawn_pos = drawn * positive[order]
+    n_pos = drawn_pos.sum(axis=1).astype(np.float64)
+    n_neg = m - n_pos
+    u = (drawn_pos * average_rank[:, tie]).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties sharing their average rank, vectorised."""
     order = np.argsort(x, kind="mergesort")
@@ -84,21 +113,24 @@ def bootstrap_interval(
     n_boot: int = 200,
     level: float = 0.95,
     strata: np.ndarray | None = None,
+    batched: bool = False,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` items.
 
     With ``strata`` the resampling keeps each stratum's size (for example each class), so
-    a metric that needs every class present stays defined.
+    a metric that needs every class present stays defined. With ``batched`` the statistic
+    gets all replicates' indices at once, shape (n_boot, n), and returns one value per row;
+    the replicates are the same as unbatched.
     """
     if n_boot <= 0 or n < 2:
         return float("nan"), float("nan")
-    values = []
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else [np.arange(n)]
-    for _ in range(n_boot):
-        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        v = statistic(idx)
-        if np.isfinite(v):
-            values.append(v)
+    replicates = (np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot))
+    if batched:
+        computed = np.asarray(statistic(np.stack(list(replicates))), dtype=np.float64)
+    else:  # one replicate at a time: memory stays flat however large n is
+        computed = np.array([statistic(idx) for idx in replicates], dtype=np.float64)
+    values = computed[np.isfinite(computed)]
     if len(values) < max(10, n_boot // 4):
         return float("nan"), float("nan")
     alpha = (1 - level) / 2

@@ -27,6 +27,7 @@ from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
 from mcaudit.devices import full_precision
 from mcaudit.metrics import (
     auroc_binary,
+    auroc_of_resamples,
     average_precision,
     bootstrap_interval,
     fpr_at_tpr,
@@ -447,7 +448,8 @@ def _auroc_intervals(ctx, set_name, id_eval, scores, n_boot) -> dict[str, tuple[
     for score_name in SCORES:
         both = np.r_[id_eval[score_name], scores[score_name]]
         is_id = np.r_[np.ones(n_id, bool), np.zeros(len(scores[score_name]), bool)]
-        lo, hi = bootstrap_interval(lambda i: auroc_binary(is_id[i], both[i]), len(both), ctx.rng(f"anomaly.boot.{set_name}.{score_name}"), n_boot, strata=is_id)
+        lo, hi = bootstrap_interval(lambda i: auroc_of_resamples(is_id, both, i), len(both),
+                                    ctx.rng(f"anomaly.boot.{set_name}.{score_name}"), n_boot, strata=is_id, batched=True)
         if np.isfinite(lo):
             out[f"{set_name}.{score_name}.auroc"] = (lo, hi)
     return out
@@ -590,8 +592,8 @@ def _zero_shot(ctx, params, normal: list[str] | None, result: CheckResult) -> st
     }
     for k, v in m.items():
         result.metrics[f"zero_shot.{k}"] = v
-    lo, hi = bootstrap_interval(lambda i: auroc_binary(abnormal[i], p_abnormal[i]), len(abnormal),
-                                ctx.rng("anomaly.boot.zero_shot"), params["n_bootstrap"], strata=abnormal)
+    lo, hi = bootstrap_interval(lambda i: auroc_of_resamples(abnormal, p_abnormal, i), len(abnormal),
+                                ctx.rng("anomaly.boot.zero_shot"), params["n_bootstrap"], strata=abnormal, batched=True)
     if np.isfinite(lo):
         result.intervals["zero_shot.auroc"] = (lo, hi)
     result.per_image["p_abnormal"] = [float(v) for v in p_abnormal]
