@@ -364,27 +364,11 @@ def batched_auroc(o: Outcomes, rows: np.ndarray, keys: np.ndarray, total: int) -
     y = o.labels[rows]
     per = np.full((total, len(o.scored_classes)), np.nan)
     keys = keys.astype(np.int64)
-    counts = np.bincount(keys, minlength=total)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     for j, k in enumerate(o.scored_classes):
         tie = o.tie_ids(k)[rows]
         by_score = _stable_order(tie)
         by_group = by_score[_stable_order(keys[by_score])]
-        g_sorted = keys[by_group].astype(np.int64)
-        t_sorted = tie[by_group]
-        is_pos = y[by_group] == k
-        new_run = np.ones(len(by_group), dtype=bool)
-        new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
-        run_id = np.cumsum(new_run) - 1
-        run_start = np.flatnonzero(new_run)
-        run_end = np.append(run_start[1:], len(by_group))
-        # average 1-based rank of a tie run, counted from the start of its group
-        ranks = ((run_start + run_end + 1) / 2.0 - starts[g_sorted[run_start]])[run_id]
-        n_pos = np.bincount(g_sorted, weights=is_pos, minlength=total)
-        n_neg = counts - n_pos
-        rank_sum = np.bincount(g_sorted, weights=ranks * is_pos, minlength=total)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+        per[:, j] = _auroc_of_sorted_groups(keys[by_group], tie[by_group], y[by_group] == k, total)
     return _row_nanmean(per)
 
 
@@ -419,24 +403,29 @@ def permuted_auroc(o: Outcomes, rows: np.ndarray, perm_codes: np.ndarray, n_grou
         tie_of = np.cumsum(new_tie)
         keys = flat[:, order].ravel().astype(key_type)
         by_group = np.argsort(keys, kind="stable")
-        g_sorted = keys[by_group].astype(np.int64)
-        t_sorted = np.tile(tie_of, n_perm)[by_group]
-        is_pos = np.tile(y[order] == k, n_perm)[by_group]
-        new_run = np.ones(len(by_group), dtype=bool)
-        new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
-        run_id = np.cumsum(new_run) - 1
-        run_start = np.flatnonzero(new_run)
-        run_end = np.append(run_start[1:], len(by_group))
-        counts = np.bincount(g_sorted, minlength=total)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        # average 1-based rank of a tie run, counted from the start of its group
-        ranks = ((run_start + run_end + 1) / 2.0 - starts[g_sorted[run_start]])[run_id]
-        n_pos = np.bincount(g_sorted, weights=is_pos, minlength=total)
-        n_neg = counts - n_pos
-        rank_sum = np.bincount(g_sorted, weights=ranks * is_pos, minlength=total)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per[:, j] = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+        per[:, j] = _auroc_of_sorted_groups(keys[by_group].astype(np.int64), np.tile(tie_of, n_perm)[by_group],
+                                            np.tile(y[order] == k, n_perm)[by_group], total)
     return _row_nanmean(per).reshape(n_perm, n_groups)
+
+
+def _auroc_of_sorted_groups(g_sorted: np.ndarray, tie_sorted: np.ndarray, is_pos: np.ndarray, total: int) -> np.ndarray:
+    """Per group of ``total``, the AUROC of items sorted by group, then score (``tie_sorted``
+    equal exactly within ties): Mann-Whitney U from average within-group ranks, ties one half."""
+    g_sorted = g_sorted.astype(np.int64)
+    new_run = np.ones(len(g_sorted), dtype=bool)
+    new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (tie_sorted[1:] != tie_sorted[:-1])
+    run_id = np.cumsum(new_run) - 1
+    run_start = np.flatnonzero(new_run)
+    run_end = np.append(run_start[1:], len(g_sorted))
+    counts = np.bincount(g_sorted, minlength=total)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # average 1-based rank of a tie run, counted from the start of its group
+    ranks = ((run_start + run_end + 1) / 2.0 - starts[g_sorted[run_start]])[run_id]
+    n_pos = np.bincount(g_sorted, weights=is_pos, minlength=total)
+    n_neg = counts - n_pos
+    rank_sum = np.bincount(g_sorted, weights=ranks * is_pos, minlength=total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
 
 
 def permuted_values(o: Outcomes, rows: np.ndarray, perm_codes: np.ndarray, n_groups: int, macro: bool) -> np.ndarray:
