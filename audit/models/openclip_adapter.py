@@ -33,14 +33,12 @@ class OpenClipAdapter(ModelAdapter):
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts).to(self.device)
-        text = getattr(self.model, "text", None)
-        if text is not None and _is_hf_tower(text):
-            return self.model.encode_text(self._trim(ids))
-        parts = self._text_transformer_parts()
-        if not _padding_is_invisible(parts):
+        if not self._padding_is_invisible():
             return self.model.encode_text(ids)
         ids = self._trim(ids)
-        return _text_transformer_from_embeddings(parts, self._word_embedding()(ids), ids)
+        if self._hf_tower() is not None:
+            return self.model.encode_text(ids)  # the tower masks what padding is left itself
+        return _text_transformer_from_embeddings(self._text_transformer_parts(), self._word_embedding()(ids), ids)
 
     @property
     def logit_scale(self) -> float:
@@ -72,16 +70,15 @@ class OpenClipAdapter(ModelAdapter):
         if context.ndim != 2 or context.shape[1] != self.text_width:
             raise ValueError(f"context must have shape (n_ctx, {self.text_width}), got {tuple(context.shape)}")
         ids, ctx_slice = self._spliced_ids(class_names, context.shape[0])
-        text = getattr(self.model, "text", None)
-        if (text is not None and _is_hf_tower(text)) or _padding_is_invisible(self._text_transformer_parts()):
+        if self._padding_is_invisible():
             ids = self._trim(ids)
         words = self._word_embedding()(ids)
         ctx = context.to(device=words.device, dtype=words.dtype).unsqueeze(0).expand(len(class_names), -1, -1)
         # Rebuild the sequence instead of writing in place, so gradients reach ``context``.
         embeds = torch.cat([words[:, : ctx_slice.start], ctx, words[:, ctx_slice.stop :]], dim=1)
-        text = getattr(self.model, "text", None)
-        if text is not None and _is_hf_tower(text):
-            feats = _hf_tower_from_embeddings(text, embeds, ids)
+        hf = self._hf_tower()
+        if hf is not None:
+            feats = _hf_tower_from_embeddings(hf, embeds, ids)
         else:
             feats = _text_transformer_from_embeddings(self._text_transformer_parts(), embeds, ids)
         return nn.functional.normalize(feats.float(), dim=-1)
@@ -104,6 +101,20 @@ class OpenClipAdapter(ModelAdapter):
         """Tokens up to and including the end token (the last one that is not padding)."""
         real = torch.nonzero(ids != self._pad_id()).flatten()
         return int(real[-1]) + 1 if len(real) else 0
+
+    def _hf_tower(self) -> nn.Module | None:
+        text = getattr(self.model, "text", None)
+        return text if text is not None and _is_hf_tower(text) else None
+
+    def _padding_is_invisible(self) -> bool:
+        """Whether padding after the last end token can change no pooled text feature, so the
+        sequence may be cut there: a Hugging Face tower masks it, a causal CLIP tower never
+        looks ahead (unless a class token or last-token pooling reads the end)."""
+        if self._hf_tower() is not None:
+            return True
+        p = self._text_transformer_parts()
+        return (p.attn_mask is not None and p.cls_emb is None and not p.use_pad_mask
+                and p.pool_type in ("argmax", "eos", "first"))
 
     def _trim(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` cut after the last token that is not padding in any row."""
@@ -163,11 +174,6 @@ class _TextParts:
 def _is_hf_tower(text: nn.Module) -> bool:
     return type(text).__name__ == "HFTextEncoder"
 
-
-def _padding_is_invisible(p: _TextParts) -> bool:
-    """Whether padding after the last end token can change no pooled text feature."""
-    return (p.attn_mask is not None and p.cls_emb is None and not p.use_pad_mask
-            and p.pool_type in ("argmax", "eos", "first"))
 
 
 def _text_transformer_from_embeddings(p: _TextParts, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
