@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mcaudit.verdict import Finding
+
 if TYPE_CHECKING:
     from mcaudit.context import AuditContext
 
@@ -83,10 +85,20 @@ class CheckResult:
     """What a check returns.
 
     ``metrics`` is a flat map from metric name to number; it is what gates read and what
-    results.json stores. ``intervals`` maps some of those names to (low, high) confidence
-    bounds. ``details`` holds any further JSON-serialisable data. ``per_image`` adds columns to
+    results.json stores. ``intervals`` maps some of those names to (low, high) 95% confidence
+    bounds, which thresholds decide on (see :mod:`mcaudit.gating`). ``sample_size`` is the
+    number of images behind the metrics, ``n`` overrides it per metric, and ``counts`` gives a
+    proportion's (successes, trials), shown as "5 of 390". ``not_evaluated`` maps a metric
+    that cannot be computed on this run to the reason, so a threshold on it reads "not
+    evaluated" with that reason rather than passing or vanishing. ``findings`` are the check's
+    own conclusions that no threshold captures (:class:`mcaudit.Finding`, warn or fail).
+    ``details`` holds any further JSON-serialisable data. ``per_image`` adds columns to
     samples.csv (named ``check.column``): one value per row of the shared forward pass, with
     ``None`` for images the check did not look at.
+
+    A check never sets its own pass/fail status: the host derives it from the thresholds and
+    findings. ``status`` is only "ok" (it ran) or "skipped" (it does not apply to this data,
+    which makes every threshold on it not evaluated).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -98,6 +110,19 @@ class CheckResult:
     details: dict[str, Any] = field(default_factory=dict)
     per_image: dict[str, Any] = field(default_factory=dict)  # column -> values per forward row
     status: str = "ok"  # "ok", or "skipped" when the check does not apply to this data
+    findings: list[Finding] = field(default_factory=list)
+    sample_size: int | None = None
+    n: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+
+    def warn(self, message: str, metric: str | None = None, severity: float = 1.0) -> None:
+        """Raise a warning finding (and list it among the check's caveats)."""
+        self.findings.append(Finding("warn", message, metric, severity))
+
+    def fail(self, message: str, metric: str | None = None, severity: float = 1.0) -> None:
+        """Raise a failing finding."""
+        self.findings.append(Finding("fail", message, metric, severity))
 
     @classmethod
     def skipped(cls, reason: str) -> "CheckResult":
@@ -118,13 +143,19 @@ class Check(abc.ABC):
     Subclasses set the class attributes and implement :meth:`run`. ``uses_model`` is False for
     a check that needs only the shared forward pass (features, logits, probabilities); a check
     that runs the model again (attacks, attributions) sets it True.
+
+    ``default_thresholds`` maps a metric (``*`` allowed) to a rule string (">= 0.5") or a table
+    (``{"rule": "> chance_level", "on": "lower"}``; see :mod:`mcaudit.gating`). They decide the
+    check's status on every run and gate it under ``--gate``; ``threshold_reasons`` says, per
+    threshold, why that bound was chosen (shown by ``mcaudit plugins``).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
     metrics: ClassVar[dict[str, str]] = {}
-    default_thresholds: ClassVar[dict[str, str]] = {}
+    default_thresholds: ClassVar[dict[str, Any]] = {}
+    threshold_reasons: ClassVar[dict[str, str]] = {}
     uses_model: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -160,4 +191,5 @@ class Check(abc.ABC):
             },
             "metrics": dict(cls.metrics),
             "default_thresholds": dict(cls.default_thresholds),
+            "threshold_reasons": dict(cls.threshold_reasons),
         }

@@ -72,7 +72,8 @@ def cli():
 @click.option("--ood", help="Out-of-distribution data for the anomaly check (any data format).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Format option, e.g. dicom_frame=middle.")
 @click.option("--set", "set_params", multiple=True, metavar="CHECK.PARAM=VALUE", help="Check parameter.")
-@click.option("--strict", is_flag=True, default=None, help="Stop at the first unreadable image.")
+@click.option("--strict", is_flag=True, default=None,
+              help="Nothing passes unseen: stop at the first unreadable image, and under --gate fail on any threshold or check not evaluated.")
 @click.option("--allow-network", is_flag=True, default=None, help="Allow downloading model files.")
 @click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML (one test per threshold).")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary (appended to $GITHUB_STEP_SUMMARY when set).")
@@ -149,17 +150,33 @@ def write_ci_outputs(results, junit_file: str | None, markdown_file: str | None)
 
 
 def print_summary(results) -> None:
+    from mcaudit.reports.verdicts import caveats, policy_words, status_word
+
     d = results["dataset"]
     click.echo(f"{results['model']['spec']} on {d['spec']}: {d['images']} images scored, {d['skipped']} skipped")
     for name, check in results["checks"].items():
-        click.echo(f"  {name:<20} {check['status']:<8} {check.get('summary', '')}")
+        click.echo(f"  {name:<20} {status_word(check['status']):<14} {check.get('status_reason', '')}")
+    verdict = results.get("verdict") or {}
+    findings = verdict.get("findings", [])
+    if findings:
+        click.echo("findings, worst first:")
+        for f in findings[:12]:
+            click.echo(f"  {status_word(f['status']):<14} {f['text']}")
+        if len(findings) > 12:
+            click.echo(f"  ... and {len(findings) - 12} more in the report")
+    notes = caveats(results)
+    if notes:
+        click.echo(f"caveats ({len(notes)}):")
+        for check, text in notes[:10]:
+            click.echo(f"  {check}: {text}")
+        if len(notes) > 10:
+            click.echo(f"  ... and {len(notes) - 10} more in the report")
+    click.echo(f"verdict: {verdict.get('headline', '')}")
     gate = results.get("gate") or {}
     if gate.get("applied"):
-        failed = [g for g in gate["results"] if not g["passed"]]
-        click.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'} ({len(gate['results']) - len(failed)}/{len(gate['results'])} thresholds met)")
-        for g in failed:
-            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
-            click.echo(f"  FAIL {g['name']} = {value}, needs {g['op']} {g['bound']:g} {g['reason']}".rstrip())
+        click.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'} ({policy_words(gate['policy'])})")
+    else:
+        click.echo("not gated: the exit code ignores the verdict (add --gate to make it fail CI)")
 
 
 @cli.command()
@@ -232,15 +249,17 @@ def read_results(path: str) -> dict:
 @click.argument("results_file", type=click.Path(dir_okay=False))
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="Threshold TOML (default: mcaudit.toml / pyproject.toml).")
 @click.option("--no-defaults", is_flag=True, help="Ignore the checks' default thresholds.")
+@click.option("--strict", is_flag=True, help="Fail on any threshold or check not evaluated.")
 @click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML.")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary.")
 @plugin_option
 @click.pass_context
-def gate(ctx, results_file, thresholds, no_defaults, junit_file, markdown_file, plugin_args):
+def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdown_file, plugin_args):
     """Re-apply thresholds to a results.json without running anything."""
     from mcaudit.catalog import build_catalog
-    from mcaudit.gating import apply_gate, collect_thresholds
+    from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
     from mcaudit.plugin_manager import make_plugin_manager
+    from mcaudit.runner import exit_code
 
     results = read_results(results_file)
     defaults = {}
@@ -251,14 +270,14 @@ def gate(ctx, results_file, thresholds, no_defaults, junit_file, markdown_file, 
             cls = catalog.checks.get(name)
             if cls is not None:
                 defaults.update({f"{name}.{m}": v for m, v in cls.default_thresholds.items()})
-    found = collect_thresholds(thresholds or "", {}, defaults)
+    policy_table: dict = {}
+    found = collect_thresholds(thresholds or "", {}, defaults, policy_out=policy_table)
     if not found:
         raise InputError("no thresholds: pass --thresholds FILE or add [thresholds] to mcaudit.toml")
-    results["gate"] = apply_gate(results, found)
+    apply_gate(results, found, gated=True, policy=gate_policy(policy_table, strict=strict))
     write_ci_outputs(results, junit_file, markdown_file)
     print_summary(results)
-    errored = any(c.get("status") == "error" for c in results["checks"].values())
-    ctx.exit(0 if results["gate"]["passed"] and not errored else 1)
+    ctx.exit(exit_code(results))
 
 
 @cli.command()

@@ -16,6 +16,10 @@ A config file (``--config FILE``, or ``mcaudit.toml`` / ``[tool.mcaudit]`` in
 
     [thresholds]                # gate thresholds, as "check.metric" = "OP VALUE"
     "performance.accuracy" = ">= 0.80"
+    "performance.recall.*" = { rule = ">= 0.9", on = "lower" }
+
+    [gate]                      # what statuses mean for the exit code (see mcaudit.verdict)
+    not_evaluated = "fail"      # default "show"; --strict sets "fail"
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class RunConfig:
     ood: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
     check_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    thresholds: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    gate_policy: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
     config_file: str | None = None
 
@@ -59,7 +64,7 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quiet",)}
 
 
-RUN_KEYS = {f.name for f in fields(RunConfig)} - {"check_params", "thresholds", "config_file", "gate"}
+RUN_KEYS = {f.name for f in fields(RunConfig)} - {"check_params", "thresholds", "config_file", "gate", "gate_policy"}
 
 
 def read_toml(path: Path, what: str = "config") -> dict[str, Any]:
@@ -111,6 +116,10 @@ def apply_config_file(cfg: RunConfig, path: Path) -> None:
         raise InputError(f"{path}: [checks.NAME] tables hold check parameters")
     for name, params in checks.items():
         cfg.check_params.setdefault(name, {}).update(params)
+    gate = table.get("gate", {})
+    if not isinstance(gate, dict):
+        raise InputError(f"{path}: [gate] must be a table (not_evaluated, inconclusive, warn)")
+    cfg.gate_policy.update(gate)
     thresholds = table.get("thresholds", {})
     if thresholds:
         cfg.thresholds.update(parse_threshold_table(thresholds, str(path)))
@@ -142,24 +151,32 @@ def _coerce(key: str, value: Any, path: Path) -> Any:
     return value
 
 
-def parse_threshold_table(table: Any, where: str) -> dict[str, str]:
+def parse_threshold_table(table: Any, where: str) -> dict[str, Any]:
+    """``"check.metric" = ">= VALUE"`` or ``= { rule = ">= VALUE", on = "lower" }`` entries."""
     if not isinstance(table, dict):
         raise InputError(f"{where}: [thresholds] must be a table of \"check.metric\" = \">= VALUE\"")
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in _flatten(table):
+        if isinstance(value, dict):
+            out[key] = value
+            continue
         if not isinstance(value, str):
             value = f">= {value}" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if not isinstance(value, str):
-            raise InputError(f"{where}: threshold {key!r} must be a string like \">= 0.8\"")
+            raise InputError(f"{where}: threshold {key!r} must be a string like \">= 0.8\" or a table {{ rule = \">= 0.8\" }}")
         out[key] = value
     return out
 
 
+THRESHOLD_KEYS = {"rule", "on", "severity"}
+
+
 def _flatten(table: dict[str, Any], prefix: str = ""):
-    # TOML turns unquoted dotted keys (performance.accuracy = ...) into nested tables.
+    # TOML turns unquoted dotted keys (performance.accuracy = ...) into nested tables; a table
+    # holding a "rule" is one threshold's settings, not a level of its name.
     for key, value in table.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not ("rule" in value and set(value) <= THRESHOLD_KEYS):
             yield from _flatten(value, name + ".")
         else:
             yield name, value

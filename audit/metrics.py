@@ -106,6 +106,34 @@ def auroc_ovr(labels: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]
     return (float(per[ok].mean()) if ok.any() else float("nan")), per
 
 
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: near-nominal coverage even for small n or a
+    proportion near 0 or 1, where the Wald interval collapses (Brown, Cai and DasGupta 2001)."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def clopper_pearson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a proportion: coverage at least nominal for every n
+    and p, at the price of some width; for small samples such as attacked-image subsets."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    from scipy.stats import beta
+
+    alpha = 1 - level
+    lo = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    hi = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return lo, hi
+
+
 def bootstrap_interval(
     statistic: Callable[[np.ndarray], float],
     n: int,

@@ -27,7 +27,7 @@ from mcaudit.devices import PRECISIONS, resolve_device
 from mcaudit.distributed import SINGLE, World, init_from_env, local_device
 from mcaudit.errors import InputError
 from mcaudit.forward import run_forward
-from mcaudit.gating import apply_gate, collect_thresholds
+from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugin_manager import PluginManager
 from mcaudit.prompts import PromptSet, load_prompts
@@ -48,10 +48,15 @@ class AuditRun:
 
     @property
     def exit_code(self) -> int:
-        errored = any(c["status"] == "error" for c in self.results["checks"].values())
-        gate = self.results.get("gate") or {}
-        failed = gate.get("applied") and not gate.get("passed")
-        return 1 if errored or failed else 0
+        return exit_code(self.results)
+
+
+def exit_code(results: dict[str, Any]) -> int:
+    """1 when a gated run did not pass or any check errored, else 0."""
+    errored = any(c.get("execution") == "error" for c in results["checks"].values())
+    gate = results.get("gate") or {}
+    failed = gate.get("applied") and not gate.get("passed")
+    return 1 if errored or failed else 0
 
 
 def apply_demo_defaults(cfg: RunConfig) -> bool:
@@ -133,7 +138,8 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
     entries, results = {}, {}
     for name, (cls, params) in selected.items():
         start = time.perf_counter()
-        entry: dict[str, Any] = {"description": cls.description, "params": params}
+        entry: dict[str, Any] = {"description": cls.description, "params": params,
+                                 "declared_metrics": list(cls.metrics)}
         try:
             torch.manual_seed(int(ctx.rng(f"torch:{name}").integers(0, 2**62)))
             result = cls().run(ctx, dict(params))
@@ -143,6 +149,7 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
             entry.update(result_entry(result))
         except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others
             entry.update(
+                execution="error",
                 status="error",
                 summary=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
                 error=traceback.format_exc(),
@@ -156,11 +163,22 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
 
 
 def result_entry(result: CheckResult) -> dict[str, Any]:
+    if result.status not in ("ok", "skipped"):
+        raise ValueError(f"CheckResult.status must be 'ok' or 'skipped', not {result.status!r}: "
+                         "the host derives pass/fail from thresholds and findings")
+    intervals = {k: [float(a), float(b)] for k, (a, b) in result.intervals.items()
+                 if np.isfinite(float(a)) and np.isfinite(float(b))}
     return {
-        "status": result.status,
+        "execution": "completed" if result.status == "ok" else "skipped",
         "summary": result.summary,
         "metrics": result.clean_metrics(),
-        "intervals": {k: [float(a), float(b)] for k, (a, b) in result.intervals.items()},
+        "intervals": intervals,
+        "sample_size": None if result.sample_size is None else int(result.sample_size),
+        "n": {k: int(v) for k, v in result.n.items()},
+        "counts": {k: [int(a), int(b)] for k, (a, b) in result.counts.items()},
+        "not_evaluated": {k: str(v) for k, v in result.not_evaluated.items()},
+        "findings": [{"status": f.status, "message": f.message, "metric": f.metric, "severity": float(f.severity)}
+                     for f in result.findings],
         "warnings": list(result.warnings),
         "tables": [{"title": t.title, "columns": t.columns, "rows": _jsonable(t.rows), "note": t.note} for t in result.tables],
         "figures": [{"title": f.title, "caption": f.caption, "data_uri": f.data_uri} for f in result.figures],
@@ -216,7 +234,17 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     catalog = build_catalog(manager)
     selected = select_checks(catalog, cfg)
     defaults = {f"{n}.{m}": v for n, (cls, _) in selected.items() for m, v in cls.default_thresholds.items()}
-    thresholds = collect_thresholds(cfg.gate, cfg.thresholds, defaults, cfg.config_file or "config") if cfg.gate is not None else []
+    # Thresholds decide every check's status on every run; --gate only makes them the exit code.
+    policy_table: dict[str, Any] = dict(cfg.gate_policy)
+    thresholds = collect_thresholds(cfg.gate, cfg.thresholds, defaults, cfg.config_file or "config", policy_table)
+    policy = gate_policy(policy_table, strict=cfg.strict, source=cfg.config_file or "gate file")
+    known_checks = ", ".join(selected) or "none"
+    for t in thresholds:
+        if t.check not in selected and t.source != "default":
+            raise InputError(f"threshold {t.name!r} ({t.source}): no check {t.check!r} in this run (checks: {known_checks})")
+    if cfg.gate is not None and not thresholds:
+        raise InputError("--gate: no thresholds apply (the selected checks have no default thresholds and no "
+                         "[thresholds] were found): pass --gate FILE")
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -297,12 +325,8 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
             "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
         },
         "checks": entries,
-        "gate": {"applied": False, "passed": None, "results": []},
     }
-    # The checks' own default thresholds rank the findings in the report even without --gate.
-    results["findings"] = apply_gate(results, collect_thresholds(None, {}, defaults))["results"]
-    if cfg.gate is not None:
-        results["gate"] = apply_gate(results, thresholds)
+    apply_gate(results, thresholds, gated=cfg.gate is not None, policy=policy)
     results["environment"]["cpu_threads"] = torch.get_num_threads()
     if world.active:
         results["environment"]["world_size"] = world.size

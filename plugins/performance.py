@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from mcaudit import Check, CheckResult, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Finding, Param, Table, hookimpl
 from mcaudit.metrics import (
     accuracy,
     auroc_ovr,
     balanced_accuracy,
     bootstrap_interval,
     confusion,
+    wilson_interval,
     per_class_precision,
     per_class_recall,
 )
@@ -32,8 +33,20 @@ class PerformanceCheck(Check):
         "recall.<class>": "share of the class's images predicted as the class (sensitivity)",
         "precision.<class>": "share of the images predicted as the class that are the class (PPV)",
         "n_images": "images scored",
+        "chance_level": "balanced accuracy of guessing: 1 / number of classes",
     }
-    default_thresholds = {}
+    default_thresholds = {
+        "balanced_accuracy": {"rule": "> chance_level", "on": "lower"},
+        "auroc_macro": {"rule": "> 0.5", "on": "lower"},
+        "recall.*": ">= 0.5",
+    }
+    threshold_reasons = {
+        "balanced_accuracy": "a model whose balanced accuracy cannot be shown above guessing (its lower 95% bound) "
+                             "has learned nothing usable about these classes",
+        "auroc_macro": "an AUROC whose lower 95% bound is not above 0.5 ranks patients no better than a coin",
+        "recall.*": "a class the model misses more often than it finds (sensitivity under 50%) is unfit for any "
+                    "clinical use; set your own floor (screening usually needs >= 0.9) in the gate file",
+    }
 
     def run(self, ctx, params):
         fwd = ctx.forward
@@ -52,15 +65,28 @@ class PerformanceCheck(Check):
         for c, r, p in zip(classes, rec, prec):
             metrics[f"recall.{c}"] = float(r)
             metrics[f"precision.{c}"] = float(p)
+        metrics["chance_level"] = 1.0 / k
+        support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+        n = len(labels)
+        counts = {"accuracy": (int(np.trace(cm)), n)}
+        for j, c in enumerate(classes):
+            if support[j] > 0:
+                counts[f"recall.{c}"] = (int(cm[j, j]), int(support[j]))
+            if predicted[j] > 0:
+                counts[f"precision.{c}"] = (int(cm[j, j]), int(predicted[j]))
+        # Proportions get Wilson intervals; balanced accuracy and AUROC a bootstrap over
+        # images that lets the class mix vary, as it does between samples of patients.
+        intervals = {m: wilson_interval(*kn) for m, kn in counts.items()}
         rng = ctx.rng("performance.bootstrap")
         nb = params["n_bootstrap"]
-        intervals = {
-            "accuracy": bootstrap_interval(lambda i: accuracy(labels[i], preds[i]), len(labels), rng, nb, strata=labels),
-            "balanced_accuracy": bootstrap_interval(lambda i: balanced_accuracy(labels[i], preds[i], k), len(labels), rng, nb, strata=labels),
-            "auroc_macro": bootstrap_interval(lambda i: auroc_ovr(labels[i], probs[i])[0], len(labels), rng, nb, strata=labels),
-        }
+        intervals["balanced_accuracy"] = bootstrap_interval(lambda i: balanced_accuracy(labels[i], preds[i], k), n, rng, nb)
+        intervals["auroc_macro"] = bootstrap_interval(lambda i: auroc_ovr(labels[i], probs[i])[0], n, rng, nb)
         intervals = {m: v for m, v in intervals.items() if np.isfinite(v[0])}
-        support = cm.sum(axis=1)
+        not_evaluated = {}
+        present = int((support > 0).sum())
+        if present < 2:
+            reason = "the data hold images of only one class, so nothing can be told apart"
+            not_evaluated = {"balanced_accuracy": reason, "auroc_macro": reason}
         per_class = Table(
             "Per class",
             ["class", "images", "recall", "precision", "AUROC (one vs rest)"],
@@ -75,13 +101,21 @@ class PerformanceCheck(Check):
         absent = [c for c, s in zip(classes, support) if s == 0]
         if absent:
             warnings.append(f"no images of class(es) {', '.join(absent)}: their recall and AUROC are undefined")
-        worst = int(np.nanargmin(np.where(support > 0, rec, np.nan))) if (support > 0).any() else 0
+        findings = []
+        if present < 2:
+            findings.append(Finding("inconclusive", "only one class has images, so performance cannot be judged (and cannot pass)"))
+        # The weakest class weighs support: the lowest upper bound of recall, so a class of
+        # 12 images at recall 0 outranks one of 2 images at recall 0.
+        upper = np.array([wilson_interval(int(cm[j, j]), int(support[j]))[1] if support[j] else np.inf for j in range(k)])
+        worst = int(np.argmin(upper))
         summary = (
-            f"Accuracy {metrics['accuracy']:.1%}, balanced accuracy {metrics['balanced_accuracy']:.1%}, "
-            f"AUROC {auc:.3f}; weakest class {classes[worst]!r} (recall {rec[worst]:.1%})."
+            f"Accuracy {metrics['accuracy']:.1%}, balanced accuracy {metrics['balanced_accuracy']:.1%} "
+            f"(chance {1 / k:.0%}), AUROC {auc:.3f}; weakest class {classes[worst]!r} "
+            f"(recall {rec[worst]:.1%}, {int(cm[worst, worst])} of {int(support[worst])})."
         )
         return CheckResult(
-            metrics=metrics, intervals=intervals, summary=summary,
+            metrics=metrics, intervals=intervals, summary=summary, counts=counts, sample_size=n,
+            not_evaluated=not_evaluated, findings=findings,
             tables=[per_class, cm_table], figures=figures, warnings=warnings,
             details={"confusion_matrix": cm.tolist(), "classes": classes},
         )

@@ -13,7 +13,6 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-STATUS_ORDER = {"error": 0, "fail": 1, "flagged": 2, "skipped": 3, "ok": 4}
 
 
 def _env() -> jinja2.Environment:
@@ -45,40 +44,20 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
-def check_verdicts(results: dict[str, Any]) -> dict[str, str]:
-    """Per check: error, fail (a threshold on it failed), skipped or ok.
-
-    Without --gate, the checks' default thresholds mark a check "flagged", so the worst
-    findings come first in the report even when nothing gates the run.
-    """
-    out = {name: c.get("status", "ok") for name, c in results.get("checks", {}).items()}
-    gate = results.get("gate") or {}
-    outcomes = gate.get("results", []) if gate.get("applied") else results.get("findings", [])
-    label = "fail" if gate.get("applied") else "flagged"
-    for g in outcomes:
-        name = g["name"].split(".", 1)[0]
-        if not g["passed"] and out.get(name) == "ok":
-            out[name] = label
-    return out
-
-
 def render_html(results: dict[str, Any], sections: list[Any] | None = None) -> str:
-    verdicts = check_verdicts(results)
-    order = sorted(results.get("checks", {}), key=lambda n: (STATUS_ORDER.get(verdicts[n], 5), n))
+    from mcaudit.reports.verdicts import caveats, check_order, policy_words, status_word
+
+    order = check_order(results)
     gate = results.get("gate") or {"applied": False, "results": []}
-    gate_rows = sorted(gate.get("results", []), key=lambda g: (g["passed"], g["name"]))
-    errored = [n for n in order if verdicts[n] == "error"]
-    if gate.get("applied"):
-        overall = "pass" if gate.get("passed") and not errored else "fail"
-    else:
-        overall = "error" if errored else "no gate"
+    verdict = results.get("verdict") or {"status": "not_evaluated", "headline": "", "findings": []}
     template = _env().get_template("report.html")
     return template.render(
         r=results,
-        verdicts=verdicts,
         order=order,
         gate=gate,
-        gate_rows=gate_rows,
-        overall=overall,
+        verdict=verdict,
+        caveats=caveats(results),
+        policy=policy_words(gate.get("policy") or {}),
+        word=status_word,
         sections=[{"title": s.title, "html": Markup(s.html), "anchor": s.anchor or f"extra-{i}"} for i, s in enumerate(sections or [])],
     )

@@ -1,36 +1,63 @@
-"""JUnit XML: one test case per threshold, so CI systems show the audit like a test run."""
+"""JUnit XML: one test case per threshold and per finding, so CI shows the audit like a test run.
+
+fail and error are JUnit failures and errors; not evaluated is ``<skipped>`` with its reason;
+inconclusive and warn fail the case only when the gate policy says they fail the gate. Each
+case carries its mcaudit status as a property, and the suite's ``system-out`` holds the
+headline and every caveat.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from mcaudit.reports.verdicts import caveats
+from mcaudit.verdict import GatePolicy
+
+
+def _case(suite, classname: str, name: str, time: Any, status: str, message: str, policy: GatePolicy, detail: str = ""):
+    case = ET.SubElement(suite, "testcase", classname=classname, name=name, time=str(time))
+    props = ET.SubElement(case, "properties")
+    ET.SubElement(props, "property", name="status", value=status)
+    if status == "error":
+        ET.SubElement(case, "error", message=message).text = detail or message
+    elif status == "not_evaluated":
+        ET.SubElement(case, "skipped", message=f"not evaluated: {message}")
+    elif status == "fail" or policy.blocks(status):
+        ET.SubElement(case, "failure", message=f"{status}: {message}", type=status).text = detail or message
+    elif status != "pass":
+        ET.SubElement(case, "system-out").text = f"{status}: {message}"
+    return case
+
 
 def junit_xml(results: dict[str, Any]) -> str:
     gate = results.get("gate") or {}
-    rows = gate.get("results", [])
+    policy = GatePolicy(**(gate.get("policy") or {}))
     checks = results.get("checks", {})
-    errored = {n: c for n, c in checks.items() if c.get("status") == "error"}
-    suite = ET.Element(
-        "testsuite",
-        name=f"mcaudit {results.get('model', {}).get('spec', '')}",
-        tests=str(len(rows) + len(errored)),
-        failures=str(sum(not r["passed"] for r in rows)),
-        errors=str(len(errored)),
-        time=str(results.get("duration_s", 0)),
-        timestamp=str(results.get("finished_at", "")),
-    )
-    for r in rows:
-        check = r["name"].split(".", 1)[0]
-        case = ET.SubElement(suite, "testcase", classname=f"mcaudit.{check}", name=f"{r['name']} {r['op']} {r['bound']:g}",
-                             time=str(checks.get(check, {}).get("duration_s", 0)))
-        if not r["passed"]:
-            value = "n/a" if r["value"] is None else f"{r['value']:.6g}"
-            failure = ET.SubElement(case, "failure", message=f"{r['name']} = {value}, needs {r['op']} {r['bound']:g}")
-            failure.text = r.get("reason") or f"threshold from {r['source']}"
-    for name, c in errored.items():
-        case = ET.SubElement(suite, "testcase", classname=f"mcaudit.{name}", name=f"{name} ran", time=str(c.get("duration_s", 0)))
-        err = ET.SubElement(case, "error", message=c.get("summary", "check errored"))
-        err.text = c.get("error", "")
+    suite = ET.Element("testsuite", name=f"mcaudit {results.get('model', {}).get('spec', '')}",
+                       time=str(results.get("duration_s", 0)), timestamp=str(results.get("finished_at", "")))
+    for r in gate.get("results", []):
+        check = checks.get(r["check"], {})
+        _case(suite, f"mcaudit.{r['check']}", f"{r['name']} {r['rule']}", check.get("duration_s", 0), r["status"],
+              r["sentence"], policy, f"threshold from {r['source']}")
+    for name, c in checks.items():
+        for f in c.get("findings", []):
+            _case(suite, f"mcaudit.{name}", f"{name} finding: {f['message']}", c.get("duration_s", 0), f["status"],
+                  f["message"], policy)
+        if c.get("execution") == "error":
+            _case(suite, f"mcaudit.{name}", f"{name} ran", c.get("duration_s", 0), "error", c.get("summary", "check errored"),
+                  policy, c.get("error", ""))
+        elif c.get("execution") == "skipped":
+            _case(suite, f"mcaudit.{name}", f"{name} ran", c.get("duration_s", 0), "not_evaluated", c.get("summary", ""), policy)
+    cases = suite.findall("testcase")
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
+    suite.set("errors", str(sum(c.find("error") is not None for c in cases)))
+    suite.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
+    verdict = results.get("verdict") or {}
+    out = [f"verdict: {verdict.get('status', '')}: {verdict.get('headline', '')}"]
+    out += [f"check {n}: {c.get('status')}: {c.get('status_reason', '')}" for n, c in checks.items()]
+    out += [f"caveat ({where}): {text}" for where, text in caveats(results)]
+    ET.SubElement(suite, "system-out").text = "\n".join(out)
     ET.indent(suite)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
