@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from mcaudit.context import AuditContext
 
 
+PROFILES = {
+    "quick": "small subsamples and few steps: a smoke test that fits a CI runner without a GPU; "
+             "robustness numbers come with wide intervals and are often inconclusive",
+    "standard": "sized for a real audit on a GPU: the main robustness numbers have 95% interval "
+                "half-widths of about 0.05",
+    "thorough": "larger samples, more steps and restarts, for a release decision",
+}
+
+
 @dataclass(frozen=True)
 class Param:
     """A check parameter: its default value (which also fixes its type) and what it means."""
@@ -148,6 +157,11 @@ class Check(abc.ABC):
     (``{"rule": "> chance_level", "on": "lower"}``; see :mod:`mcaudit.gating`). They decide the
     check's status on every run and gate it under ``--gate``; ``threshold_reasons`` says, per
     threshold, why that bound was chosen (shown by ``mcaudit plugins``).
+
+    ``profiles`` maps a profile name (``quick``, ``standard``, ``thorough``; see
+    :data:`PROFILES`) to the parameter values it sets, so one ``--profile`` sizes every
+    check's subsamples, steps and restarts together. ``standard`` is what the plain
+    parameter defaults should be; ``--set`` overrides any profile value.
     """
 
     name: ClassVar[str] = ""
@@ -156,11 +170,17 @@ class Check(abc.ABC):
     metrics: ClassVar[dict[str, str]] = {}
     default_thresholds: ClassVar[dict[str, Any]] = {}
     threshold_reasons: ClassVar[dict[str, str]] = {}
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
     uses_model: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, ctx: AuditContext, params: dict[str, Any]) -> CheckResult:
         """Run the check on one audit; ``params`` are resolved against :attr:`params`."""
+
+    @classmethod
+    def profile_params(cls, profile: str) -> dict[str, Any]:
+        """The parameter values ``profile`` sets for this check (empty for an unknown name)."""
+        return dict(cls.profiles.get(profile, {}))
 
     @classmethod
     def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -192,4 +212,5 @@ class Check(abc.ABC):
             "metrics": dict(cls.metrics),
             "default_thresholds": dict(cls.default_thresholds),
             "threshold_reasons": dict(cls.threshold_reasons),
+            "profiles": {k: dict(v) for k, v in cls.profiles.items()},
         }

@@ -69,6 +69,8 @@ def cli():
 @click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--threads", type=int, help="CPU threads for torch (default 0: automatic; one for tiny models).")
 @click.option("--split", help="Split of a MedMNIST .npz (default test).")
+@click.option("--profile", type=click.Choice(["quick", "standard", "thorough"]),
+              help="Sample sizes, steps and restarts of every check together (default standard; quick for the demo).")
 @click.option("--ood", help="Out-of-distribution data for the anomaly check (any data format).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Format option, e.g. dicom_frame=middle.")
 @click.option("--set", "set_params", multiple=True, metavar="CHECK.PARAM=VALUE", help="Check parameter.")

@@ -49,6 +49,7 @@ class RunConfig:
     workers: int = 0
     threads: int = 0  # CPU intra-op threads; 0 = automatic
     split: str = "test"
+    profile: str | None = None  # None: "standard", or "quick" for the demo
     strict: bool = False
     allow_network: bool = False
     ood: str | None = None

@@ -67,6 +67,18 @@ class AuditContext:
         recs = self.dataset.records
         return np.array([recs[i].groups.get(column, "") for i in self.forward.indices], dtype=object)
 
+    def clusters(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """The resampling unit of each forward row (or of ``rows``): the subject/patient id
+        when the data name one, else None (every image is its own unit). Pass it as
+        ``bootstrap_interval(..., clusters=...)`` so that slices of one patient are resampled
+        together."""
+        recs = self.dataset.records
+        indices = self.forward.indices if rows is None else self.forward.indices[np.asarray(rows)]
+        subjects = [getattr(recs[i], "subject", None) for i in indices]
+        if not any(subjects):
+            return None
+        return np.array([s if s else f"\0row{i}" for i, s in zip(indices, subjects)], dtype=object)
+
     def rng(self, name: str) -> np.random.Generator:
         """A generator seeded from the run seed and ``name``, stable across runs and checks."""
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()

@@ -142,18 +142,32 @@ def bootstrap_interval(
     level: float = 0.95,
     strata: np.ndarray | None = None,
     batched: bool = False,
+    clusters: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` items.
 
-    With ``strata`` the resampling keeps each stratum's size (for example each class), so
-    a metric that needs every class present stays defined. With ``batched`` the statistic
-    gets all replicates' indices at once, shape (n_boot, n), and returns one value per row;
-    the replicates are the same as unbatched.
+    With ``clusters`` (one id per item, e.g. the patient) whole clusters are resampled, so
+    correlated items of one patient count once in the sampling spread; replicate lengths then
+    vary, so ``batched`` cannot be combined with it. With ``strata`` the resampling keeps
+    each stratum's size. With ``batched`` the statistic gets all replicates' indices at once,
+    shape (n_boot, n), and returns one value per row; the replicates are the same as unbatched.
     """
     if n_boot <= 0 or n < 2:
         return float("nan"), float("nan")
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else [np.arange(n)]
-    replicates = (np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot))
+    if clusters is not None:
+        if batched or strata is not None:
+            raise ValueError("bootstrap_interval: clusters cannot be combined with batched or strata")
+        _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+        order = np.argsort(cluster_of, kind="stable")
+        starts = np.r_[0, np.flatnonzero(np.diff(cluster_of[order])) + 1, n]
+        members = [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        if len(members) < 2:
+            return float("nan"), float("nan")
+        replicates = (np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))]) for _ in range(n_boot))
+        groups = None
+    else:
+        groups = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else [np.arange(n)]
+        replicates = (np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot))
     if batched:
         computed = np.asarray(statistic(np.stack(list(replicates))), dtype=np.float64)
     else:  # one replicate at a time: memory stays flat however large n is

@@ -64,6 +64,8 @@ def apply_demo_defaults(cfg: RunConfig) -> bool:
     if cfg.model is None and cfg.data is None:
         cfg.model = "demo"
         cfg.data = "phantom:"
+        if cfg.profile is None:
+            cfg.profile = "quick"
         if not cfg.groups:
             cfg.groups = list(DEMO_GROUPS)
         return True
@@ -75,6 +77,8 @@ def apply_demo_defaults(cfg: RunConfig) -> bool:
 
 
 def select_checks(catalog: Catalog, cfg: RunConfig) -> dict[str, tuple[type[Check], dict[str, Any]]]:
+    if cfg.profile is None:
+        cfg.profile = "standard"
     names = cfg.checks or list(catalog.checks)
     unknown = [n for n in names if n not in catalog.checks]
     if unknown:
@@ -82,7 +86,16 @@ def select_checks(catalog: Catalog, cfg: RunConfig) -> dict[str, tuple[type[Chec
     for name in cfg.check_params:
         if name not in catalog.checks:
             raise InputError(f"parameters given for unknown check {name!r} (available: {', '.join(catalog.checks)})")
-    return {n: (catalog.checks[n], catalog.checks[n].resolve_params(cfg.check_params.get(n, {}))) for n in names}
+    from mcaudit.checks import PROFILES
+
+    if cfg.profile not in PROFILES:
+        raise InputError(f"--profile {cfg.profile}: use one of {', '.join(PROFILES)}")
+    selected = {}
+    for n in names:
+        cls = catalog.checks[n]
+        given = cls.profile_params(cfg.profile) | cfg.check_params.get(n, {})
+        selected[n] = (cls, cls.resolve_params(given))
+    return selected
 
 
 def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> ModelAdapter:

@@ -28,6 +28,7 @@ class Record:
     mask: str | None = None
     path: Path | None = None
     boxes: tuple[tuple[float, float, float, float], ...] = ()
+    subject: str | None = None  # the patient/subject id; images of one subject are not independent
 
     @property
     def has_region(self) -> bool:
