@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
-from mcaudit.metrics import accuracy, balanced_accuracy
+from mcaudit.metrics import accuracy, balanced_accuracy, bootstrap_interval
 
 LEVELS = ("char", "word")
 
@@ -162,6 +162,26 @@ class PromptScorer:
         return correct.cpu().numpy(), margin.cpu().numpy()
 
 
+class PairedDrops:
+    """95% intervals of accuracy differences between two prompt sets on the same images.
+
+    A paired bootstrap: each resample draws images (whole patients when the data name them)
+    and both prompt sets are scored on that same draw, so the interval reflects how often the
+    two disagree, not the spread of each accuracy on its own.
+    """
+
+    def __init__(self, clusters: np.ndarray | None, rng: np.random.Generator, n_boot: int, reference: np.ndarray):
+        self.clusters, self.rng, self.n_boot, self.reference = clusters, rng, n_boot, reference
+
+    def interval(self, difference: np.ndarray) -> tuple[float, float]:
+        return bootstrap_interval(lambda i: float(difference[i].mean()), len(difference), self.rng, self.n_boot,
+                                  clusters=self.clusters)
+
+    def drop(self, correct_after: np.ndarray) -> tuple[float, float]:
+        """Interval of the reference accuracy minus the accuracy with ``correct_after``."""
+        return self.interval(self.reference - correct_after)
+
+
 @dataclass
 class ClassAttack:
     class_name: str
@@ -172,6 +192,11 @@ class ClassAttack:
     accuracy_before: float = float("nan")
     accuracy_after: float = float("nan")
     preds_after: np.ndarray | None = None
+    # The greedy search's first step is the most harmful single edit among those scored.
+    one_edit: str = ""
+    one_edit_accuracy: float = float("nan")
+    one_edit_preds: np.ndarray | None = None
+    candidates_scored: int = 0
 
 
 def greedy_attack(
@@ -189,8 +214,9 @@ def greedy_attack(
     emb = base.clone()
     acc0, margin0 = scorer.objective(scorer.logits(emb))
     best = (float(acc0), float(margin0))
-    result = ClassAttack(class_name, level, list(phrasings), list(phrasings), accuracy_before=float(acc0))
-    for _ in range(budget):
+    result = ClassAttack(class_name, level, list(phrasings), list(phrasings), accuracy_before=float(acc0),
+                         one_edit_accuracy=float(acc0), one_edit_preds=scorer.logits(emb).argmax(dim=1).cpu().numpy())
+    for step in range(budget):
         candidates: list[Edit] = []
         for i, text in enumerate(current):
             candidates += char_edits(text, i) if level == "char" else word_edits(text, i, synonyms)
@@ -200,6 +226,7 @@ def greedy_attack(
         if len(candidates) > max_candidates:
             pick = np.sort(rng.choice(len(candidates), size=max_candidates, replace=False))
             candidates = [candidates[i] for i in pick]
+        result.candidates_scored += len(candidates)
         prompt_sets = [[t.format(w) for w in _with(current, c) for t in templates] for c in candidates]
         scorer.encode([p for ps in prompt_sets for p in ps])  # one batched text pass per step
         cand_emb = torch.stack([scorer.class_embedding(ps) for ps in prompt_sets])
@@ -213,6 +240,10 @@ def greedy_attack(
         current = _with(current, candidates[j])
         emb[k] = cand_emb[j]
         result.edits.append(candidates[j].what)
+        if step == 0:
+            result.one_edit = candidates[j].what
+            result.one_edit_accuracy = best[0]
+            result.one_edit_preds = scorer.logits(emb).argmax(dim=1).cpu().numpy()
     result.perturbed = current
     result.accuracy_after = best[0]
     result.preds_after = scorer.logits(emb).argmax(dim=1).cpu().numpy()
@@ -241,18 +272,43 @@ class PromptRobustnessCheck(Check):
         "synonyms": Param("", "extra synonym TOML (groups = [[\"term\", \"synonym\"], ...]) added to the shipped list"),
         "n_images": Param(0, "images scored: a stratified, seeded subsample (0: all; no image is re-encoded)"),
         "worst_prompts": Param(10, "rows of the worst prompts table"),
+        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% intervals"),
     }
     metrics = {
         "ensemble_accuracy": "accuracy with every template together (the audited prompt set)",
         "template_accuracy.worst": "accuracy with the worst single template",
         "template_accuracy.best": "accuracy with the best single template",
-        "template_accuracy.spread": "best minus worst single-template accuracy",
+        "template_accuracy_spread": "best minus worst single-template accuracy (paired over the same images)",
         "prompt_attack.<level>.accuracy.<class>": "accuracy after the worst edits found for that class's phrasings",
         "prompt_attack.<level>.worst_accuracy": "lowest accuracy over classes for that edit level",
-        "prompt_attack.worst_accuracy": "lowest accuracy over classes and edit levels",
-        "prompt_attack.accuracy_drop": "ensemble accuracy minus the worst accuracy under prompt edits",
+        "prompt_attack.<level>.one_edit_drop": "largest accuracy drop from one edit of one class's phrasings at that level",
+        "prompt_attack.worst_accuracy": "lowest accuracy over classes and edit levels, within the edit budget",
+        "prompt_attack.accuracy_drop": "ensemble accuracy minus the worst accuracy under prompt edits, within the edit budget",
+        "one_edit_accuracy_drop": "ensemble accuracy minus the lowest accuracy found after ONE edit (one typo, "
+                                       "swap or deletion of a letter, or one synonym substitution) of one class's "
+                                       "phrasings; paired over the same images",
+        "n_images": "images scored",
     }
-    default_thresholds: dict[str, str] = {}
+    default_thresholds = {
+        "one_edit_accuracy_drop": "<= 0.05",
+        "template_accuracy_spread": {"rule": "<= 0.10", "on": "value", "severity": "warn"},
+    }
+    threshold_reasons = {
+        "one_edit_accuracy_drop": (
+            "a single typo or synonym in a class description is an everyday event in clinical use; it should not "
+            "move accuracy by more than 5 percentage points, the margin diagnostic non-inferiority studies commonly "
+            "accept. Decided on the paired 95% interval of the drop over images; the edit is the worst the search "
+            "found on these images, so the drop is what an unlucky wording costs on them"),
+        "template_accuracy_spread": (
+            "warn only: a 10-point gap between the best and the worst single template means the reported accuracy "
+            "hangs on how the prompt is phrased; decided on the observed gap since the worst template is picked on "
+            "the same images"),
+    }
+    profiles = {
+        "quick": {"n_images": 200, "char_budget": 1, "word_budget": 1, "max_candidates": 16, "n_bootstrap": 200},
+        "standard": {"n_images": 0, "char_budget": 2, "word_budget": 1, "max_candidates": 48, "n_bootstrap": 1000},
+        "thorough": {"n_images": 0, "char_budget": 3, "word_budget": 2, "max_candidates": 256, "n_bootstrap": 2000},
+    }
     uses_model = True  # the text tower only: image features come from the shared pass
 
     def run(self, ctx, params):
@@ -260,7 +316,7 @@ class PromptRobustnessCheck(Check):
         bad = [lv for lv in levels if lv not in LEVELS]
         if bad:
             raise InputError(f"prompt_robustness.levels: unknown level {bad[0]!r} (known: {', '.join(LEVELS)})")
-        for key in ("char_budget", "word_budget", "max_candidates", "n_images", "worst_prompts"):
+        for key in ("char_budget", "word_budget", "max_candidates", "n_images", "worst_prompts", "n_bootstrap"):
             if params[key] < 0 or (key == "max_candidates" and params[key] < 1):
                 raise InputError(f"prompt_robustness.{key}: must be {'at least 1' if key == 'max_candidates' else '>= 0'}, got {params[key]}")
         synonyms = synonym_map(load_synonym_groups(params["synonyms"] or None))
@@ -292,7 +348,7 @@ class PromptRobustnessCheck(Check):
             "ensemble_accuracy": ensemble_acc,
             "template_accuracy.worst": float(template_accs[worst_t]),
             "template_accuracy.best": float(max(template_accs)),
-            "template_accuracy.spread": float(max(template_accs) - min(template_accs)),
+            "template_accuracy_spread": float(max(template_accs) - min(template_accs)),
             "n_images": float(len(rows)),
         }
 
@@ -313,12 +369,54 @@ class PromptRobustnessCheck(Check):
             metrics["prompt_attack.worst_accuracy"] = worst_attack.accuracy_after
             metrics["prompt_attack.accuracy_drop"] = ensemble_acc - worst_attack.accuracy_after
 
-        return self._result(ctx, rows, metrics, template_rows, template_preds[worst_t], attacks, worst_attack,
-                            ensemble_acc, params, levels, ctx.prompts.all_templates()[worst_t])
+        def correct(preds: np.ndarray) -> np.ndarray:
+            return (preds == labels).astype(np.float64)
+
+        paired = PairedDrops(ctx.clusters(rows), ctx.rng("prompt_robustness:bootstrap"), params["n_bootstrap"],
+                             correct(ensemble_preds))
+        best_t = int(np.argmax(template_accs))
+        intervals = {"template_accuracy_spread": paired.interval(correct(template_preds[best_t]) - correct(template_preds[worst_t]))}
+        if worst_attack is not None:
+            intervals["prompt_attack.accuracy_drop"] = paired.drop(correct(worst_attack.preds_after))
+        not_evaluated = {}
+        one_edit = self._one_edit(attacks, levels, metrics, ensemble_acc)
+        if one_edit is None:
+            not_evaluated["one_edit_accuracy_drop"] = (
+                "no single edit was scored (no edit level searched, budgets of 0, or no phrasing offers an edit)")
+        else:
+            intervals["one_edit_accuracy_drop"] = paired.drop(correct(one_edit.one_edit_preds))
+        n = len(rows)
+        counts = {
+            "ensemble_accuracy": (int(correct(ensemble_preds).sum()), n),
+            "template_accuracy.worst": (int(correct(template_preds[worst_t]).sum()), n),
+            "template_accuracy.best": (int(correct(template_preds[best_t]).sum()), n),
+        }
+        if worst_attack is not None:
+            counts["prompt_attack.worst_accuracy"] = (int(correct(worst_attack.preds_after).sum()), n)
+        result = self._result(ctx, rows, metrics, template_rows, template_preds[worst_t], attacks, worst_attack,
+                              one_edit, ensemble_acc, params, levels, ctx.prompts.all_templates()[worst_t])
+        result.intervals = {k: v for k, v in intervals.items() if np.isfinite(v[0])}
+        result.counts, result.sample_size, result.not_evaluated = counts, n, not_evaluated
+        return result
 
     @staticmethod
-    def _result(ctx, rows, metrics, template_rows, worst_template_preds, attacks, worst_attack, ensemble_acc,
-                params, levels, worst_template) -> CheckResult:
+    def _one_edit(attacks, levels, metrics, ensemble_acc):
+        """The single edit that lowers accuracy most over classes and levels (None if none was scored);
+        records each level's largest one-edit drop in ``metrics``."""
+        scored = [a for a in attacks if a.candidates_scored]
+        for level in levels:
+            mine = [a for a in scored if a.level == level]
+            if mine:
+                metrics[f"prompt_attack.{level}.one_edit_drop"] = ensemble_acc - min(a.one_edit_accuracy for a in mine)
+        if not scored:
+            return None
+        worst = min(scored, key=lambda a: a.one_edit_accuracy)
+        metrics["one_edit_accuracy_drop"] = ensemble_acc - worst.one_edit_accuracy
+        return worst
+
+    @staticmethod
+    def _result(ctx, rows, metrics, template_rows, worst_template_preds, attacks, worst_attack, one_edit,
+                ensemble_acc, params, levels, worst_template) -> CheckResult:
         labels = ctx.forward.labels[rows]
         template_table = Table(
             "Accuracy under each template alone",
@@ -330,9 +428,11 @@ class PromptRobustnessCheck(Check):
         ranked = sorted(attacks, key=lambda a: a.accuracy_after)[: params["worst_prompts"]]
         attack_table = Table(
             "Worst prompt edits found",
-            ["class edited", "edit level", "edits", "original phrasing", "edited phrasing", "accuracy before", "accuracy after"],
+            ["class edited", "edit level", "edits", "original phrasing", "edited phrasing", "accuracy before",
+             "accuracy after one edit", "accuracy after"],
             [[a.class_name, a.level, "; ".join(a.edits) or "none found",
-              " | ".join(a.original), " | ".join(a.perturbed), a.accuracy_before, a.accuracy_after] for a in ranked],
+              " | ".join(a.original), " | ".join(a.perturbed), a.accuracy_before, a.one_edit_accuracy,
+              a.accuracy_after] for a in ranked],
             note=(f"Greedy search per class: up to {params['char_budget']} character edit(s) (typo, swap, deletion) or "
                   f"{params['word_budget']} synonym substitution(s) of the class's phrasings, every template kept; "
                   f"the other classes' prompts unchanged. {params['max_candidates']} candidate edits scored per step."),
@@ -364,7 +464,7 @@ class PromptRobustnessCheck(Check):
             per_image["correct_worst_prompt_edit"] = column
 
         warnings = []
-        spread = metrics["template_accuracy.spread"]
+        spread = metrics["template_accuracy_spread"]
         if len(template_rows) == 1:
             warnings.append("Only one template: template sensitivity cannot be measured; add templates to the prompt file.")
         elif spread >= 0.10:
@@ -379,20 +479,24 @@ class PromptRobustnessCheck(Check):
         summary = f"Accuracy {ensemble_acc:.1%} with all templates; " + (
             f"single templates range from {worst_t:.1%} to {best_t:.1%}" if f"{worst_t:.1%}" != f"{best_t:.1%}"
             else f"every single template gives {best_t:.1%}")
-        if worst_attack is not None and drop > 0:
-            summary += (f"; the worst small prompt edit found ({worst_attack.level} level, class "
-                        f"{worst_attack.class_name!r}) lowers it to {worst_attack.accuracy_after:.1%}.")
-        elif worst_attack is not None:
-            summary += "; no small prompt edit tried lowers it."
-        else:
-            summary += "."
+        one_drop = metrics.get("one_edit_accuracy_drop", 0.0)
+        if one_edit is not None and one_drop > 0:
+            summary += (f"; one edit ({one_edit.one_edit}, {one_edit.level} level, class {one_edit.class_name!r}) "
+                        f"lowers it to {one_edit.one_edit_accuracy:.1%}")
+        if worst_attack is not None and drop > 0 and worst_attack.accuracy_after < ensemble_acc - one_drop:
+            summary += (f"; {len(worst_attack.edits)} edits ({worst_attack.level} level, class "
+                        f"{worst_attack.class_name!r}) lower it to {worst_attack.accuracy_after:.1%}")
+        elif worst_attack is not None and drop <= 0:
+            summary += "; no prompt edit tried lowers it"
+        summary += "."
         details = {
             "rows": len(rows),
             "templates": [r[0] for r in template_rows],
             "template_accuracy": [r[1] for r in template_rows],
             "attacks": [
                 {"class": a.class_name, "level": a.level, "original": a.original, "perturbed": a.perturbed,
-                 "edits": a.edits, "accuracy_before": a.accuracy_before, "accuracy_after": a.accuracy_after}
+                 "edits": a.edits, "accuracy_before": a.accuracy_before, "accuracy_after": a.accuracy_after,
+                 "one_edit": a.one_edit, "one_edit_accuracy": a.one_edit_accuracy, "candidates_scored": a.candidates_scored}
                 for a in attacks
             ],
             "levels": levels,

@@ -17,6 +17,8 @@ from mcaudit.plugins.prompt_robustness import PromptRobustnessCheck
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
 
+from check_verdict import derive_verdict
+
 
 def run_check(ctx, **given):
     return PromptRobustnessCheck().run(ctx, PromptRobustnessCheck.resolve_params(given))
@@ -62,9 +64,12 @@ def test_template_accuracy_matches_sklearn_without_image_passes(demo_ctx):
     m = result.metrics
     assert m["ensemble_accuracy"] == pytest.approx(accuracy_score(labels, demo_ctx.forward.preds))
     assert m["template_accuracy.worst"] == pytest.approx(min(table.values()))
-    assert m["template_accuracy.spread"] == pytest.approx(max(table.values()) - min(table.values()))
+    assert m["template_accuracy_spread"] == pytest.approx(max(table.values()) - min(table.values()))
     # the demo model's text tower barely depends on the wording: nothing to flag
     assert m["prompt_attack.accuracy_drop"] < 0.05 and not result.warnings
+    status, reason, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
+    one_edit = next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")
+    assert one_edit["status"] == "pass" and status == "pass", reason
     assert len(result.per_image["correct_worst_template"]) == len(demo_ctx.forward)
     # accuracies are counts over the same images: a drop is a whole number of images, exactly
     n = len(demo_ctx.forward)
@@ -109,10 +114,13 @@ class BagOfWordsAdapter(ModelAdapter):
 TOY_TEMPLATES = ("a chest x-ray showing {}.", "a radiograph with {}.", "no sign of {}.")
 
 
-def toy_context(n: int = 200, noise: float = 0.9, seed: int = 0, templates=TOY_TEMPLATES) -> AuditContext:
+TOY_PHRASINGS = {"normal": ["clear lungs"], "opacity": ["a focal opacity"]}
+
+
+def toy_context(n: int = 200, noise: float = 0.9, seed: int = 0, templates=TOY_TEMPLATES, phrasings=None) -> AuditContext:
     """Image features near the class text features of the first two (honest) templates."""
     model = BagOfWordsAdapter()
-    prompts = PromptSet(tuple(templates), {"normal": ["clear lungs"], "opacity": ["a focal opacity"]})
+    prompts = PromptSet(tuple(templates), dict(phrasings or TOY_PHRASINGS))
     classes = ["normal", "opacity"]
     honest = model.class_text_features([[t.format(w) for t in TOY_TEMPLATES[:2] for w in prompts.phrasings[c]] for c in classes])
     rng = np.random.default_rng(seed)
@@ -221,5 +229,102 @@ def test_same_seed_same_result_and_cli_report(tmp_path):
                   tmp_path / "out")
     assert out.exit_code == 0, out.output
     check = out.results["checks"]["prompt_robustness"]
-    assert check["status"] == "ok"
+    # the demo model barely depends on the wording: every default threshold is met
+    assert check["execution"] == "completed" and check["status"] == "pass", check["status_reason"]
+    assert check["counts"]["ensemble_accuracy"][1] == check["sample_size"] == 60
     assert "Accuracy per template" in out.html and "Worst prompt edits found" in out.html
+
+
+# -- the default verdict: a one-edit drop threshold with a paired interval ---------------------
+def one_edit_difference(ctx, result) -> np.ndarray:
+    """Per image: correct with the audited prompts minus correct after the reported single edit,
+    recomputed from the edited phrasing with the adapter's own class_text_features."""
+    worst = min(result.details["attacks"], key=lambda a: a["one_edit_accuracy"])
+    assert len(worst["edits"]) == 1  # budget 1: the reported phrasing is the one-edit phrasing
+    edited = [list(ctx.prompts.phrasings[c]) for c in ctx.classes]
+    edited[ctx.classes.index(worst["class"])] = list(worst["perturbed"])
+    text = ctx.model.class_text_features([[t.format(w) for w in ws for t in ctx.prompts.templates] for ws in edited])
+    after = (ctx.forward.image_features @ text.T).argmax(1).numpy()
+    labels = ctx.forward.labels
+    return (ctx.forward.preds == labels).astype(float) - (after == labels).astype(float)
+
+
+def test_one_typo_in_the_word_that_tells_classes_apart_fails_by_default():
+    # The bag-of-words model hashes whole words, so one typo in "lung"/"lungs" (the only word
+    # that differs between the classes) makes that class's description noise.
+    ctx = toy_context(n=200, noise=0.9, templates=TOY_TEMPLATES[:2], phrasings={"normal": ["clear lung"], "opacity": ["clear lungs"]})
+    result = run_check(ctx, char_budget=1, word_budget=0, max_candidates=500)
+    m = result.metrics
+    assert m["ensemble_accuracy"] > 0.95
+    diff = one_edit_difference(ctx, result)
+    assert m["one_edit_accuracy_drop"] == pytest.approx(diff.mean()) and diff.mean() > 0.4
+    lo, hi = result.intervals["one_edit_accuracy_drop"]
+    assert 0.05 < lo <= m["one_edit_accuracy_drop"] <= hi
+    status, reason, outcomes, entry = derive_verdict(PromptRobustnessCheck, result)
+    assert status == "fail"
+    assert "one edit accuracy drop" in reason and "needs <= 0.05" in reason, reason
+    assert PromptRobustnessCheck.threshold_reasons["one_edit_accuracy_drop"]
+    assert entry["sample_size"] == 200
+    assert entry["counts"]["ensemble_accuracy"] == [round(m["ensemble_accuracy"] * 200), 200]
+    # the summary states the drop, without reassuring words
+    assert "one edit (" in result.summary and "lowers it to" in result.summary
+
+
+def test_a_wording_robust_prompt_set_is_not_failed():
+    """Images lie far from either description's noise: one typo moves few of them, if any."""
+    ctx = toy_context(n=200, noise=0.3, templates=TOY_TEMPLATES[:2],
+                      phrasings={"normal": ["clear lungs", "no focal opacity", "normal lungs"],
+                                 "opacity": ["a focal opacity", "a lung nodule", "an opacity"]})
+    result = run_check(ctx, char_budget=1, word_budget=1, max_candidates=500)
+    assert result.metrics["one_edit_accuracy_drop"] <= 0.02
+    status, reason, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
+    assert next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")["status"] == "pass"
+    assert status != "fail", reason
+
+
+def test_no_edit_searched_is_not_evaluated_never_pass():
+    ctx = toy_context(n=60)
+    result = run_check(ctx, levels=[])
+    assert "one_edit_accuracy_drop" not in result.metrics
+    assert "no single edit was scored" in result.not_evaluated["one_edit_accuracy_drop"]
+    _, _, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
+    assert next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")["status"] == "not_evaluated"
+
+
+def test_paired_interval_matches_scipy_bootstrap_and_resamples_patients():
+    from scipy.stats import bootstrap
+
+    ctx = toy_context(n=200, noise=1.4, templates=TOY_TEMPLATES[:2])
+    result = run_check(ctx, char_budget=1, word_budget=0, max_candidates=200, n_bootstrap=4000)
+    diff = one_edit_difference(ctx, result)
+    labels = ctx.forward.labels
+    assert result.metrics["one_edit_accuracy_drop"] == pytest.approx(diff.mean())
+    assert diff.mean() > 0.1
+    ref = bootstrap((diff,), np.mean, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+    lo, hi = result.intervals["one_edit_accuracy_drop"]
+    assert lo == pytest.approx(ref.low, abs=0.015) and hi == pytest.approx(ref.high, abs=0.015)
+
+    # every image twice under one patient id: resampling patients gives the interval of the
+    # images once, where resampling images would treat the copies as independent evidence
+    twice = toy_context(n=200, noise=1.4, templates=TOY_TEMPLATES[:2])
+    twice.forward.image_features = torch.cat([ctx.forward.image_features] * 2)
+    twice.forward.labels = np.concatenate([labels] * 2)
+    twice.forward.indices = np.arange(400)
+    twice.forward.logits = torch.cat([ctx.forward.logits] * 2)
+    twice.clusters = lambda rows=None: np.tile(np.arange(200), 2)[rows if rows is not None else slice(None)]
+    clustered = run_check(twice, char_budget=1, word_budget=0, max_candidates=200, n_bootstrap=4000)
+    c_lo, c_hi = clustered.intervals["one_edit_accuracy_drop"]
+    assert clustered.metrics["one_edit_accuracy_drop"] == pytest.approx(diff.mean())
+    assert (c_hi - c_lo) == pytest.approx(hi - lo, rel=0.15)
+    twice.clusters = lambda rows=None: None
+    naive = run_check(twice, char_budget=1, word_budget=0, max_candidates=200, n_bootstrap=4000)
+    n_lo, n_hi = naive.intervals["one_edit_accuracy_drop"]
+    assert (n_hi - n_lo) < 0.85 * (c_hi - c_lo)
+
+
+def test_profiles_size_the_search():
+    quick, standard = (PromptRobustnessCheck.resolve_params(PromptRobustnessCheck.profile_params(p)) for p in ("quick", "standard"))
+    thorough = PromptRobustnessCheck.resolve_params(PromptRobustnessCheck.profile_params("thorough"))
+    assert quick["max_candidates"] < standard["max_candidates"] < thorough["max_candidates"]
+    # plain defaults are the standard profile
+    assert PromptRobustnessCheck.resolve_params({}) == standard
