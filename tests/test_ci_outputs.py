@@ -9,14 +9,14 @@ import pytest
 
 from mcaudit.testing import run_cli
 
-ARGS = ["--model", "demo", "--data", "phantom:n=40", "--checks", "performance", "--set", "performance.n_bootstrap=0"]
+ARGS = ["--model", "demo", "--data", "phantom:n=40", "--checks", "performance"]
 
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ci")
     gate = tmp / "g.toml"
-    gate.write_text('"performance.accuracy" = ">= 0.5"\n"performance.auroc_macro" = ">= 0.9999"\n')
+    gate.write_text('"performance.accuracy" = ">= 0.5"\n"performance.auroc_macro" = { rule = ">= 0.9999", on = "value" }\n')
     out = run_cli(["run", "--quiet", *ARGS, "--gate", str(gate), "--junit-xml", str(tmp / "j.xml"), "--markdown", str(tmp / "s.md")], tmp / "o")
     return tmp, out
 
@@ -26,16 +26,21 @@ def test_junit_has_one_case_per_threshold(gated):
     assert out.exit_code == 1
     suite = ET.parse(tmp / "j.xml").getroot()
     cases = suite.findall("testcase")
-    assert len(cases) == 2 and suite.get("failures") == "1"
+    outcomes = out.results["gate"]["results"]  # the file's two and the check's default thresholds
+    assert len(cases) == len(outcomes) == 5 and suite.get("failures") == "1"
+    assert [c.find("properties/property").get("value") for c in cases] == [o["status"] for o in outcomes]
     failed = [c for c in cases if c.find("failure") is not None]
     assert failed[0].get("name").startswith("performance.auroc_macro >=")
+    assert "needs >= 0.9999" in failed[0].find("failure").get("message")
+    assert "verdict: fail" in suite.find("system-out").text
 
 
 def test_markdown_summary_and_github_step_summary(gated, tmp_path, monkeypatch):
     tmp, _ = gated
     text = (tmp / "s.md").read_text()
-    assert text.startswith("## mcaudit: ❌ failed")
-    assert "| performance.auroc_macro | >= 0.9999 |" in text
+    assert text.startswith("## mcaudit: ❌ **fail**")
+    assert "Gate: **failed**" in text
+    assert "| performance.auroc_macro | &gt;= 0.9999 (on value) | 0.995 | 0.978 to 1 | 40 | ❌ **fail** |" in text
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))

@@ -56,7 +56,7 @@ def test_results_schema_and_samples_match_sklearn(tmp_path):
     assert r["environment"]["device"] == "cpu" and r["environment"]["precision"] == "fp32"
     assert r["environment"]["cpu_threads"] == 1  # the tiny demo model runs single-threaded
     perf = r["checks"]["performance"]
-    assert perf["status"] == "ok" and perf["duration_s"] > 0
+    assert perf["execution"] == "completed" and perf["status"] == "pass" and perf["duration_s"] > 0
     assert perf["params"] == {"n_bootstrap": 200}
     rows = read_samples(out.out_dir / "samples.csv")
     assert len(rows) == r["dataset"]["images"] == 60
@@ -100,7 +100,9 @@ def test_failing_check_is_marked_error_and_others_run(tmp_path, monkeypatch):
     assert out.exit_code == 1
     checks = out.results["checks"]
     assert checks["boom"]["status"] == "error" and "planted failure" in checks["boom"]["error"]
-    assert checks["performance"]["status"] == "ok"
+    assert checks["boom"]["execution"] == "error"
+    assert checks["performance"]["execution"] == "completed" and checks["performance"]["status"] != "error"
+    assert out.results["verdict"]["status"] == "error"
     assert "planted failure" in out.html
 
 
@@ -147,7 +149,9 @@ def test_config_file_and_set(tmp_path):
     out = run_cli(["run", "--quiet", "--config", str(cfg)], tmp_path / "o")
     assert out.exit_code == 0, out.output
     assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 0}
-    assert out.results["checks"]["performance"]["intervals"] == {}
+    # No bootstrap: the bootstrap intervals are absent, the closed-form (Wilson) ones remain.
+    intervals = out.results["checks"]["performance"]["intervals"]
+    assert "balanced_accuracy" not in intervals and "auroc_macro" not in intervals and "accuracy" in intervals
     out = run_cli(["run", "--quiet", "--config", str(cfg), "--set", "performance.n_bootstrap=50"], tmp_path / "o")
     assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 50}
 
