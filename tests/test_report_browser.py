@@ -32,10 +32,12 @@ def open_in_browser(html_file: Path, screenshot: Path):
         page.goto(html_file.as_uri(), wait_until="load")
         title = page.title()
         headings = page.locator("h2").all_inner_texts()
+        verdict = page.locator("#verdict").inner_text()
+        badges = page.locator("table .badge").all_inner_texts()
         broken_images = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length")
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return console, requests, title, headings, broken_images
+    return console, requests, title, headings, broken_images, verdict, badges
 
 
 def test_demo_report_renders_offline_without_errors(tmp_path, monkeypatch):
@@ -43,13 +45,22 @@ def test_demo_report_renders_offline_without_errors(tmp_path, monkeypatch):
     out = run_cli(["run", "--quiet", "--data", "phantom:n=80", "--model", "demo"], tmp_path / "report")
     assert out.exit_code == 0, out.output
     shot = tmp_path / "report.png"
-    console, requests, title, headings, broken = open_in_browser(out.out_dir / "index.html", shot)
+    console, requests, title, headings, broken, verdict, badges = open_in_browser(out.out_dir / "index.html", shot)
     assert [c for c in console if c[0] in ("error", "pageerror")] == []
     assert all(url.startswith(("file://", "data:")) for url in requests), requests
     assert title.startswith("mcaudit report")
     assert "Summary" in headings and any(h.startswith("performance") for h in headings)
     assert broken == 0
     assert shot.stat().st_size > 10_000
+    # The headline the browser shows is the verdict's, and every status shown is one of the model's.
+    results = out.results
+    assert verdict.split(None, 1)[1].startswith(results["verdict"]["status"].replace("_", " ").upper()) or \
+        results["verdict"]["headline"] in verdict
+    assert results["verdict"]["headline"] in verdict
+    words = {"PASS", "WARN", "FAIL", "INCONCLUSIVE", "NOT EVALUATED", "ERROR"}
+    assert badges and set(badges) <= words, set(badges) - words
+    shown = {c["status"].replace("_", " ").upper() for c in results["checks"].values()}
+    assert shown <= set(badges)
 
 
 def test_user_strings_are_escaped(tmp_path):
@@ -66,6 +77,6 @@ def test_user_strings_are_escaped(tmp_path):
     html = out.html
     assert HOSTILE not in html and "<b>plain</b>" not in html
     assert "&lt;img src=x onerror=" in html and "&lt;b&gt;plain&lt;/b&gt;" in html
-    console, requests, title, _, _ = open_in_browser(out.out_dir / "index.html", tmp_path / "esc.png")
+    console, requests, title, *_ = open_in_browser(out.out_dir / "index.html", tmp_path / "esc.png")
     assert title != "pwned"
     assert all(url.startswith(("file://", "data:")) for url in requests), requests
