@@ -107,7 +107,13 @@ def run_forward(
     show_progress: bool = False,
     world: World = SINGLE,
 ) -> ForwardOutputs:
-    """Encode every image once; under torchrun each rank encodes its shard, then all gather."""
+    """Encode every image once; under torchrun each rank encodes its shard, then all gather.
+
+    The dataset takes the adapter's own preprocessing from here on, so these pixels and
+    those that checks load later through the same dataset are the ones the model's users
+    would give it.
+    """
+    dataset.use_preprocessing(adapter.pixel_transform)
     device = adapter.device
     subset = dataset
     if world.active:

@@ -41,7 +41,14 @@ class AuditDataset(torch.utils.data.Dataset):
     Subclasses override :meth:`load_pixels` when images do not live in files. Items are
     dicts: ``pixels`` (3 x H x W float in [0, 1], or None when the image could not be read),
     ``index``, ``grey`` and ``error``.
+
+    A decoded image becomes the model's pixels through ``pixel_transform``, the model's own
+    preprocessing up to its normalisation (:meth:`use_preprocessing`; the forward pass sets
+    it from the adapter). Without one, :func:`to_model_size` resizes it to ``image_size``.
     """
+
+    # The model's resize and crop (decoded H x W x 3 in [0, 1] -> 3 x H x W in [0, 1]).
+    pixel_transform = None
 
     def __init__(
         self,
@@ -76,10 +83,20 @@ class AuditDataset(torch.utils.data.Dataset):
             raise UnreadableImage(f"{record.source}: no file")
         return read_image(record.path, self.options)
 
+    def use_preprocessing(self, transform) -> None:
+        """Give every image to ``transform`` (a model's preprocessing), or None for the default."""
+        self.pixel_transform = transform
+
+    def to_pixels(self, arr: np.ndarray) -> torch.Tensor:
+        """A decoded image (H x W x 3 in [0, 1]) as the model's pixels, 3 x H x W in [0, 1]."""
+        if self.pixel_transform is None:
+            return to_model_size(arr, self.image_size)
+        return self.pixel_transform(arr)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             arr, grey = self.load_pixels(index)
-            pixels = to_model_size(arr, self.image_size)
+            pixels = self.to_pixels(arr)
             return {"pixels": pixels, "index": index, "grey": grey, "error": None}
         except UnreadableImage as exc:
             return {"pixels": None, "index": index, "grey": False, "error": str(exc)}
@@ -99,6 +116,8 @@ class AuditDataset(torch.utils.data.Dataset):
                 region = np.zeros((height, width), dtype=bool)
             paint_boxes(region, record.boxes)
         # the same resizing as the image, so the region stays where it was drawn
+        if self.pixel_transform is not None:
+            return transform_region(self.pixel_transform, region)
         return to_model_size(region.astype(np.float32)[..., None], self.image_size, interpolation="nearest")[0] > 0.5
 
     def source_size(self, index: int) -> tuple[int, int]:
@@ -115,6 +134,20 @@ def paint_boxes(region: np.ndarray, boxes) -> None:
         x1, y1 = min(width, int(np.ceil(x + w))), min(height, int(np.ceil(y + h)))
         if x1 > x0 and y1 > y0:
             region[y0:y1, x0:x1] = True
+
+
+def transform_region(transform, region: np.ndarray) -> torch.Tensor:
+    """A binary region (H x W) through a model's preprocessing, as its image goes through it.
+
+    A transform may move regions itself (``transform.region``); otherwise the region goes
+    through it as a grey image and a pixel of the model's grid belongs to the region when
+    the pipeline's filter puts more than half of it inside.
+    """
+    own = getattr(transform, "region", None)
+    if own is not None:
+        return own(region)
+    grey = np.repeat(np.asarray(region, dtype=np.float32)[:, :, None], 3, axis=2)
+    return transform(grey)[0] > 0.5
 
 
 def to_model_size(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:

@@ -3,12 +3,17 @@
 Checks never see the wrapped model. They see pixels in [0, 1] at the model's resolution
 and call :meth:`ModelAdapter.encode_image`, which applies the model's own normalisation
 inside, so gradients of attacks and attributions are taken in pixel space.
+
+How a decoded image becomes those pixels is the model's own business too: a loader passes
+``pixel_transform`` (a :class:`mcaudit.models.preprocessing.ModelPreprocessing`, or any
+callable from an H x W x 3 float image in [0, 1] to a (3, H, W) tensor in [0, 1] at
+``image_size``) and the dataset uses it for every image the model sees.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,12 +35,14 @@ class ModelAdapter(nn.Module, abc.ABC):
         std: Sequence[float],
         weights_sha256: str | None = None,
         loader: str = "",
+        pixel_transform: Callable[[Any], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.spec = spec
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.weights_sha256 = weights_sha256
         self.loader = loader
+        self._pixel_transform = pixel_transform
         # A model folder may ship the prompts it was trained with (prompts.toml); they are
         # the default when the user gives none.
         self.default_prompts = None
@@ -60,6 +67,15 @@ class ModelAdapter(nn.Module, abc.ABC):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def pixel_transform(self) -> Callable[[Any], torch.Tensor] | None:
+        """The model's own resize and crop to [0, 1] pixels, or None for the dataset's default.
+
+        None keeps what loaders written before this hook get: a float bicubic resize of the
+        shorter side and a centre crop (:func:`mcaudit.data.dataset.to_model_size`).
+        """
+        return self._pixel_transform
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)

@@ -30,6 +30,7 @@ from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
 from mcaudit.models.openclip_loader import HUB_ID, OPENAI_MEAN, OPENAI_STD, cache_entry, cached_snapshot, hub_cache_dir
+from mcaudit.models.preprocessing import hf_processor_preprocessing, processor_scale
 from mcaudit.registry import LoaderInfo, ModelRequest
 
 LOADER_NAME = "hf-clip"
@@ -80,8 +81,9 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
     load_into(model, state, ", ".join(str(p) for p in weights))
     model.eval().requires_grad_(False)
     tokenizer = _tokenizer(transformers, folder, spec)
-    mean, std = _pixel_normalisation(transformers, folder, spec)
     size = int(config.vision_config.image_size)
+    processor = _image_processor(transformers, folder, spec, size)
+    mean, std = _pixel_normalisation(processor)
     adapter = HFClipAdapter(
         model,
         tokenizer,
@@ -91,6 +93,7 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
         std=std,
         weights_sha256=_weights_digest(weights),
         loader=LOADER_NAME,
+        pixel_transform=hf_processor_preprocessing(processor, (size, size)),
     )
     if (folder / "prompts.toml").is_file():
         adapter.default_prompts = folder / "prompts.toml"
@@ -215,23 +218,29 @@ def _tokenizer(transformers, folder: Path, spec: str):
         ) from exc
 
 
-def _pixel_normalisation(transformers, folder: Path, spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _image_processor(transformers, folder: Path, spec: str, size: int):
+    """The image processor the model's users get from ``AutoImageProcessor`` (and so from
+    ``CLIPProcessor``). Without a processor config the model is taken to use OpenAI CLIP's
+    preprocessing: transformers' default ``CLIPImageProcessor`` at the model's size."""
+    # transformers 4 writes preprocessor_config.json; 5 nests it in processor_config.json.
+    configs = [folder / n for n in PROCESSOR_CONFIGS if (folder / n).is_file()]
+    if not configs:
+        return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                               image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise InputError(f"--model {spec}: the image processor in {configs[0]} does not load ({exc})") from exc
+
+
+def _pixel_normalisation(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std that map pixels in [0, 1] to what the model saw in training.
 
     The processor rescales 8-bit values by ``rescale_factor`` before normalising, so for
     ``x = pixels * 255 * rescale_factor`` the model sees ``(x - mean) / std``; dividing mean
-    and std by ``255 * rescale_factor`` gives the same thing in [0, 1] pixel space. Without a
-    processor config the model is taken to use OpenAI CLIP's preprocessing.
+    and std by ``255 * rescale_factor`` gives the same thing in [0, 1] pixel space.
     """
-    # transformers 4 writes preprocessor_config.json; 5 nests it in processor_config.json.
-    configs = [folder / n for n in PROCESSOR_CONFIGS if (folder / n).is_file()]
-    if not configs:
-        return OPENAI_MEAN, OPENAI_STD
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise InputError(f"--model {spec}: the image processor in {configs[0]} does not load ({exc})") from exc
-    scale = 255.0 * float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 255.0
+    scale = processor_scale(processor)
     if getattr(processor, "do_normalize", True):
         mean, std = _three(processor.image_mean), _three(processor.image_std)
     else:

@@ -34,6 +34,7 @@ from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.models.openclip_adapter import OpenClipAdapter
+from mcaudit.models.preprocessing import open_clip_preprocessing
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
 from mcaudit.registry import LoaderInfo, ModelRequest
 
@@ -82,6 +83,7 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
     model.eval().requires_grad_(False)
     tokenizer = make_tokenizer(model_cfg, tokenizer_dir, allow_network=request.allow_network)
     size = model.visual.image_size
+    pixel_transform = open_clip_preprocessing(size, preprocess_cfg)
     size = (size, size) if isinstance(size, int) else tuple(size)
     adapter = OpenClipAdapter(
         model,
@@ -92,6 +94,7 @@ def mcaudit_load_model(spec: str, request: ModelRequest) -> ModelAdapter | None:
         std=tuple(preprocess_cfg.get("std") or OPENAI_STD),
         weights_sha256=sha256_file(weights),
         loader="openclip",
+        pixel_transform=pixel_transform,
     )
     if tokenizer_dir is not None and (tokenizer_dir / "prompts.toml").is_file():
         adapter.default_prompts = tokenizer_dir / "prompts.toml"
