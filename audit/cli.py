@@ -224,7 +224,12 @@ def plugins(as_json, plugin_args):
         for k, m in c["metrics"].items():
             click.echo(f"      metric {k}: {m}")
         for k, t in c["default_thresholds"].items():
-            click.echo(f"      default threshold {c['name']}.{k} {t}")
+            rule = t if isinstance(t, str) else t.get("rule", "") + "".join(
+                f", {key} {t[key]}" for key in ("on", "severity") if key in t)
+            reason = c.get("threshold_reasons", {}).get(k)
+            click.echo(f"      default threshold {c['name']}.{k} {rule}" + (f"  ({reason})" if reason else ""))
+        for name, values in c.get("profiles", {}).items():
+            click.echo(f"      --profile {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
     click.echo("\nModel loaders:")
     for ld in info["loaders"]:
         click.echo(f"  {ld['name']} ({ld['plugin']}): {ld['description']}")
@@ -296,6 +301,15 @@ def report(results_file, out, plugin_args):
     results = read_results(results_file)
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
+    if "verdict" not in results:
+        # A results.json from before the status model: derive statuses from the checks' defaults.
+        from mcaudit.catalog import build_catalog
+        from mcaudit.gating import apply_gate, collect_thresholds
+
+        catalog = build_catalog(manager)
+        defaults = {f"{n}.{m}": v for n in results["checks"] if n in catalog.checks
+                    for m, v in catalog.checks[n].default_thresholds.items()}
+        apply_gate(results, collect_thresholds(None, {}, defaults), gated=False)
     target = Path(out) if out else Path(results_file).parent / "index.html"
     write_files_atomically(target.parent, {target.name: render_html(results, plugin_sections(manager, results))})
     click.echo(f"report: {target}")
