@@ -93,9 +93,16 @@ def default_config_file(cwd: Path | None = None) -> Path | None:
     pyproject = cwd / "pyproject.toml"
     if pyproject.is_file():
         try:
-            if "mcaudit" in tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {}):
+            text = pyproject.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return None
+        try:
+            if "mcaudit" in tomllib.loads(text).get("tool", {}):
                 return pyproject
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        except tomllib.TOMLDecodeError as exc:
+            # Settings or thresholds that silently vanish would change the verdict.
+            if "[tool.mcaudit" in text:
+                raise InputError(f"{pyproject}: malformed TOML ({exc}); its [tool.mcaudit] settings cannot be read") from exc
             return None
     return None
 

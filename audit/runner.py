@@ -147,6 +147,18 @@ def set_cpu_threads(threads: int, model: ModelAdapter, device: torch.device) -> 
         torch.set_num_threads(1)
 
 
+def check_finite(forward, dataset: AuditDataset, class_features: torch.Tensor) -> None:
+    """Metrics computed from NaN probabilities would read as a verdict; stop with the facts instead."""
+    if not torch.isfinite(class_features).all():
+        raise InputError("the model's text features are not finite (NaN or inf in the weights?): nothing can be scored")
+    bad = ~torch.isfinite(forward.logits).all(dim=1).numpy()
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        where = ", ".join(dataset.records[forward.indices[r]].source for r in rows[:3])
+        raise InputError(f"the model gave non-finite logits (NaN or inf) for {len(rows)} of {len(bad)} images "
+                         f"(first: {where}); check the checkpoint's weights")
+
+
 def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[str, Any], dict[str, CheckResult]]:
     entries, results = {}, {}
     for name, (cls, params) in selected.items():
@@ -160,7 +172,7 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
                 raise TypeError(f"check {name!r} returned {type(result).__name__}, not CheckResult")
             results[name] = result
             entry.update(result_entry(result))
-        except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one failing check must not stop the others
             entry.update(
                 execution="error",
                 status="error",
@@ -287,6 +299,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         batch_size=cfg.batch_size, precision=cfg.precision, workers=cfg.workers,
         strict=cfg.strict, show_progress=show and world.is_main, world=world,
     )
+    check_finite(forward, dataset, class_features)
     ctx = AuditContext(
         model=model, dataset=dataset, prompts=prompts, class_features=class_features,
         forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,

@@ -303,3 +303,42 @@ def test_trained_model_passes_pneumoniamnist_with_no_threshold_file(tmp_path, mo
     assert perf["status"] == "pass" and out.results["verdict"]["status"] == "pass"
     assert all(o["status"] == "pass" for o in out.results["gate"]["results"])
     assert perf["metrics"]["balanced_accuracy"] > 0.7
+
+
+# -- nothing silently passed --------------------------------------------------------------
+
+
+def test_malformed_pyproject_with_mcaudit_settings_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.mcaudit.thresholds]\n"performance.accuracy" = ">= 0.99"\n[broken\n')
+    out = run_cli(["run", "--quiet", "--model", "demo", "--data", "phantom:n=20", "--checks", "performance", "--gate"],
+                  tmp_path / "o")
+    assert out.exit_code == 2 and "pyproject.toml: malformed TOML" in out.output
+
+
+def test_a_check_calling_sys_exit_is_an_error_not_a_pass(tmp_path, monkeypatch):
+    (tmp_path / "exiting_check.py").write_text(
+        "import sys\nfrom mcaudit import Check, hookimpl\n"
+        "class Exits(Check):\n    name = 'exits'\n    description = 'calls sys.exit(0)'\n"
+        "    def run(self, ctx, params):\n        sys.exit(0)\n"
+        "@hookimpl\ndef mcaudit_register_checks(register):\n    register(Exits)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = run_cli(["run", "--quiet", "-p", "exiting_check", "--model", "demo", "--data", "phantom:n=20",
+                   "--checks", "exits,performance", "--gate"], tmp_path / "o")
+    assert out.exit_code == 1
+    assert out.results["checks"]["exits"]["status"] == "error"
+    assert out.results["checks"]["performance"]["execution"] == "completed"
+
+
+def test_nan_weights_stop_the_run_with_the_count(tmp_path):
+    from mcaudit.testing import save_openclip_folder, tiny_openclip
+
+    model = tiny_openclip(0)
+    with torch.no_grad():
+        model.visual.proj[:, :3] = float("nan")  # one projection's columns: every image's logits become NaN
+    folder = save_openclip_folder(model, tmp_path / "nan-model")
+    out = run_cli(["run", "--quiet", "--model", folder, "--data", "phantom:n=12", "--checks", "performance"], tmp_path / "o")
+    assert out.exit_code == 2, out.output
+    assert "non-finite logits (NaN or inf) for 12 of 12 images" in out.output
+    assert not (tmp_path / "o" / "results.json").exists()
