@@ -9,7 +9,7 @@ import torch
 
 from mcaudit import InputError
 from mcaudit.metrics import equal_width_edges, expected_calibration_error
-from mcaudit.plugins.calibration import CalibrationCheck, fit_temperature
+from mcaudit.plugins.calibration import CalibrationCheck, debiased_ece_rows, fit_temperature
 from mcaudit.testing import run_cli
 
 SMALL = ["--model", "demo", "--data", "phantom:n=64", "--batch-size", "16", "--group", "site"]
@@ -47,6 +47,17 @@ def run_check(ctx, **params):
     return CalibrationCheck().run(ctx, CalibrationCheck.resolve_params(params))
 
 
+def verdict(result, check=CalibrationCheck):
+    """The status the host gives ``result`` under the check's default thresholds, and the outcomes."""
+    from mcaudit.gating import apply_gate, parse_threshold
+    from mcaudit.runner import result_entry
+
+    entry = result_entry(result)
+    thresholds = [parse_threshold(f"{check.name}.{m}", spec, "default") for m, spec in check.default_thresholds.items()]
+    gate = apply_gate({"checks": {check.name: entry}}, thresholds, gated=False)
+    return entry["status"], gate["results"]
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_metrics_agree_with_torchmetrics_netcal_sklearn(k):
     from netcal.metrics import ECE, MCE
@@ -61,11 +72,11 @@ def test_metrics_agree_with_torchmetrics_netcal_sklearn(k):
     assert probs.max() < 1.0  # torchmetrics gives a confidence of exactly 1.0 a bin of its own
     p_t, y_t = torch.from_numpy(probs), torch.from_numpy(labels)
 
-    assert m["ece"] == pytest.approx(float(multiclass_calibration_error(p_t, y_t, k, n_bins=15, norm="l1")), abs=1e-6)
+    assert m["ece_plugin"] == pytest.approx(float(multiclass_calibration_error(p_t, y_t, k, n_bins=15, norm="l1")), abs=1e-6)
     assert m["mce"] == pytest.approx(float(multiclass_calibration_error(p_t, y_t, k, n_bins=15, norm="max")), abs=1e-6)
     # netcal's detection mode takes (confidence, correct) as they are: the top-label definition
     conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(int)
-    assert m["ece"] == pytest.approx(ECE(15, detection=True).measure(conf, correct), abs=1e-6)
+    assert m["ece_plugin"] == pytest.approx(ECE(15, detection=True).measure(conf, correct), abs=1e-6)
     assert m["mce"] == pytest.approx(MCE(15, detection=True).measure(conf, correct), abs=1e-6)
     assert m["ece_equal_mass"] == pytest.approx(ECE(15, equal_intervals=False, detection=True).measure(conf, correct), abs=1e-6)
     if k == 2:
@@ -74,17 +85,49 @@ def test_metrics_agree_with_torchmetrics_netcal_sklearn(k):
         assert ECE(15).measure(probs, labels) == pytest.approx(class1, abs=1e-6)
         assert float(binary_calibration_error(p_t[:, 1].contiguous(), y_t, n_bins=15)) == pytest.approx(class1, abs=1e-6)
     else:
-        assert m["ece"] == pytest.approx(ECE(15).measure(probs, labels), abs=1e-6)
+        assert m["ece_plugin"] == pytest.approx(ECE(15).measure(probs, labels), abs=1e-6)
+    # the debiased values never exceed the plain ones (each bin's |d| shrinks) and, on 600
+    # images of an overconfident model, stay close to them
     classwise = np.mean([float(binary_calibration_error(p_t[:, j].contiguous(), (y_t == j).long(), n_bins=15)) for j in range(k)])
-    assert m["classwise_ece"] == pytest.approx(classwise, abs=1e-6)
+    assert m["ece"] <= m["ece_plugin"] and m["ece"] == pytest.approx(m["ece_plugin"], abs=0.03)
+    assert m["classwise_ece"] <= classwise + 1e-12 and m["classwise_ece"] == pytest.approx(classwise, abs=0.03)
     assert m["brier"] == pytest.approx(brier_score_loss(labels, probs, labels=list(range(k))), abs=1e-6)
     nll = torch.nn.functional.cross_entropy(ctx.forward.logits.double(), y_t)
     assert m["nll"] == pytest.approx(float(nll), abs=1e-6)
     assert m["confidence"] == pytest.approx(probs.max(1).mean(), abs=1e-12)
     assert m["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-12)
-    assert m["overconfidence"] > 0.02 and "overconfident" in result.summary
-    lo, hi = result.intervals.get("ece", (np.nan, np.nan)) if result.intervals else (np.nan, np.nan)
-    assert np.isnan(lo)  # n_bootstrap=0 turns the intervals off
+    assert m["overconfidence"] > 0.02 and "is higher than accuracy" in result.summary
+    assert "ece" not in result.intervals  # n_bootstrap=0 turns the intervals off
+
+
+def test_debiased_ece_equals_a_bin_by_bin_loop():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 40)
+    conf[:3] = [0.52, 0.52, 0.99]  # a bin of one image (0.99) and ties
+    ok = (rng.random(40) < conf - 0.1).astype(float)
+    edges = equal_width_edges(10)
+    total = 0.0
+    for b in range(10):
+        inside = (conf >= edges[b]) & ((conf < edges[b + 1]) if b < 9 else (conf <= 1.0))
+        d = ok[inside] - conf[inside]
+        if len(d) == 0:
+            continue
+        v = d.var(ddof=1) / len(d) if len(d) > 1 else 0.25
+        total += len(d) * np.sqrt(max(0.0, d.mean() ** 2 - v))
+    assert debiased_ece_rows(conf, ok, edges)[0] == pytest.approx(total / 40, abs=1e-12)
+    # rows are independent samples
+    both = debiased_ece_rows(np.stack([conf, conf[::-1]]), np.stack([ok, ok[::-1]]), edges)
+    assert both == pytest.approx([total / 40, total / 40], abs=1e-12)
+
+
+def test_small_calibrated_sample_is_not_failed_where_the_plain_ece_would_be():
+    z, labels = calibrated_logits(60, 2, seed=2)
+    result = run_check(synthetic_context(z, labels), n_bootstrap=200)
+    m = result.metrics
+    assert m["ece_plugin"] > 0.1  # the plain binned ECE of 60 calibrated images reads as miscalibrated
+    status, outcomes = verdict(result)
+    assert status in ("pass", "inconclusive") and status != "fail"
+    assert outcomes[0]["n"] == 60 and outcomes[0]["interval"] is not None
 
 
 @pytest.mark.parametrize("true_t", [2.5, 0.5])
@@ -106,14 +149,21 @@ def test_temperature_scaling_recovers_planted_temperature(true_t):
     assert direct == pytest.approx(best, rel=2e-3)
 
 
-def test_calibrated_model_not_flagged_overconfident_model_flagged():
+def test_planted_temperature_fails_calibrated_model_passes():
     z, labels = calibrated_logits(3000, 2, seed=3)
-    good = run_check(synthetic_context(z, labels), n_bootstrap=50)
-    bad = run_check(synthetic_context(z * 4, labels), n_bootstrap=50)
-    assert good.metrics["ece"] < 0.03 and good.intervals["ece"][0] < 0.03
+    good = run_check(synthetic_context(z, labels), n_bootstrap=100)
+    bad = run_check(synthetic_context(z * 4, labels), n_bootstrap=100)  # logits scaled: overconfident
+    assert good.metrics["ece"] < 0.03 and good.intervals["ece"][1] < 0.1
     assert good.metrics["temperature"] == pytest.approx(1.0, rel=0.08)
-    assert bad.metrics["ece"] > 0.1 and bad.intervals["ece"][0] > 0.1  # fails the default gate ece <= 0.1
+    assert bad.metrics["ece"] > 0.1 and bad.intervals["ece"][0] > 0.1
     assert bad.intervals["ece"][0] <= bad.metrics["ece"] <= bad.intervals["ece"][1]
+    good_status, _ = verdict(good)
+    bad_status, outcomes = verdict(bad)
+    assert good_status == "pass" and bad_status == "fail"
+    assert outcomes[0]["name"] == "calibration.ece" and outcomes[0]["n"] == 3000
+    # the summary states numbers, never a judgement that could contradict the status
+    for r in (good, bad):
+        assert "well calibrated" not in r.summary and "95% CI" in r.summary
 
 
 def test_split_is_stratified_seeded_and_deterministic():
@@ -162,7 +212,35 @@ def test_no_extra_image_encoder_pass_and_report_sections(tmp_path, mcaudit_encod
     assert both.exit_code == 0, both.output
     assert calls == alone_calls and sum(calls) == 64  # one pass over the images, as performance alone
     checks = both.results["checks"]
-    assert checks["calibration"]["status"] == "ok" and checks["fairness"]["status"] == "ok"
-    assert "ece" in checks["calibration"]["intervals"]
+    assert checks["calibration"]["execution"] == "completed" and checks["fairness"]["execution"] == "completed"
+    for name in ("calibration", "fairness"):
+        assert checks[name]["status"] in ("pass", "warn", "fail", "inconclusive", "not_evaluated"), name
+    # the verdict and the numbers behind it agree: ece <= 0.1 passes only if its whole interval does
+    lo, hi = checks["calibration"]["intervals"]["ece"]
+    assert (checks["calibration"]["status"] == "pass") == (hi <= 0.1)
+    assert "ece" in checks["calibration"]["intervals"] and checks["calibration"]["sample_size"] == 64
     html = both.html
     assert 'id="check-calibration"' in html and "Reliability diagram" in html and "Temperature scaling" in html
+
+
+def test_profiles_and_threshold_reasons():
+    assert set(CalibrationCheck.profiles) == {"quick", "standard", "thorough"}
+    assert CalibrationCheck.profiles["standard"]["n_bootstrap"] == CalibrationCheck.params["n_bootstrap"].default
+    assert set(CalibrationCheck.threshold_reasons) == set(CalibrationCheck.default_thresholds)
+    with pytest.raises(InputError, match="n_bootstrap"):
+        z, labels = calibrated_logits(50, 2, seed=1)
+        run_check(synthetic_context(z, labels), n_bootstrap=-1)
+
+
+def test_subject_ids_make_a_patient_level_bootstrap():
+    """Ten copies of each patient's image are one observation, not ten: the subject bootstrap
+    must give a wider ECE interval than pretending the copies are independent."""
+    z, labels = calibrated_logits(80, 2, seed=4)
+    z, labels = np.repeat(z * 2, 10, axis=0), np.repeat(labels, 10)
+    plain = synthetic_context(z, labels)
+    by_subject = synthetic_context(z, labels)
+    for i, record in enumerate(by_subject.dataset.records):
+        record.subject = f"patient{i // 10}"
+    a = run_check(plain, n_bootstrap=200).intervals["ece"]
+    b = run_check(by_subject, n_bootstrap=200).intervals["ece"]
+    assert (b[1] - b[0]) > 1.8 * (a[1] - a[0])
