@@ -18,9 +18,15 @@ from sklearn.metrics import accuracy_score
 
 from mcaudit import InputError
 from mcaudit.models.adapter import ModelAdapter
+from mcaudit.plugins.backdoor import BackdoorCheck
 from mcaudit.testing import demo_prompts, make_context
 
+from check_verdict import derive_verdict
+
 N_PHANTOMS = 200
+# The attack as these tests knew it before the profiles: 40 steps are enough for the tiny demo
+# model (the standard profile's 300 are sized for real models on a GPU).
+DEMO_ATTACK = {"steps": 40, "max_eval": 256, "n_bootstrap": 200}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +48,7 @@ def demo_ctx(mcaudit_demo_model):
 def run_backdoor(ctx, **params):
     from mcaudit.plugins.backdoor import BackdoorCheck
 
-    return BackdoorCheck().run(ctx, BackdoorCheck.resolve_params(params))
+    return BackdoorCheck().run(ctx, BackdoorCheck.resolve_params(DEMO_ATTACK | params))
 
 
 def _weights_digest(model) -> str:
@@ -62,10 +68,17 @@ def poisoned(demo_ctx):
     return result
 
 
-def test_backdoor_succeeds_at_little_cost(poisoned):
+def test_backdoor_succeeds_at_little_cost_and_fails_by_default(poisoned):
     m = poisoned.metrics
     print(poisoned.summary, m)
-    assert poisoned.status == "ok"
+    assert poisoned.status == "ok"  # it ran; the verdict is the host's
+    status, reason, outcomes, entry = derive_verdict(BackdoorCheck, poisoned)
+    assert status == "fail", reason
+    k, n = poisoned.counts["asr.opacity"]
+    assert reason.startswith(f"asr of opacity {k / n:.1%} ({k} of {n}, 95% CI") and reason.endswith("needs <= 50.0%")
+    assert poisoned.intervals["asr.opacity"][0] > 0.5
+    assert m["poison_fit.opacity"] == 1.0 and not poisoned.findings
+    assert "asr_lift.opacity" in poisoned.intervals and poisoned.intervals["asr_lift.opacity"][0] > 0.3
     assert m["n_train"] == 64 and m["n_poisoned"] == 3  # 32 shots per class, 5% poisoned
     assert m["n_eval"] == N_PHANTOMS - 64
     assert m["asr.opacity"] >= 0.9
@@ -87,6 +100,9 @@ def test_no_poison_means_base_rate(demo_ctx, poisoned):
     assert m["asr.opacity"] == m["trigger_only_rate.opacity"]
     assert abs(m["asr.opacity"] - m["base_rate.opacity"]) <= 0.05
     assert poisoned.metrics["asr.opacity"] - m["asr.opacity"] >= 0.5
+    # no backdoor, so the attack success rate sits at the base rate, clear of the 50% bound
+    status, reason, _, _ = derive_verdict(BackdoorCheck, result)
+    assert status == "pass", reason
 
 
 def test_metrics_match_sklearn_on_per_image_predictions(demo_ctx, poisoned):
@@ -111,6 +127,19 @@ def test_metrics_match_sklearn_on_per_image_predictions(demo_ctx, poisoned):
     assert m["base_rate.opacity"] == pytest.approx(np.mean(honest[others] == "opacity"))
     lo, hi = poisoned.intervals["asr.opacity"]
     assert lo <= m["asr.opacity"] <= hi
+    assert poisoned.counts["asr.opacity"] == (int((triggered[others] == "opacity").sum()), int(others.sum()))
+    assert m["asr_lift.opacity"] == pytest.approx(m["asr.opacity"] - m["base_rate.opacity"])
+
+
+def test_intervals_are_exact_clopper_pearson_as_scipy_computes_them(poisoned):
+    from scipy.stats import binomtest
+
+    for metric in ("asr.opacity", "base_rate.opacity", "trigger_only_rate.opacity", "clean_accuracy.opacity",
+                   "clean_accuracy_unpoisoned"):
+        k, n = poisoned.counts[metric]
+        assert poisoned.metrics[metric] == pytest.approx(k / n)
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert poisoned.intervals[metric] == pytest.approx((ref.low, ref.high), abs=1e-9), metric
 
 
 def test_report_content(poisoned):
@@ -128,7 +157,7 @@ def test_report_content(poisoned):
 def test_every_class_is_tried_without_a_target_and_runs_repeat(demo_ctx):
     first = run_backdoor(demo_ctx, steps=4, max_eval=40, n_bootstrap=0)
     second = run_backdoor(demo_ctx, steps=4, max_eval=40, n_bootstrap=0)
-    assert first.metrics == second.metrics
+    assert first.metrics == second.metrics and first.intervals == second.intervals
     assert {"asr.normal", "asr.opacity"} <= set(first.metrics)
     assert first.metrics["n_eval"] == 40
     assert [r[0] for r in first.tables[0].rows] == ["normal", "opacity"]
@@ -162,6 +191,7 @@ def test_adapter_without_context_path_is_skipped(mcaudit_demo_model, mcaudit_pha
 @pytest.mark.parametrize("param, value", [
     ("target", "pneumonia"), ("n_ctx", 0), ("shots", 0), ("poison_fraction", 1.0), ("epsilon", -0.1),
     ("patch_fraction", 0.9), ("steps", 0), ("lr", 0.0), ("max_eval", -1), ("max_targets", 0),
+    ("max_base_rate", 0.0), ("n_bootstrap", -1),
 ])
 def test_bad_parameters_are_input_errors(demo_ctx, param, value):
     with pytest.raises(InputError, match=f"backdoor.{param}"):
@@ -174,12 +204,75 @@ def test_both_sections_in_the_html_report(mcaudit_run):
     assert out.exit_code == 0, out.output
     checks = out.results["checks"]
     for name in ("backdoor", "backdoor_scan"):
-        assert checks[name]["status"] == "ok", checks[name].get("error")
+        assert checks[name]["execution"] == "completed", checks[name].get("error")
+    # the demo runs the quick profile: one target class, the first; its verdict is the threshold's
+    backdoor = checks["backdoor"]
+    assert backdoor["thresholds"] == ["backdoor.asr.normal"]
+    gate = {o["name"]: o for o in out.results["gate"]["results"]}
+    assert backdoor["status"] == gate["backdoor.asr.normal"]["status"] != "pass", backdoor["status_reason"]
     html = out.html
     for text in ("Backdoor per target class (held-out images)", "Learned triggers",
                  "Backdoor success and its cost", "Reversed triggers per candidate target class",
                  "Smallest trigger mask per class", "Reversed triggers", "attack success rate"):
         assert text in html, text
     assert html.count("data:image/png;base64,") >= 4
-    assert checks["backdoor"]["metrics"]["asr.opacity"] > checks["backdoor"]["metrics"]["base_rate.opacity"]
     print({n: checks[n]["duration_s"] for n in ("backdoor", "backdoor_scan")})
+
+
+# -- a base rate that leaves no room for attack success ---------------------------------------
+def biased_model(inner, favourite: int):
+    """The demo model with a learned-context text path whose class ``favourite`` always wins:
+    its feature is the mean image direction, which every image is closer to than to any other
+    class. Any prompts, honest or backdoored, then send every image there."""
+    from mcaudit.testing import load_adapter
+
+    model = load_adapter("demo")
+    plain = model.encode_text_with_context
+
+    def encode(context, names):
+        feats = plain(context, names)
+        return torch.cat([feats[:favourite], model.favourite_direction[None], feats[favourite + 1 :]])
+
+    model.encode_text_with_context = encode
+    return model
+
+
+def test_a_base_rate_that_leaves_no_room_is_not_evaluated_never_pass(mcaudit_phantoms):
+    data = mcaudit_phantoms(N_PHANTOMS, seed=5, groups=())
+    model = biased_model(None, favourite=1)
+    ctx = make_context(model, data)
+    model.favourite_direction = torch.nn.functional.normalize(ctx.forward.image_features.mean(0), dim=0) * 10
+    result = run_backdoor(ctx, target="opacity", steps=10)
+    m = result.metrics
+    k, n = result.counts["base_rate.opacity"]
+    assert k == n and m["base_rate.opacity"] == 1.0  # 100% base rate...
+    assert m["asr.opacity"] == 1.0  # ...so 100% attack success says nothing
+    reason = result.not_evaluated["asr.opacity"]
+    assert f"{n} of {n} clean images" in reason and "cannot be told apart" in reason
+    assert "asr_max" in result.not_evaluated and "asr_max" not in m
+    status, status_reason, outcomes, _ = derive_verdict(BackdoorCheck, result)
+    asr = next(o for o in outcomes if o["metric"] == "asr.opacity")
+    assert asr["status"] == "not_evaluated" and "cannot be told apart" in asr["sentence"]
+    assert status == "not_evaluated", status_reason
+    assert "not evaluated" in result.summary
+
+
+@pytest.mark.parametrize("base_hits, n, judged", [
+    (0, 100, True), (49, 100, True), (50, 100, False), (100, 100, False),
+    # n of n triggered has the exact lower bound 0.025 ** (1 / n), 0 of n the upper bound 1 minus that:
+    (0, 6, True),  # 0.54 > 0.46: a perfect attack would stand out
+    (0, 5, False),  # 0.48 < 0.52: not even a perfect attack could
+    (1, 10, True), (4, 10, False),  # 0.69 against 0.45, and 0.69 against 0.74
+    (0, 0, False),
+])
+def test_room_for_attack_success(base_hits, n, judged):
+    from mcaudit.plugins.backdoor import no_room_reason
+
+    assert (no_room_reason(base_hits, n, 0.5, "opacity") == "") is judged
+
+
+def test_profiles_size_the_attack():
+    quick, standard, thorough = (BackdoorCheck.resolve_params(BackdoorCheck.profile_params(p))
+                                 for p in ("quick", "standard", "thorough"))
+    assert quick["steps"] < standard["steps"] < thorough["steps"]
+    assert BackdoorCheck.resolve_params({}) == standard
