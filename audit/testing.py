@@ -8,7 +8,8 @@ Fixtures:
 * ``mcaudit_context``: a function ``(model, dataset, **settings) -> AuditContext`` that runs
   the shared forward pass, so a check's ``run`` can be called directly.
 * ``mcaudit_run``: a function ``(*args) -> RunOutcome`` that runs ``mcaudit run`` in-process
-  with ``--out`` in a temporary folder and returns the exit code, output and parsed results.
+  with ``--out`` in a temporary folder (and ``--profile quick`` unless the arguments name a
+  profile) and returns the exit code, output and parsed results.
 * ``mcaudit_encoder_calls``: a list that receives the batch size of every image-encoder call,
   to prove that a forward-only check adds no pass over the images.
 
@@ -134,6 +135,8 @@ def run_cli(args: list[str], out_dir: Path | None = None) -> RunOutcome:
     args = [str(a) for a in args]
     if out_dir is not None and args and args[0] == "run" and "--out" not in args:
         args += ["--out", str(out_dir)]
+    if args and args[0] == "run" and "--profile" not in args:
+        args += ["--profile", "quick"]  # tests size their own samples; quick keeps the rest small
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return RunOutcome(result.exit_code, result.output, Path(out_dir) if out_dir else Path("."))
 
