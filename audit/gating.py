@@ -324,7 +324,7 @@ def apply_thresholds(results: dict[str, Any], thresholds: list[Threshold]) -> li
             raise InputError(f"threshold {t.name!r} ({t.source}): no check {t.check!r} in this run (checks: {ran})")
         execution = check.get("execution", "completed")
         if execution == "skipped":
-            outcomes.append(_outcome(t, t.metric, check, "not_evaluated", "check not evaluated: " + check.get("summary", "")))
+            outcomes.append(_outcome(t, t.metric, check, "not_evaluated", "the check was not evaluated: " + check.get("summary", "")))
             continue
         if execution == "error":
             outcomes.append(_outcome(t, t.metric, check, "error", "the check errored"))

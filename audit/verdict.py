@@ -134,8 +134,10 @@ def build_verdict(checks: dict[str, dict[str, Any]], outcomes: list[dict[str, An
                   policy: GatePolicy) -> Verdict:
     """The whole run's verdict: every finding that is not a plain pass, worst first."""
     findings: list[dict[str, Any]] = []
+    skipped = {name for name, entry in checks.items() if entry.get("execution") == "skipped"}
     for o in outcomes:
-        if o["status"] != "pass":
+        # A skipped check is one finding with its reason, not one more per threshold on it.
+        if o["status"] != "pass" and not (o["status"] == "not_evaluated" and o["check"] in skipped):
             findings.append({"kind": "threshold", "name": o["name"], "check": o["check"], "status": o["status"],
                              "severity": o.get("severity", 0.0), "text": o["sentence"], "source": o.get("source", "")})
     for name, entry in checks.items():
