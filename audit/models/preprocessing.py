@@ -24,20 +24,20 @@ import torch
 
 
 def to_pil(image: np.ndarray):
-    """An H x W x 3 float image in [0, 1] as an 8-bit PIL image ("L" when the channels agree).
+    """An H x W x 3 float image in [0, 1] as an 8-bit RGB PIL image.
 
-    A grey file opens as "L"; giving the pipeline "L" keeps its path (resize in "L", then
-    convert to RGB) the one the file itself would take.
+    RGB even for grey images: the pipelines convert to RGB themselves, and PIL resizes
+    an "L" image and its RGB copy to the same values (checked on the OASIS-1 slices).
     """
     from PIL import Image
 
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    u8 = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
-    if u8.shape[2] == 1 or (np.array_equal(u8[..., 0], u8[..., 1]) and np.array_equal(u8[..., 1], u8[..., 2])):
-        return Image.fromarray(np.ascontiguousarray(u8[..., 0]), mode="L")
-    return Image.fromarray(np.ascontiguousarray(u8[..., :3]), mode="RGB")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    u8 = np.clip(np.rint(arr[:, :, :3] * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(u8))
 
 
 class ModelPreprocessing:
