@@ -264,13 +264,16 @@ def read_results(path: str) -> dict:
 def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdown_file, plugin_args):
     """Re-apply thresholds to a results.json without running anything."""
     from mcaudit.catalog import build_catalog
-    from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
+    from mcaudit.gating import apply_gate, collect_thresholds, gate_policy, recorded_defaults
     from mcaudit.plugin_manager import make_plugin_manager
     from mcaudit.runner import exit_code
 
     results = read_results(results_file)
     defaults = {}
-    if not no_defaults:
+    recorded = None if no_defaults else recorded_defaults(results)
+    if recorded is not None:
+        defaults = recorded  # the defaults the run was judged by, whatever plugins are installed now
+    elif not no_defaults:
         load, block = split_plugin_args(plugin_args)
         catalog = build_catalog(make_plugin_manager(load=load, block=block))
         for name in results["checks"]:

@@ -67,6 +67,21 @@ class Threshold:
     def text(self) -> str:
         return self.rule
 
+    def record(self) -> dict[str, Any]:
+        """How results.json records the threshold, so a later ``mcaudit gate`` re-applies this
+        very rule rather than whatever defaults the plugins installed then declare."""
+        return {"name": self.name, "rule": self.rule, "on": self.decide_on, "severity": self.severity, "source": self.source}
+
+
+def recorded_defaults(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The default thresholds a run was judged by, as results.json recorded them (None if it
+    predates the record)."""
+    recorded = results.get("thresholds_in_force")
+    if not isinstance(recorded, list):
+        return None
+    return {t["name"]: {"rule": t["rule"], "on": t.get("on", "interval"), "severity": t.get("severity", "fail")}
+            for t in recorded if isinstance(t, dict) and t.get("source") == "default" and "name" in t and "rule" in t}
+
 
 def parse_threshold(name: str, spec: Any, source: str) -> Threshold:
     """A threshold from its TOML value: a rule string or a table ``{rule, on, severity}``."""
@@ -362,6 +377,7 @@ def apply_gate(results: dict[str, Any], thresholds: list[Threshold], gated: bool
 
     policy = policy or GatePolicy()
     outcomes = apply_thresholds(results, thresholds)
+    results["thresholds_in_force"] = [t.record() for t in thresholds]
     for name, entry in results.get("checks", {}).items():
         entry.setdefault("execution", _execution_of(entry))
         own = [o for o in outcomes if o["check"] == name]

@@ -342,3 +342,18 @@ def test_nan_weights_stop_the_run_with_the_count(tmp_path):
     assert out.exit_code == 2, out.output
     assert "non-finite logits (NaN or inf) for 12 of 12 images" in out.output
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_gate_reapplies_the_defaults_recorded_in_results_not_todays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_cli(["run", "--quiet", "--model", "demo", "--data", "phantom:n=40", "--checks", "performance"], tmp_path / "o")
+    results_file = tmp_path / "o" / "results.json"
+    recorded = {t["name"]: t for t in out.results["thresholds_in_force"]}
+    assert recorded["performance.recall.*"]["rule"] == ">= 0.5" and recorded["performance.recall.*"]["source"] == "default"
+    # Tamper with the installed check's defaults: the same results.json must gate as it was judged.
+    from mcaudit.plugins.performance import PerformanceCheck
+
+    monkeypatch.setattr(PerformanceCheck, "default_thresholds", {"accuracy": ">= 0.9999"})
+    again = run_cli(["gate", str(results_file)])
+    assert again.exit_code == 0, again.output
+    assert "performance.accuracy" not in again.output  # today's tampered default was not applied
