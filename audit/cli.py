@@ -159,6 +159,11 @@ def print_summary(results) -> None:
     for name, check in results["checks"].items():
         click.echo(f"  {name:<20} {status_word(check['status']):<14} {check.get('status_reason', '')}")
     verdict = results.get("verdict") or {}
+    outcomes = (results.get("gate") or {}).get("results", [])
+    if outcomes:
+        click.echo("thresholds:")
+        for o in outcomes:
+            click.echo(f"  {status_word(o['status']):<14} {o['sentence']}")
     findings = verdict.get("findings", [])
     if findings:
         click.echo("findings, worst first:")
