@@ -2,9 +2,16 @@
 
 For every subgroup column the user names (``--group``) and every intersection of two, the
 check measures each group from the shared forward pass (no image is encoded again), the gaps
-between groups, how sure those gaps are (bootstrap intervals that resample images within
-each group and class) and whether the largest could be chance (a permutation test that
-shuffles the group labels).
+between groups, how sure those gaps are and whether the largest could be chance (a
+permutation test that shuffles the group labels, by subject when the data name subjects).
+
+Intervals: per-group proportions get Wilson intervals; everything else comes from one
+bootstrap over images (whole subjects when the data name them), shared by all columns and
+not stratified by group or class, since holding the mix fixed makes intervals too narrow. A
+gap's interval is the max-|t| band over all pairwise group differences, which covers the
+largest true difference; its simulated coverage is in tests/test_coverage_fairness_calibration.py.
+Groups smaller than ``min_group_size`` are shown with their n and interval, marked "too
+small to decide", and not compared.
 
 Metric names (flat, so that gates can read them):
 
@@ -30,11 +37,12 @@ always 1/K, so it is not reported then).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit.metrics import wilson_interval
 
 GROUP_METRICS = ("accuracy", "balanced_accuracy", "auroc", "tpr", "fpr", "selection_rate", "ece")
 METRIC_LABELS = {
@@ -56,13 +64,13 @@ class FairnessCheck(Check):
     )
     params = {
         "positive_class": Param("", "class whose true/false positive and selection rates are compared (default: the second class for two classes; averaged over classes for more)"),
-        "min_group_size": Param(20, "groups with fewer images are shown but left out of the gaps"),
+        "min_group_size": Param(20, "groups with fewer images are shown with their interval, marked too small to decide, and not compared in the gaps"),
         "quantile_bins": Param(4, "numeric columns (e.g. age) are cut into this many quantile groups"),
         "bin_edges": Param([], "explicit cut points for numeric columns, e.g. \"age=50,65,80\" (a list for several columns)"),
         "intersections": Param(True, "also compare intersections of two columns (e.g. site&sex)"),
-        "n_bootstrap": Param(200, "bootstrap resamples for the 95% intervals (0 turns them off)"),
+        "n_bootstrap": Param(400, "bootstrap resamples (of images, or of subjects when the data name them) for the 95% intervals (0 turns them off)"),
         "n_permutations": Param(1000, "group-label permutations for the p-value of the largest gap (0 turns it off)"),
-        "alpha": Param(0.05, "significance level for calling a gap significant (Holm-adjusted across columns)"),
+        "alpha": Param(0.05, "level for the overview's 'Holm p < alpha' column (the verdict comes from the gap thresholds)"),
         "n_bins": Param(15, "confidence bins for the per-group ECE"),
     }
     metrics = {
@@ -77,15 +85,30 @@ class FairnessCheck(Check):
         "<column>.p_value": "permutation p-value of the largest gap (the maximum over metrics is the test statistic, so picking the largest is accounted for)",
         "<column>.p_value_holm": "p_value adjusted (Holm) for the number of columns tested",
         "<column>.n_groups": "groups large enough to enter the gaps",
-        "worst_group_accuracy": "lowest accuracy of any group (large enough) in any column",
+        "worst_group_accuracy": "lowest accuracy of any compared group (large enough) in any column; the summary names smaller groups that are lower",
         "max_accuracy_gap": "largest accuracy gap over the columns",
         "max_dp_difference": "largest demographic parity difference over the columns",
         "max_eo_difference": "largest equalized odds difference over the columns",
         "min_p_value_holm": "smallest Holm-adjusted p-value over the columns",
     }
-    # Accuracy within 10 points across groups; error rates (TPR, FPR) within 20 points, a
-    # common tolerance for equalized odds in clinical fairness audits.
     default_thresholds = {"max_accuracy_gap": "<= 0.1", "max_eo_difference": "<= 0.2"}
+    threshold_reasons = {
+        "max_accuracy_gap": "a model right 10 points less often for one group of patients than for another serves that "
+                            "group materially worse; there is no consensus bound (underdiagnosis gaps of this order were "
+                            "reported for chest X-ray classifiers by Seyyed-Kalantari et al., Nat Med 2021), so set your "
+                            "own in the gate file. Decided on the interval, which holds for every pair of compared groups",
+        "max_eo_difference": "equalized odds (Hardt et al. 2016) asks for equal true and false positive rates across "
+                             "groups; 0.2 is a tolerance for the larger of the two gaps, loose enough for the sampling "
+                             "noise of groups of a few dozen images, and a convention rather than a clinical standard",
+    }
+    # The bootstrap resamples every image once per replicate for all columns; a few hundred
+    # replicates settle the 95% band. The permutation p-value needs about 1000 shuffles to
+    # resolve p near 0.01.
+    profiles = {
+        "quick": {"n_bootstrap": 100, "n_permutations": 200},
+        "standard": {"n_bootstrap": 400, "n_permutations": 1000},
+        "thorough": {"n_bootstrap": 2000, "n_permutations": 5000},
+    }
 
     def run(self, ctx, params):
         columns = list(ctx.group_columns)
@@ -102,30 +125,39 @@ class FairnessCheck(Check):
         if settings.intersections:
             compared += [(f"{a}&{b}", intersect(base[a], base[b])) for i, a in enumerate(columns) for b in columns[i + 1:]]
 
-        warnings: list[str] = []
-        audits = []
-        for name, grouping in compared:
-            audit = audit_column(outcomes, name, grouping, settings, ctx.rng(f"fairness:{name}"))
-            audits.append(audit)
-            warnings.extend(audit.warnings)
+        audits = [prepare_column(outcomes, name, grouping, settings) for name, grouping in compared]
+        clusters = ctx.clusters()
+        boots = bootstrap_columns(outcomes, audits, settings, ctx.rng("fairness:bootstrap"), clusters)
+        for i, audit in enumerate(audits):
+            boot = boots[i] if boots else None
+            audit.value_ci = value_intervals(audit, boot, settings)
+            audit.gap_ci = gap_intervals(audit, boot)
+            audit.gap_p, audit.p_value = permutation_test(outcomes, audit.grouping.codes, audit.in_gaps, settings,
+                                                          ctx.rng(f"fairness:{audit.name}"), audit.gaps, clusters)
         holm = holm_adjust([a.p_value for a in audits])
         for audit, p in zip(audits, holm):
             audit.p_value_holm = p
 
-        metrics, intervals = flat_metrics(audits)
-        tables = [overview_table(audits, settings)]
-        figures = []
-        for audit in audits:
-            tables += [group_table(audit, settings), gap_table(audit)]
-            figures.append(group_figure(audit, settings))
-        return CheckResult(
-            metrics=metrics, intervals=intervals, summary=summarise(audits, settings),
-            tables=tables, figures=figures, warnings=warnings,
+        metrics, intervals, n, not_evaluated = flat_metrics(audits, boots, settings)
+        result = CheckResult(
+            metrics=metrics, intervals=intervals, n=n, not_evaluated=not_evaluated, sample_size=len(fwd.labels),
+            summary=summarise(audits, metrics, intervals, settings),
+            tables=[overview_table(audits, settings)], warnings=[w for a in audits for w in a.warnings],
             details={
                 "positive_class": settings.positive_label,
+                "min_group_size": settings.min_group_size,
+                "interval_method": INTERVAL_NOTE,
+                "resampling_unit": "subject" if clusters is not None else "image",
                 "columns": {a.name: a.details() for a in audits},
             },
         )
+        for audit in audits:
+            result.tables += [group_table(audit, settings), gap_table(audit)]
+            result.figures.append(group_figure(audit, settings))
+        overall = float(np.mean(outcomes.correct))
+        for message, severity in small_group_findings(audits, overall, settings):
+            result.warn(message, metric="worst_group_accuracy", severity=severity)
+        return result
 
 
 @dataclass
@@ -492,6 +524,21 @@ def _nanmax(x: np.ndarray) -> float:
 
 GAP_KEYS = [f"{m}_gap" for m in GROUP_METRICS] + [f"{m}_ratio" for m in GROUP_METRICS] + [
     "dp_difference", "eo_difference", "eop_difference", "worst_group_accuracy", "es_auroc", "largest_gap"]
+# Gaps that get a 95% interval. ECE per group is the plain binned ECE, biased upwards by a
+# different amount in groups of different size, so its gap has none; nor do the ratios,
+# es_auroc and largest_gap, whose intervals nobody has checked.
+INTERVAL_GAPS = ("accuracy", "balanced_accuracy", "auroc", "tpr", "fpr", "selection_rate")
+RATE_INDEX = {"tpr": 0, "fpr": 1, "selection_rate": 2}
+# The rates behind each disparity difference: (TPR, FPR, selection) columns of ``rates``.
+DIFFERENCE_RATES = {"dp_difference": (2,), "eop_difference": (0,), "eo_difference": (0, 1)}
+PROPORTIONS = ("accuracy", "tpr", "fpr", "selection_rate")
+INTERVAL_NOTE = (
+    "95% intervals: per-group proportions (accuracy; TPR, FPR and selection rate of one positive class) are Wilson "
+    "intervals; other per-group values are percentile intervals of a bootstrap over images (whole subjects when the "
+    "data name them), not stratified by group or class. A gap's interval holds jointly for every pair of compared "
+    "groups (bootstrap max-|t| band over all pairwise differences), so it covers the largest true difference; "
+    "per-group ECE, ratios and ES-AUROC get none."
+)
 
 
 @dataclass
@@ -499,117 +546,272 @@ class ColumnAudit:
     name: str
     grouping: Grouping
     sizes: np.ndarray
-    in_gaps: np.ndarray  # per group: large enough and not missing
+    in_gaps: np.ndarray  # per group: large enough to be compared
     values: np.ndarray  # (G, metrics), all groups incl. small ones
-    value_ci: np.ndarray  # (G, metrics, 2)
+    rates: np.ndarray  # (G, positives, 3)
+    counts: dict[str, tuple[np.ndarray, np.ndarray]]  # proportion -> (successes, trials) per group
     gaps: dict[str, float]
-    gap_ci: dict[str, tuple[float, float]]
-    gap_p: dict[str, float]  # per-metric permutation p-values of the gaps (not adjusted)
-    p_value: float
-    largest_metric: str
     warnings: list[str]
     missing: int
+    value_ci: np.ndarray | None = None  # (G, metrics, 2)
+    gap_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    gap_p: dict[str, float] = field(default_factory=dict)  # per-metric permutation p-values (not adjusted)
+    p_value: float = float("nan")
     p_value_holm: float = float("nan")
+    largest_metric: str = ""
+    group_reasons: list[dict[str, str]] = field(default_factory=list)  # per group: metric -> why undefined
+
+    @property
+    def n_compared(self) -> int:
+        return int(self.sizes[self.in_gaps].sum())
+
+    def small_groups(self) -> list[int]:
+        return [g for g in range(len(self.sizes)) if not self.in_gaps[g] and self.sizes[g] > 0]
 
     def details(self) -> dict:
+        groups = {}
+        for g, name in enumerate(self.grouping.names):
+            groups[name] = {
+                "n": int(self.sizes[g]), "in_gaps": bool(self.in_gaps[g]),
+                "decision": "compared" if self.in_gaps[g] else "too small to decide",
+                **{m: _f(v) for m, v in zip(GROUP_METRICS, self.values[g])},
+                "intervals": {m: [_f(a), _f(b)] for m, (a, b) in zip(GROUP_METRICS, self.value_ci[g])},
+                "counts": {m: [int(k[g]), int(n[g])] for m, (k, n) in self.counts.items() if n[g] > 0},
+                "not_evaluated": dict(self.group_reasons[g]),
+            }
         return {
-            "groups": {
-                g: {"n": int(n), "in_gaps": bool(ok), **{m: _f(v) for m, v in zip(GROUP_METRICS, vals)},
-                    "intervals": {m: [_f(a), _f(b)] for m, (a, b) in zip(GROUP_METRICS, ci)}}
-                for g, n, ok, vals, ci in zip(self.grouping.names, self.sizes, self.in_gaps, self.values, self.value_ci)
-            },
+            "groups": groups,
             "gaps": {k: _f(v) for k, v in self.gaps.items()},
+            "gap_intervals": {k: [_f(a), _f(b)] for k, (a, b) in self.gap_ci.items()},
             "gap_p_values": {k: _f(v) for k, v in self.gap_p.items()},
             "largest_gap_metric": self.largest_metric,
             "p_value": _f(self.p_value),
             "p_value_holm": _f(self.p_value_holm),
+            "images_compared": self.n_compared,
             "missing_values": self.missing,
             "binning": self.grouping.binned,
         }
 
 
-def audit_column(o: Outcomes, name: str, grouping: Grouping, s: Settings, rng: np.random.Generator) -> ColumnAudit:
+def group_counts(o: Outcomes, codes: np.ndarray, n_groups: int, macro: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(successes, trials) per group of each proportion that has a Wilson interval."""
+    keep = codes >= 0
+    rows = np.flatnonzero(keep)
+    c = codes[keep]
+    n = np.bincount(c, minlength=n_groups)
+    out = {"accuracy": (np.bincount(c, weights=o.correct[rows], minlength=n_groups).round().astype(int), n)}
+    if not macro:
+        k = o.positives[0]
+        is_pos, said = o.labels[rows] == k, o.preds[rows] == k
+        support = np.bincount(c, weights=is_pos, minlength=n_groups).astype(int)
+        hits = np.bincount(c, weights=is_pos & said, minlength=n_groups).astype(int)
+        false = np.bincount(c, weights=~is_pos & said, minlength=n_groups).astype(int)
+        out["tpr"] = (hits, support)
+        out["fpr"] = (false, n - support)
+        out["selection_rate"] = (hits + false, n)
+    return out
+
+
+def prepare_column(o: Outcomes, name: str, grouping: Grouping, s: Settings) -> ColumnAudit:
     codes, names = grouping.codes, grouping.names
     n_groups = len(names)
     members = [np.flatnonzero(codes == g) for g in range(n_groups)]
     sizes = np.array([len(m) for m in members])
     in_gaps = sizes >= s.min_group_size
     warnings = []
-    small = [f"{n} ({k})" for n, k, ok in zip(names, sizes, in_gaps) if not ok]
+    small = [f"{n} (n={k})" for n, k, ok in zip(names, sizes, in_gaps) if not ok]
     if small:
-        warnings.append(f"{name}: group(s) {', '.join(small)} have fewer than {s.min_group_size} images; "
-                        "shown but left out of the gaps")
+        warnings.append(f"{name}: group(s) {', '.join(small)} have fewer than {s.min_group_size} images: shown with "
+                        "their intervals, marked too small to decide, and not compared in the gaps")
     missing = int((codes < 0).sum())
     if missing:
         warnings.append(f"{name}: {missing} image(s) without a value; shown as {MISSING}, left out of the gaps")
     if in_gaps.sum() < 2:
         warnings.append(f"{name}: fewer than two groups with at least {s.min_group_size} images, so no gaps")
-
-    def evaluate(groups_rows):
-        rows = np.concatenate(groups_rows)
-        codes = np.repeat(np.arange(len(groups_rows)), [len(r) for r in groups_rows])
-        return measure_groups(o, rows, codes, len(groups_rows), s.macro)
-
-    def gaps_of(values, rates, rows_in):
-        support = np.bincount(o.labels[rows_in], minlength=o.n_classes).astype(np.float64)[None, :]
-        overall = float(grouped_auroc(o, rows_in, np.zeros(len(rows_in), dtype=np.int64), 1, support)[0])
-        return gap_statistics(values[in_gaps], rates[in_gaps], overall)
-
+    rows = np.concatenate(members) if members else np.array([], dtype=np.int64)
+    group_of = np.repeat(np.arange(n_groups), sizes)
+    values, rates = measure_groups(o, rows, group_of, n_groups, s.macro)
     rows_in = np.concatenate([members[g] for g in np.flatnonzero(in_gaps)] or [np.array([], dtype=np.int64)])
-    values, rates = evaluate(members)
-    gaps = gaps_of(values, rates, rows_in)
-
-    value_ci, gap_ci = bootstrap(o, members, in_gaps, s, rng, values.shape)
-    gap_p, p_value = permutation_test(o, codes, in_gaps, s, rng, gaps)
+    support = np.bincount(o.labels[rows_in], minlength=o.n_classes).astype(np.float64)[None, :]
+    overall = float(grouped_auroc(o, rows_in, np.zeros(len(rows_in), dtype=np.int64), 1, support)[0])
+    gaps = gap_statistics(values[in_gaps], rates[in_gaps], overall)
+    audit = ColumnAudit(name, grouping, sizes, in_gaps, values, rates, group_counts(o, codes, n_groups, s.macro),
+                        gaps, warnings, missing)
+    audit.group_reasons = [undefined_reasons(values[g], s) for g in range(n_groups)]
     gap_values = {m: gaps[f"{m}_gap"] for m in GROUP_METRICS if np.isfinite(gaps[f"{m}_gap"])}
-    largest = max(gap_values, key=gap_values.get) if gap_values else ""
-    return ColumnAudit(name, grouping, sizes, in_gaps, values, value_ci, gaps, gap_ci, gap_p, p_value,
-                       largest, warnings, missing)
+    audit.largest_metric = max(gap_values, key=gap_values.get) if gap_values else ""
+    return audit
 
 
-def bootstrap(o, members, in_gaps, s, rng, shape):
-    """Percentile intervals; images are resampled within each group and class, so group sizes
-    and class mixes stay as observed and only the sampling noise of each group is measured.
-    Replicates are drawn one by one from ``rng`` and evaluated in chunks, replicate b's group
-    g becoming group b * G + g of one large grouping."""
-    value_ci = np.full(shape + (2,), np.nan)
-    gap_ci: dict[str, tuple[float, float]] = {}
-    if s.n_bootstrap <= 0:
-        return value_ci, gap_ci
-    n_groups = len(members)
-    strata = [[m[o.labels[m] == k] for k in np.unique(o.labels[m])] for m in members]
-    empty = np.array([], dtype=np.int64)
-    compared = np.flatnonzero(in_gaps)
-    all_values, all_gaps = [], []
-    chunk = max(1, min(64, 1_000_000 // max(1, sum(len(m) for m in members))))
+def undefined_reasons(values: np.ndarray, s: Settings) -> dict[str, str]:
+    why = {
+        "auroc": "only one class among the group's images",
+        "tpr": f"no images of {s.positive_label!r} in the group",
+        "fpr": f"no images other than {s.positive_label!r} in the group",
+        "selection_rate": "averaged over all classes it is always 1/K" if s.macro else "the group is empty",
+        "balanced_accuracy": "the group is empty", "accuracy": "the group is empty", "ece": "the group is empty",
+    }
+    return {m: why[m] for m, v in zip(GROUP_METRICS, values) if not np.isfinite(v)}
+
+
+def resample_chunks(n: int, clusters: np.ndarray | None, rng: np.random.Generator, n_boot: int):
+    """Bootstrap replicates (index arrays over the n images) in chunks of about a million
+    images. With ``clusters`` whole clusters (subjects) are drawn, so replicate lengths vary."""
+    if clusters is None:
+        order, starts, lens = None, None, None
+    else:
+        _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+        order = np.argsort(cluster_of, kind="stable")
+        lens = np.bincount(cluster_of)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    chunk = max(1, min(64, 1_000_000 // max(1, n)))
     done = 0
-    while done < s.n_bootstrap:
-        size = min(chunk, s.n_bootstrap - done)
-        replicates = [[np.concatenate([st[rng.integers(0, len(st), len(st))] for st in group]) if group else empty
-                       for group in strata] for _ in range(size)]
-        rows = np.concatenate([r for rep in replicates for r in rep])
-        keys = np.repeat(np.arange(size * n_groups), [len(r) for rep in replicates for r in rep])
-        auroc = batched_auroc(o, rows, keys, size * n_groups)
-        values, rates = measure_groups(o, rows, keys, size * n_groups, s.macro, auroc=auroc)
-        values = values.reshape(size, n_groups, -1)
-        rates = rates.reshape(size, n_groups, *rates.shape[1:])
-        # the AUROC of each replicate's compared images together, for es_auroc
-        inside = np.isin(keys % n_groups, compared)
-        overall = batched_auroc(o, rows[inside], keys[inside] // n_groups, size)
-        for b in range(size):
-            all_values.append(values[b])
-            all_gaps.append(gap_statistics(values[b][in_gaps], rates[b][in_gaps], float(overall[b])))
+    while done < n_boot:
+        size = min(chunk, n_boot - done)
+        if order is None:
+            yield [rng.integers(0, n, n) for _ in range(size)]
+        else:
+            out = []
+            for _ in range(size):
+                j = rng.integers(0, len(lens), len(lens))
+                ln = lens[j]
+                offsets = np.repeat(starts[j] - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln) + np.arange(ln.sum())
+                out.append(order[offsets])
+            yield out
         done += size
-    stacked = np.array(all_values)
-    with np.errstate(all="ignore"):
-        for g in range(shape[0]):
-            for m in range(shape[1]):
-                value_ci[g, m] = _percentiles(stacked[:, g, m], s.n_bootstrap)
-    for key in GAP_KEYS:
-        lo, hi = _percentiles(np.array([d[key] for d in all_gaps]), s.n_bootstrap)
-        if np.isfinite(lo):
-            gap_ci[key] = (lo, hi)
-    return value_ci, gap_ci
+
+
+def bootstrap_columns(o: Outcomes, audits: list[ColumnAudit], s: Settings, rng: np.random.Generator,
+                      clusters: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per column, GROUP_METRICS (B, G, metrics) and rates (B, G, positives, 3) over the same
+    bootstrap replicates of the images, so that maxima over columns have intervals too.
+
+    Images (or subjects) are resampled from the whole audit, not within groups or classes:
+    group sizes and class mixes vary between replicates as they do between samples of
+    patients. Replicate b's group g becomes group b * G + g of one large grouping.
+    """
+    n = len(o.labels)
+    out = [([], []) for _ in audits]
+    if s.n_bootstrap <= 0:
+        return []
+    for replicates in resample_chunks(n, clusters, rng, s.n_bootstrap):
+        size = len(replicates)
+        rows = np.concatenate(replicates)
+        replicate_of = np.repeat(np.arange(size), [len(r) for r in replicates])
+        for (values_acc, rates_acc), a in zip(out, audits):
+            n_groups = len(a.grouping.names)
+            code = a.grouping.codes[rows]
+            keep = code >= 0
+            keys = replicate_of[keep] * n_groups + code[keep]
+            auroc = batched_auroc(o, rows[keep], keys, size * n_groups)
+            values, rates = measure_groups(o, rows[keep], keys, size * n_groups, s.macro, auroc=auroc)
+            values_acc.append(values.reshape(size, n_groups, -1))
+            rates_acc.append(rates.reshape(size, n_groups, *rates.shape[1:]))
+    return [(np.concatenate(v), np.concatenate(r)) for v, r in out]
+
+
+def simultaneous_halfwidths(observed: np.ndarray, replicates: np.ndarray, level: float = 0.95) -> np.ndarray | None:
+    """Half-widths c * se_i such that observed_i +/- c * se_i hold for every i together in
+    ``level`` of the bootstrap replicates (the max-|t| band; se_i is the bootstrap spread).
+    ``observed`` (P,), ``replicates`` (B, P). None when too few replicates are usable."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        finite = np.isfinite(replicates)
+        usable = finite.sum(axis=0)
+        need = max(10, len(replicates) // 4)
+        if (usable < need).any():
+            return None
+        se = np.nanstd(replicates, axis=0)
+        deviation = np.abs(replicates - observed[None, :])
+        t = np.where(finite, np.where(se > 0, deviation / np.where(se > 0, se, 1.0), 0.0), -np.inf).max(axis=1)
+    t = t[np.isfinite(t)]
+    if len(t) < need:
+        return None
+    return float(np.quantile(t, level)) * se
+
+
+def max_difference_interval(observed: np.ndarray, replicates: np.ndarray) -> tuple[float, float]:
+    """95% interval of the largest |difference| over contrasts (columns), from their bootstrap
+    replicates: every contrast's simultaneous interval holds, so the largest true |difference|
+    is at least the largest lower end and at most the largest upper end."""
+    keep = np.isfinite(observed)
+    if keep.sum() == 0:
+        return float("nan"), float("nan")
+    observed, replicates = observed[keep], replicates[:, keep]
+    half = simultaneous_halfwidths(observed, replicates)
+    if half is None:
+        return float("nan"), float("nan")
+    size = np.abs(observed)
+    return float(max(0.0, (size - half).max())), float((size + half).max())
+
+
+def min_value_interval(observed: np.ndarray, replicates: np.ndarray) -> tuple[float, float]:
+    """95% interval of the smallest value over groups (columns), from a simultaneous band."""
+    keep = np.isfinite(observed)
+    if keep.sum() == 0:
+        return float("nan"), float("nan")
+    observed, replicates = observed[keep], replicates[:, keep]
+    half = simultaneous_halfwidths(observed, replicates)
+    if half is None:
+        return float("nan"), float("nan")
+    return float((observed - half).min()), float((observed + half).min())
+
+
+def pairwise(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Differences between every pair of the given groups along the last axis."""
+    i, j = np.triu_indices(len(groups), 1)
+    return values[..., groups[i]] - values[..., groups[j]]
+
+
+def contrasts(a: ColumnAudit, key: str, values: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """The pairwise differences behind gap ``key`` for observed (G, ...) or replicated
+    (B, G, ...) values: the largest of them, in absolute value, is the gap."""
+    groups = np.flatnonzero(a.in_gaps)
+    lead = values.shape[:-2]
+    if key.endswith("_gap"):
+        k = GROUP_METRICS.index(key[:-4])
+        return pairwise(values[..., k], groups)
+    if key in DIFFERENCE_RATES:
+        parts = []
+        for r in DIFFERENCE_RATES[key]:
+            for j in range(rates.shape[-2]):
+                parts.append(pairwise(rates[..., j, r], groups))
+        return np.concatenate(parts, axis=-1) if parts else np.zeros(lead + (0,))
+    raise KeyError(key)
+
+
+def gap_intervals(a: ColumnAudit, boot: tuple[np.ndarray, np.ndarray] | None) -> dict[str, tuple[float, float]]:
+    if boot is None or a.in_gaps.sum() < 2:
+        return {}
+    values, rates = boot
+    out = {}
+    for key in [f"{m}_gap" for m in INTERVAL_GAPS] + list(DIFFERENCE_RATES):
+        if not np.isfinite(a.gaps.get(key, float("nan"))):
+            continue
+        out[key] = max_difference_interval(contrasts(a, key, a.values, a.rates), contrasts(a, key, values, rates))
+    groups = np.flatnonzero(a.in_gaps)
+    out["worst_group_accuracy"] = min_value_interval(a.values[groups, 0], values[:, groups, 0])
+    return {k: v for k, v in out.items() if np.isfinite(v[0])}
+
+
+def value_intervals(a: ColumnAudit, boot: tuple[np.ndarray, np.ndarray] | None, s: Settings) -> np.ndarray:
+    """(G, metrics, 2): Wilson for proportions with counts, bootstrap percentiles otherwise."""
+    ci = np.full(a.values.shape + (2,), np.nan)
+    for m, (k, n) in a.counts.items():
+        j = GROUP_METRICS.index(m)
+        for g in range(len(n)):
+            if n[g] > 0:
+                lo, hi = wilson_interval(int(k[g]), int(n[g]))
+                # rounding leaves ~1e-17 at 0 of n; the exact end is 0 (and 1 at n of n)
+                ci[g, j] = (0.0 if k[g] == 0 else lo, 1.0 if k[g] == n[g] else hi)
+    if boot is not None:
+        values = boot[0]
+        for j, m in enumerate(GROUP_METRICS):
+            if m in a.counts or m == "ece":
+                continue
+            for g in range(values.shape[1]):
+                if np.isfinite(a.values[g, j]):
+                    ci[g, j] = _percentiles(values[:, g, j], s.n_bootstrap)
+    return ci
 
 
 def _percentiles(x: np.ndarray, n_boot: int) -> tuple[float, float]:
@@ -619,12 +821,14 @@ def _percentiles(x: np.ndarray, n_boot: int) -> tuple[float, float]:
     return float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))
 
 
-def permutation_test(o, codes, in_gaps, s, rng, observed):
+def permutation_test(o, codes, in_gaps, s, rng, observed, clusters=None):
     """Shuffle group labels among the images of the compared groups and recompute the gaps.
 
     The statistic of the headline p-value is the largest gap over the metrics, recomputed the
     same way under every shuffle, so choosing the largest after the fact is accounted for.
-    Shuffles are drawn one by one from ``rng`` and evaluated in chunks (permuted_values).
+    With ``clusters`` (subjects) whose images share one group, whole subjects' labels are
+    shuffled, as the exchangeable units are patients, not images. Shuffles are drawn one by
+    one from ``rng`` and evaluated in chunks (permuted_values).
     """
     keys = [f"{m}_gap" for m in GROUP_METRICS]
     obs = np.array([observed[k] for k in keys])
@@ -635,6 +839,13 @@ def permutation_test(o, codes, in_gaps, s, rng, observed):
     position = np.full(codes.max() + 1, -1, dtype=np.int64)
     position[compared] = np.arange(len(compared))
     labels_of_rows = position[codes[rows]]
+    subject_of, subject_label = None, None
+    if clusters is not None:
+        _, subject_of = np.unique(np.asarray(clusters)[rows], return_inverse=True)
+        subject_label = np.zeros(subject_of.max() + 1, dtype=np.int64)
+        subject_label[subject_of] = labels_of_rows
+        if not np.array_equal(subject_label[subject_of], labels_of_rows):
+            subject_of = None  # a subject in two groups (e.g. an age band by visit): shuffle images
     exceed = np.zeros(len(keys))
     exceed_max = 0
     obs_max = np.nanmax(obs)
@@ -643,7 +854,10 @@ def permutation_test(o, codes, in_gaps, s, rng, observed):
     done = 0
     while done < s.n_permutations:
         size = min(chunk, s.n_permutations - done)
-        shuffled = np.stack([rng.permutation(labels_of_rows) for _ in range(size)])
+        if subject_of is None:
+            shuffled = np.stack([rng.permutation(labels_of_rows) for _ in range(size)])
+        else:
+            shuffled = np.stack([rng.permutation(subject_label)[subject_of] for _ in range(size)])
         stat = spread_over_groups(permuted_values(o, rows, shuffled, len(compared), s.macro))  # (size, metrics)
         with np.errstate(invalid="ignore"):
             # a tiny tolerance so that floating-point noise on equal gaps counts as "as large"
@@ -668,29 +882,96 @@ def holm_adjust(p_values: list[float]) -> list[float]:
     return out.tolist()
 
 
-def flat_metrics(audits: list[ColumnAudit]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+
+
+CROSS_COLUMN = {"max_accuracy_gap": "accuracy_gap", "max_dp_difference": "dp_difference", "max_eo_difference": "eo_difference"}
+
+
+def flat_metrics(audits: list[ColumnAudit], boots: list, s: Settings) -> tuple[dict, dict, dict, dict]:
+    """Metrics, intervals, images behind each metric, and why an undefined one is undefined."""
     metrics: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
+    n: dict[str, int] = {}
+    not_evaluated: dict[str, str] = {}
     for a in audits:
         for key in GAP_KEYS:
-            metrics[f"{a.name}.{key}"] = a.gaps[key]
+            name = f"{a.name}.{key}"
+            metrics[name] = a.gaps[key]
+            n[name] = a.n_compared
             if key in a.gap_ci:
-                intervals[f"{a.name}.{key}"] = a.gap_ci[key]
+                intervals[name] = a.gap_ci[key]
+            if not np.isfinite(a.gaps[key]):
+                not_evaluated[name] = column_reason(a, key, s)
         metrics[f"{a.name}.p_value"] = a.p_value
         metrics[f"{a.name}.p_value_holm"] = a.p_value_holm
         metrics[f"{a.name}.n_groups"] = float(a.in_gaps.sum())
-
-    def extreme(key, fn):
-        vals = [a.gaps[key] for a in audits if np.isfinite(a.gaps[key])]
-        return float(fn(vals)) if vals else float("nan")
-
-    metrics["worst_group_accuracy"] = extreme("worst_group_accuracy", min)
-    metrics["max_accuracy_gap"] = extreme("accuracy_gap", max)
-    metrics["max_dp_difference"] = extreme("dp_difference", max)
-    metrics["max_eo_difference"] = extreme("eo_difference", max)
+        for key in ("p_value", "p_value_holm"):
+            if not np.isfinite(a.p_value):
+                not_evaluated[f"{a.name}.{key}"] = ("n_permutations = 0" if s.n_permutations == 0
+                                                    else column_reason(a, "largest_gap", s))
+    usable = [i for i, a in enumerate(audits) if a.in_gaps.sum() >= 2]
+    no_pair = (f"no column has two groups of at least {s.min_group_size} images "
+               f"(fairness.min_group_size), so no gap can be measured")
+    for metric, key in CROSS_COLUMN.items():
+        vals = [(audits[i].gaps[key], i) for i in usable if np.isfinite(audits[i].gaps[key])]
+        if not vals:
+            metrics[metric] = float("nan")
+            not_evaluated[metric] = no_pair if not usable else f"{key.replace('_', ' ')} is undefined in every column"
+            continue
+        value, best = max(vals)
+        metrics[metric] = float(value)
+        n[metric] = audits[best].n_compared
+        if boots:
+            parts = [i for _, i in vals]
+            obs = np.concatenate([contrasts(audits[i], key, audits[i].values, audits[i].rates) for i in parts])
+            reps = np.concatenate([contrasts(audits[i], key, *boots[i]) for i in parts], axis=-1)
+            lo, hi = max_difference_interval(obs, reps)
+            if np.isfinite(lo):
+                intervals[metric] = (lo, hi)
+    worst = [(audits[i].gaps["worst_group_accuracy"], i) for i in usable]
+    if worst:
+        value, at = min(worst)
+        metrics["worst_group_accuracy"] = float(value)
+        n[metric_name := "worst_group_accuracy"] = audits[at].n_compared
+        if boots:
+            obs = np.concatenate([audits[i].values[audits[i].in_gaps, 0] for i in usable])
+            reps = np.concatenate([boots[i][0][:, audits[i].in_gaps, 0] for i in usable], axis=1)
+            lo, hi = min_value_interval(obs, reps)
+            if np.isfinite(lo):
+                intervals[metric_name] = (lo, hi)
+    else:
+        metrics["worst_group_accuracy"] = float("nan")
+        not_evaluated["worst_group_accuracy"] = no_pair
     holm = [a.p_value_holm for a in audits if np.isfinite(a.p_value_holm)]
     metrics["min_p_value_holm"] = float(min(holm)) if holm else float("nan")
-    return metrics, intervals
+    if not holm:
+        not_evaluated["min_p_value_holm"] = "n_permutations = 0" if s.n_permutations == 0 else no_pair
+    return metrics, intervals, n, not_evaluated
+
+
+def column_reason(a: ColumnAudit, key: str, s: Settings) -> str:
+    if a.in_gaps.sum() < 2:
+        sizes = ", ".join(f"{g} n={int(k)}" for g, k in zip(a.grouping.names, a.sizes)) or "none"
+        return f"{a.name} has fewer than two groups of at least {s.min_group_size} images ({sizes})"
+    metric = key[:-4] if key.endswith("_gap") or key.endswith("_ratio") else key
+    metric = metric.removesuffix("_")
+    if metric == "selection_rate" and s.macro:
+        return "selection rate averaged over all classes is always 1/K; name fairness.positive_class to compare it"
+    return f"{metric.replace('_', ' ')} is defined in fewer than two compared groups of {a.name} (e.g. a group with one class only)"
+
+
+def small_group_findings(audits: list[ColumnAudit], overall_accuracy: float, s: Settings) -> list[tuple[str, float]]:
+    """Groups too small to compare whose accuracy is below the overall accuracy even at the
+    upper end of its Wilson interval: evidence worth a look that the gaps cannot show."""
+    out = []
+    for a in audits:
+        for g in a.small_groups():
+            lo, hi = a.value_ci[g, 0]
+            if np.isfinite(hi) and hi < overall_accuracy:
+                out.append((f"{a.name} = {a.grouping.names[g]} (n={int(a.sizes[g])}, too small to compare): accuracy "
+                            f"{a.values[g, 0]:.3f} (95% CI {lo:.3f} to {hi:.3f}) is below the overall accuracy "
+                            f"{overall_accuracy:.3f} even at its upper bound", overall_accuracy - hi))
+    return out
 
 
 def _cell(value: float, ci) -> str:
@@ -705,53 +986,67 @@ def _p_text(p: float) -> str:
     return "n/a" if not np.isfinite(p) else f"{p:.3g}"
 
 
+def _small_text(a: ColumnAudit) -> str:
+    return ", ".join(f"{a.grouping.names[g]} (n={int(a.sizes[g])})" for g in a.small_groups()) or "none"
+
+
 def overview_table(audits, s: Settings) -> Table:
     rows = []
     for a in audits:
         m = a.largest_metric
         sig = "n/a" if not np.isfinite(a.p_value_holm) else ("yes" if a.p_value_holm < s.alpha else "no")
         rows.append([
-            a.name, int(a.in_gaps.sum()), METRIC_LABELS.get(m, "n/a"),
-            _cell(a.gaps.get(f"{m}_gap", float("nan")), a.gap_ci.get(f"{m}_gap")) if m else "n/a",
+            a.name, int(a.in_gaps.sum()), a.n_compared,
+            _cell(a.gaps["accuracy_gap"], a.gap_ci.get("accuracy_gap")),
+            _cell(a.gaps["eo_difference"], a.gap_ci.get("eo_difference")),
             _cell(a.gaps["worst_group_accuracy"], a.gap_ci.get("worst_group_accuracy")),
-            _p_text(a.p_value), _p_text(a.p_value_holm), sig,
+            METRIC_LABELS.get(m, "n/a"), _p_text(a.p_value), _p_text(a.p_value_holm), sig, _small_text(a),
         ])
     return Table(
-        "Overview: the largest gap in each column",
-        ["column", "groups compared", "largest gap in", "gap (95% interval)", "worst-group accuracy (95% interval)",
-         "p-value", "p-value (Holm)", f"significant at {s.alpha:g}"],
+        "Overview: gaps between the groups of each column",
+        ["column", "groups compared", "images compared", "accuracy gap (95% CI)", "equalized odds difference (95% CI)",
+         "worst-group accuracy (95% CI)", "largest gap in", "p-value", "p-value (Holm)", f"Holm p < {s.alpha:g}",
+         f"too small to decide (< {s.min_group_size} images)"],
         rows,
-        note="A gap is the best group's value minus the worst group's. The p-value is the chance of a gap this large "
-             "if group membership had nothing to do with the predictions (group labels shuffled); Holm adjusts it for "
-             "the number of columns compared. Small groups get wide intervals and rarely reach significance.",
+        note="A gap is the best compared group's value minus the worst's. The p-value is the chance of a largest gap "
+             "this large if group membership had nothing to do with the predictions (group labels shuffled, by subject "
+             "when the data name subjects); Holm adjusts it for the number of columns. Groups too small to decide are "
+             "listed here and shown in the per-group tables with their intervals, but not compared. " + INTERVAL_NOTE,
     )
 
 
 def group_table(a: ColumnAudit, s: Settings) -> Table:
     rows = []
-    for g, n, ok, vals, ci in zip(a.grouping.names, a.sizes, a.in_gaps, a.values, a.value_ci):
-        rows.append([g, int(n), "yes" if ok else "no (too small)"] + [_cell(v, c) for v, c in zip(vals, ci)])
+    for g, name in enumerate(a.grouping.names):
+        decision = "compared" if a.in_gaps[g] else f"too small to decide (n < {s.min_group_size})"
+        cells = []
+        for j, m in enumerate(GROUP_METRICS):
+            reason = a.group_reasons[g].get(m)
+            cells.append(f"not evaluated: {reason}" if reason else _cell(a.values[g, j], a.value_ci[g, j]))
+        rows.append([name, int(a.sizes[g]), decision] + cells)
     if a.missing:
-        rows.append([MISSING, a.missing, "no (no value)"] + ["n/a"] * len(GROUP_METRICS))
-    note = f"Values with 95% bootstrap intervals. TPR, FPR and selection rate are for {s.positive_label!r}."
+        rows.append([MISSING, a.missing, "no value: not compared"] + ["n/a"] * len(GROUP_METRICS))
+    note = (f"TPR, FPR and selection rate are for {s.positive_label!r}. Per-group ECE is the plain binned ECE, biased "
+            "upwards in small groups, without an interval. " + INTERVAL_NOTE)
     if a.grouping.binned:
         note += f" {a.name} is numeric and was {a.grouping.binned}."
-    return Table(f"{a.name}: per group", ["group", "images", "in gaps"] + [METRIC_LABELS[m] for m in GROUP_METRICS], rows, note=note)
+    return Table(f"{a.name}: per group", ["group", "images", "decision"] + [METRIC_LABELS[m] for m in GROUP_METRICS], rows, note=note)
 
 
 def gap_table(a: ColumnAudit) -> Table:
     rows = []
     for m in GROUP_METRICS:
         rows.append([METRIC_LABELS[m], _cell(a.gaps[f"{m}_gap"], a.gap_ci.get(f"{m}_gap")),
-                     _cell(a.gaps[f"{m}_ratio"], a.gap_ci.get(f"{m}_ratio")), _p_text(a.gap_p.get(f"{m}_gap", float("nan")))])
+                     _cell(a.gaps[f"{m}_ratio"], None), _p_text(a.gap_p.get(f"{m}_gap", float("nan")))])
     for key, label in (("dp_difference", "demographic parity difference"), ("eo_difference", "equalized odds difference"),
                        ("eop_difference", "equal opportunity difference"), ("worst_group_accuracy", "worst-group accuracy"),
                        ("es_auroc", "equity-scaled AUROC (ES-AUC)")):
         rows.append([label, _cell(a.gaps[key], a.gap_ci.get(key)), "", ""])
     return Table(
-        f"{a.name}: gaps between groups", ["measure", "max - min (95% interval)", "min / max (95% interval)", "permutation p-value"], rows,
-        note=f"Only groups with enough images enter ({int(a.in_gaps.sum())} here). Per-measure p-values are not adjusted; "
-             f"the column's headline p-value ({_p_text(a.p_value)}) tests the largest gap, {METRIC_LABELS.get(a.largest_metric, 'n/a')}.",
+        f"{a.name}: gaps between groups", ["measure", "max - min (95% CI)", "min / max", "permutation p-value"], rows,
+        note=f"Only groups of at least the minimum size are compared ({int(a.in_gaps.sum())} groups, {a.n_compared} images "
+             f"here; too small: {_small_text(a)}). Per-measure p-values are not adjusted; the column's headline p-value "
+             f"({_p_text(a.p_value)}) tests the largest gap, {METRIC_LABELS.get(a.largest_metric, 'n/a')}. " + INTERVAL_NOTE,
     )
 
 
@@ -783,32 +1078,55 @@ def group_figure(a: ColumnAudit, s: Settings):
     ax.set_ylabel("value")
     ax.legend(fontsize=7, ncol=len(shown), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return to_figure(fig, f"{a.name}: per-group metrics",
-                     f"bars: value per group; whiskers: 95% bootstrap interval; dotted: group too small to enter the gaps "
+                     f"bars: value per group; whiskers: 95% interval (Wilson for proportions, bootstrap otherwise); dotted: too small to decide "
                      f"(fewer than {s.min_group_size}); TPR/FPR for {s.positive_label!r}")
 
 
-def summarise(audits: list[ColumnAudit], s: Settings) -> str:
-    tested = [a for a in audits if np.isfinite(a.p_value_holm)]
-    if not tested:
-        worst = [a for a in audits if np.isfinite(a.gaps["worst_group_accuracy"])]
-        return ("No column has two groups of at least "
-                f"{s.min_group_size} images, so no gap could be tested; see the per-group tables.") if not worst else \
-            "Gaps measured without a permutation test (n_permutations = 0); see the gap tables."
-    top = min(tested, key=lambda a: (a.p_value_holm, -a.gaps["largest_gap"]))
-    m = top.largest_metric
-    k = GROUP_METRICS.index(m)
-    in_vals = np.where(top.in_gaps, top.values[:, k], np.nan)
-    worse_is_low = m not in ("fpr", "ece")
-    worst_i = int(np.nanargmin(in_vals) if worse_is_low else np.nanargmax(in_vals))
-    best_i = int(np.nanargmax(in_vals) if worse_is_low else np.nanargmin(in_vals))
-    ci = top.gap_ci.get(f"{m}_gap")
-    ci_text = f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""
-    gap_text = (f"{top.name}: {METRIC_LABELS[m]} gap {top.gaps[f'{m}_gap']:.3f}{ci_text}, worst group "
-                f"{top.grouping.names[worst_i]} ({in_vals[worst_i]:.3f}) vs {top.grouping.names[best_i]} ({in_vals[best_i]:.3f})")
-    if top.p_value_holm < s.alpha:
-        return f"Significant subgroup gap, {gap_text}; p = {top.p_value_holm:.3g} (Holm-adjusted)."
-    return (f"No significant subgroup gap (smallest Holm-adjusted p = {top.p_value_holm:.3g}); "
-            f"largest in {gap_text}.")
+
+
+def _extreme_groups(a: ColumnAudit, k: int) -> tuple[int, int]:
+    """(worst, best) compared groups for metric column k (lower is worse except FPR and ECE)."""
+    vals = np.where(a.in_gaps, a.values[:, k], np.nan)
+    low_is_bad = GROUP_METRICS[k] not in ("fpr", "ece")
+    lo, hi = int(np.nanargmin(vals)), int(np.nanargmax(vals))
+    return (lo, hi) if low_is_bad else (hi, lo)
+
+
+def summarise(audits: list[ColumnAudit], metrics: dict, intervals: dict, s: Settings) -> str:
+    """Numbers, never a verdict: whether a gap is acceptable is decided by the thresholds."""
+    parts = []
+    usable = [a for a in audits if np.isfinite(a.gaps["accuracy_gap"])]
+    if usable:
+        top = max(usable, key=lambda a: a.gaps["accuracy_gap"])
+        worst, best = _extreme_groups(top, 0)
+        ci = intervals.get("max_accuracy_gap")
+        ci_text = f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""
+        p = top.gap_p.get("accuracy_gap")
+        p_text = f"; permutation p = {p:.3g}" if p is not None else ""
+        names, sizes, acc = top.grouping.names, top.sizes, top.values[:, 0]
+        parts.append(f"Largest accuracy gap {top.gaps['accuracy_gap']:.3f}{ci_text} in {top.name}, between "
+                     f"{names[worst]} ({acc[worst]:.3f}, n={int(sizes[worst])}) and {names[best]} "
+                     f"({acc[best]:.3f}, n={int(sizes[best])}){p_text}.")
+        eo = metrics.get("max_eo_difference", float("nan"))
+        if np.isfinite(eo):
+            ci = intervals.get("max_eo_difference")
+            parts.append(f"Largest equalized odds difference {eo:.3f}" + (f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})." if ci else "."))
+        w = min(usable, key=lambda a: a.gaps["worst_group_accuracy"])
+        g = int(np.nanargmin(np.where(w.in_gaps, w.values[:, 0], np.nan)))
+        parts.append(f"Worst compared group: {w.name} = {w.grouping.names[g]}, accuracy {w.values[g, 0]:.3f} "
+                     f"(n={int(w.sizes[g])}).")
+        floor = w.values[g, 0]
+    else:
+        parts.append(f"No column has two groups of at least {s.min_group_size} images, so no gap was measured.")
+        floor = np.inf
+    smaller = [(a.values[g, 0], a, g) for a in audits for g in a.small_groups() if a.values[g, 0] < floor]
+    if smaller:
+        v, a, g = min(smaller, key=lambda t: t[0])
+        lo, hi = a.value_ci[g, 0]
+        more = f" ({len(smaller) - 1} more below it)" if len(smaller) > 1 else ""
+        parts.append(f"Lower still: {a.name} = {a.grouping.names[g]}, accuracy {v:.3f} (95% CI {lo:.3f} to {hi:.3f}, "
+                     f"n={int(a.sizes[g])}), too small to decide (under {s.min_group_size} images){more}.")
+    return " ".join(parts)
 
 
 def _f(x) -> float | None:

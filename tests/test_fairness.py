@@ -59,6 +59,24 @@ def run_check(ctx, **params):
     return FairnessCheck().run(ctx, FairnessCheck.resolve_params(params))
 
 
+def verdict(result):
+    """The status the host gives ``result`` under the default thresholds, and the outcomes."""
+    from mcaudit.gating import apply_gate, parse_threshold
+    from mcaudit.runner import result_entry
+
+    entry = result_entry(result)
+    thresholds = [parse_threshold(f"fairness.{m}", spec, "default") for m, spec in FairnessCheck.default_thresholds.items()]
+    gate = apply_gate({"checks": {"fairness": entry}}, thresholds, gated=False)
+    return entry["status"], {o["name"]: o for o in gate["results"]}
+
+
+def wilson(k, n, z=1.959963984540054):
+    """Wilson's score interval written out from its formula, as an outside reference."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def test_binary_group_metrics_and_gaps_agree_with_fairlearn():
     labels, probs, site = biased_predictions({"A": 150, "B": 120, "C": 90}, {"A": 1.0, "B": 1.2, "C": 3.0})
     ctx = synthetic_context(probs, labels, {"site": site}, classes=["normal", "disease"])
@@ -77,8 +95,12 @@ def test_binary_group_metrics_and_gaps_agree_with_fairlearn():
             assert groups[g][m] == pytest.approx(frame.by_group.loc[g, m], abs=1e-12), (g, m)
         rows = site == g
         assert groups[g]["auroc"] == pytest.approx(roc_auc_score(y_true[rows], probs[rows, 1]), abs=1e-12)
-        lo, hi = groups[g]["intervals"]["accuracy"]
-        assert lo <= groups[g]["accuracy"] <= hi
+        k, n = groups[g]["counts"]["accuracy"]
+        assert (k, n) == (round(frame.by_group.loc[g, "accuracy"] * n), int((site == g).sum()))
+        assert groups[g]["intervals"]["accuracy"] == pytest.approx(wilson(k, n), abs=1e-12)
+        k, n = groups[g]["counts"]["tpr"]
+        assert n == int(((site == g) & (y_true == 1)).sum())
+        assert groups[g]["intervals"]["tpr"] == pytest.approx(wilson(k, n), abs=1e-12)
     m = result.metrics
     for metric in ("accuracy", "balanced_accuracy", "tpr", "fpr", "selection_rate"):
         assert m[f"site.{metric}_gap"] == pytest.approx(frame.difference()[metric], abs=1e-12)
@@ -90,15 +112,19 @@ def test_binary_group_metrics_and_gaps_agree_with_fairlearn():
     overall = roc_auc_score(y_true, probs[:, 1])
     group_auc = [roc_auc_score(y_true[site == g], probs[site == g, 1]) for g in "ABC"]
     assert m["site.es_auroc"] == pytest.approx(overall / (1 + sum(abs(a - overall) for a in group_auc)), abs=1e-12)
-    # per-group ECE is the calibration check's top-label ECE
+    # per-group ECE is the calibration check's plain top-label ECE (ece_plugin)
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     rows = site == "C"
     ece = multiclass_calibration_error(torch.from_numpy(probs[rows]), torch.from_numpy(labels[rows]), 2, n_bins=15)
     assert groups["C"]["ece"] == pytest.approx(float(ece), abs=1e-6)
-    for key in ("site.accuracy_gap", "site.dp_difference", "site.eo_difference", "site.es_auroc", "site.worst_group_accuracy"):
+    for key in ("site.accuracy_gap", "site.dp_difference", "site.eo_difference", "site.worst_group_accuracy",
+                "max_accuracy_gap", "max_eo_difference"):
         lo, hi = result.intervals[key]
-        assert lo <= hi
+        assert lo <= m[key] <= hi, key
+        assert result.n[key] == 360
+    assert "site.es_auroc" not in result.intervals and "site.ece_gap" not in result.intervals
+    assert "bootstrap" in result.details["interval_method"] and "Wilson" in result.details["interval_method"]
 
 
 def test_positive_class_parameter_and_multiclass_worst_class():
@@ -133,13 +159,19 @@ def test_small_and_missing_groups_shown_but_left_out_of_gaps():
     col = result.details["columns"]["site"]
     assert set(col["groups"]) == {"A", "B", "D"} and col["missing_values"] == 9
     assert col["groups"]["D"]["in_gaps"] is False and col["groups"]["A"]["in_gaps"] is True
-    assert any("D (6)" in w for w in result.warnings) and any("9 image(s) without a value" in w for w in result.warnings)
+    assert col["groups"]["D"]["decision"] == "too small to decide"
+    k, n = col["groups"]["D"]["counts"]["accuracy"]
+    assert n == 6 and col["groups"]["D"]["intervals"]["accuracy"] == pytest.approx(wilson(k, n), abs=1e-12)
+    assert any("D (n=6)" in w for w in result.warnings) and any("9 image(s) without a value" in w for w in result.warnings)
     keep = np.isin(site, ["A", "B"])
     preds = ctx.forward.probs.argmax(1)
     frame = MetricFrame(metrics=accuracy_score, y_true=labels[keep], y_pred=preds[keep], sensitive_features=site[keep])
     assert result.metrics["site.accuracy_gap"] == pytest.approx(frame.difference(), abs=1e-12)
     table = next(t for t in result.tables if t.title == "site: per group")
     assert [r[0] for r in table.rows] == ["A", "B", "D", "(missing)"]
+    assert table.rows[2][2].startswith("too small to decide")
+    overview = result.tables[0]
+    assert "D (n=6)" in overview.rows[0][-1]
 
 
 def test_numeric_columns_are_binned_by_quantiles_or_given_edges():
@@ -173,13 +205,93 @@ def test_planted_bias_significant_random_groups_not():
     labels, probs, site = biased_predictions({"A": 150, "B": 150, "C": 100}, {"A": 1.0, "B": 1.0, "C": 4.0}, seed=1)
     rng = np.random.default_rng(11)
     shuffled = rng.permutation(site)
-    result = run_check(synthetic_context(probs, labels, {"site": site, "random": shuffled}), n_bootstrap=50,
+    result = run_check(synthetic_context(probs, labels, {"site": site, "random": shuffled}), n_bootstrap=100,
                        n_permutations=300, intersections=False)
     m = result.metrics
     assert m["site.p_value"] < 0.01 and m["site.p_value_holm"] < 0.05
     assert m["random.p_value_holm"] > 0.05
     assert result.details["columns"]["site"]["groups"]["C"]["accuracy"] == pytest.approx(m["site.worst_group_accuracy"])
-    assert "Significant subgroup gap, site" in result.summary
+    assert result.summary.startswith("Largest accuracy gap") and "in site, between C" in result.summary
+    status, outcomes = verdict(result)
+    assert status == "fail" and outcomes["fairness.max_accuracy_gap"]["status"] == "fail"
+    assert outcomes["fairness.max_accuracy_gap"]["n"] == 400
+    assert "no significant" not in result.summary.lower()
+
+
+def test_corrupted_group_fails_clean_model_is_not_failed():
+    """Known answer: group B's predictions are replaced by coin flips for half its images."""
+    rng = np.random.default_rng(21)
+    n = 2400
+    site = np.array(["A", "B", "C"] * (n // 3), dtype=object)
+    labels = rng.integers(0, 2, n)
+    p1 = np.clip(0.5 + (labels - 0.5) * rng.uniform(0.4, 1.0, n), 0.01, 0.99)  # ~100% accurate, every site alike
+    clean = np.stack([1 - p1, p1], axis=1)
+    clean_result = run_check(synthetic_context(clean, labels, {"site": site}), n_bootstrap=200, n_permutations=200)
+    status, outcomes = verdict(clean_result)
+    assert status == "pass", clean_result.summary
+    assert outcomes["fairness.max_accuracy_gap"]["interval"][1] <= 0.1
+    corrupted = clean.copy()
+    hit = (site == "B") & (rng.random(n) < 0.5)
+    corrupted[hit] = rng.dirichlet([1, 1], int(hit.sum()))
+    bad = run_check(synthetic_context(corrupted, labels, {"site": site}), n_bootstrap=200, n_permutations=200)
+    status, outcomes = verdict(bad)
+    assert status == "fail" and outcomes["fairness.max_accuracy_gap"]["interval"][0] > 0.1
+    assert "between B" in bad.summary and bad.metrics["site.p_value"] < 0.01
+    # per-group values agree with fairlearn on the same inputs
+    preds = synthetic_context(corrupted, labels, {"site": site}).forward.probs.argmax(1)
+    frame = MetricFrame(metrics={"accuracy": accuracy_score, "tpr": true_positive_rate, "fpr": false_positive_rate},
+                        y_true=labels, y_pred=preds, sensitive_features=site)
+    for g in "ABC":
+        for metric in ("accuracy", "tpr", "fpr"):
+            assert bad.details["columns"]["site"]["groups"][g][metric] == pytest.approx(frame.by_group.loc[g, metric], abs=1e-12)
+    assert bad.metrics["max_accuracy_gap"] == pytest.approx(frame.difference()["accuracy"], abs=1e-12)
+
+
+def test_small_worst_group_is_named_too_small_to_decide():
+    """The issue's case: a 15-image site far worse than the compared ones must not vanish."""
+    labels, probs, site = biased_predictions({"A": 200, "B": 200, "D": 15}, {"A": 1.0, "B": 1.1, "D": 40.0}, seed=3)
+    result = run_check(synthetic_context(probs, labels, {"site": site}), n_bootstrap=100, n_permutations=0)
+    d = result.details["columns"]["site"]["groups"]["D"]
+    assert d["n"] == 15 and d["decision"] == "too small to decide" and d["accuracy"] < 0.7
+    assert "site = D" in result.summary and "too small to decide" in result.summary and "n=15" in result.summary
+    assert result.metrics["worst_group_accuracy"] > d["accuracy"]  # compared groups only, and the summary says so
+    lo, hi = d["intervals"]["accuracy"]
+    overall = float(np.mean(np.argmax(probs, 1) == labels))
+    assert hi < overall  # so clearly worse that even 15 images show it: a warning, not a silent row
+    assert any(f.status == "warn" and "site = D" in f.message for f in result.findings)
+
+
+def test_one_group_column_is_not_evaluated_with_reason():
+    labels, probs, site = biased_predictions({"A": 100, "B": 8}, {"A": 1.0, "B": 1.0}, seed=6)
+    result = run_check(synthetic_context(probs, labels, {"site": site}), n_bootstrap=50, n_permutations=50)
+    assert "fewer than two groups of at least 20" in result.not_evaluated["site.accuracy_gap"]
+    assert "no column has two groups" in result.not_evaluated["max_accuracy_gap"]
+    status, outcomes = verdict(result)
+    assert status == "not_evaluated" and outcomes["fairness.max_accuracy_gap"]["status"] == "not_evaluated"
+    assert result.summary.startswith("No column has two groups")
+
+
+def test_subject_ids_widen_gap_intervals():
+    """Five copies of each patient's image carry one patient's information: a patient-level
+    bootstrap must give a wider gap interval than treating the copies as independent."""
+    labels, probs, site = biased_predictions({"A": 60, "B": 60}, {"A": 1.0, "B": 2.0}, seed=8)
+    labels, probs, site = np.repeat(labels, 5), np.repeat(probs, 5, axis=0), np.repeat(site, 5)
+    plain = synthetic_context(probs, labels, {"site": site})
+    by_subject = synthetic_context(probs, labels, {"site": site})
+    for i, record in enumerate(by_subject.dataset.records):
+        record.subject = f"p{i // 5}"
+    a = run_check(plain, n_bootstrap=200, n_permutations=0).intervals["site.accuracy_gap"]
+    b = run_check(by_subject, n_bootstrap=200, n_permutations=0)
+    assert b.details["resampling_unit"] == "subject"
+    b = b.intervals["site.accuracy_gap"]
+    assert (b[1] - b[0]) > 1.6 * (a[1] - a[0])
+
+
+def test_profiles_and_threshold_reasons():
+    assert set(FairnessCheck.profiles) == {"quick", "standard", "thorough"}
+    for key in ("n_bootstrap", "n_permutations"):
+        assert FairnessCheck.profiles["standard"][key] == FairnessCheck.params[key].default
+    assert set(FairnessCheck.threshold_reasons) == set(FairnessCheck.default_thresholds)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +324,7 @@ def test_demo_run_shows_site_effect(tmp_path):
     assert out.exit_code == 0, out.output
     fair = out.results["checks"]["fairness"]
     assert fair["metrics"]["site.p_value_holm"] < 0.05 and "site" in fair["summary"]
-    assert "site.accuracy_gap" in fair["intervals"]
+    assert "site.accuracy_gap" in fair["intervals"] and fair["status"] != "pass"
     html = out.html
     assert 'id="check-fairness"' in html and "site: per group" in html and "site&amp;sex: gaps between groups" in html
 
@@ -238,13 +350,14 @@ def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manife
     out = run_cli(args, tmp_path / "o")
     assert out.exit_code == 0, out.output
     fair = out.results["checks"]["fairness"]
-    assert fair["status"] == "ok"
+    assert fair["execution"] == "completed" and fair["status"] in ("pass", "warn", "fail", "inconclusive", "not_evaluated")
     html = out.html
     for column, info in fair["details"]["columns"].items():
         assert info["groups"], column
         for name, g in info["groups"].items():
             lo, hi = g["intervals"]["accuracy"]
             assert lo is not None and hi is not None and lo <= g["accuracy"] <= hi, (column, name)
+            assert g["decision"] == ("compared" if g["n"] >= 20 else "too small to decide")
             assert f"{column}: per group" in html.replace("&amp;", "&")
     assert {c for c in columns} <= set(fair["details"]["columns"])
 
@@ -334,39 +447,42 @@ def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
 
 
 def test_chunked_bootstrap_equals_the_per_replicate_loop():
-    from mcaudit.plugins.fairness import GAP_KEYS, Settings, bootstrap, gap_statistics, grouped_auroc, measure_groups
+    from mcaudit.plugins.fairness import Grouping, Settings, bootstrap_columns, measure_groups, prepare_column
 
     o = _outcomes(seed=7)
-    codes = np.random.default_rng(8).integers(0, 3, len(o.labels))
-    members = [np.flatnonzero(codes == g) for g in range(3)]
-    in_gaps = np.array([True, False, True])
     s = Settings(positives=[1], positive_label="", macro=False, min_group_size=10, quantile_bins=4, edges={},
                  intersections=False, n_bootstrap=90, n_permutations=0, alpha=0.05, n_bins=10)
-    value_ci, gap_ci = bootstrap(o, members, in_gaps, s, np.random.default_rng(9), (3, 7))
+    codes = np.random.default_rng(8).integers(-1, 3, len(o.labels))  # -1: missing values stay out
+    other = np.random.default_rng(9).integers(0, 2, len(o.labels))
+    audits = [prepare_column(o, "a", Grouping(codes, ["x", "y", "z"]), s), prepare_column(o, "b", Grouping(other, ["u", "v"]), s)]
+    for clusters in (None, np.arange(len(o.labels)) // 3):
+        boots = bootstrap_columns(o, audits, s, np.random.default_rng(10), clusters)
+        # the loop the chunked version replaced, one replicate and one column at a time
+        rng = np.random.default_rng(10)
+        from mcaudit.plugins.fairness import resample_chunks
 
-    # the loop the chunked version replaced
-    rng = np.random.default_rng(9)
-    strata = [[m[o.labels[m] == k] for k in np.unique(o.labels[m])] for m in members]
-    values_all, gaps_all = [], []
-    for _ in range(s.n_bootstrap):
-        resampled = [np.concatenate([st[rng.integers(0, len(st), len(st))] for st in group]) for group in strata]
-        v, r = measure_groups(o, np.concatenate(resampled), np.repeat(np.arange(3), [len(x) for x in resampled]), 3, False)
-        rows_in = np.concatenate([resampled[0], resampled[2]])
-        support = np.bincount(o.labels[rows_in], minlength=o.n_classes).astype(float)[None, :]
-        overall = float(grouped_auroc(o, rows_in, np.zeros(len(rows_in), dtype=np.int64), 1, support)[0])
-        values_all.append(v)
-        gaps_all.append(gap_statistics(v[in_gaps], r[in_gaps], overall))
-    stacked = np.array(values_all)
-    for g in range(3):
-        for m in range(7):
-            x = stacked[:, g, m][np.isfinite(stacked[:, g, m])]
-            if len(x) >= 22:
-                np.testing.assert_allclose(value_ci[g, m], np.quantile(x, [0.025, 0.975]), atol=1e-12)
-    for key in GAP_KEYS:
-        x = np.array([d[key] for d in gaps_all])
-        x = x[np.isfinite(x)]
-        if len(x) >= 22:
-            np.testing.assert_allclose(gap_ci[key], np.quantile(x, [0.025, 0.975]), atol=1e-12)
-        else:
-            assert key not in gap_ci
-    assert "es_auroc" in gap_ci and "accuracy_gap" in gap_ci
+        replicates = [r for chunk in resample_chunks(len(o.labels), clusters, rng, s.n_bootstrap) for r in chunk]
+        assert len(replicates) == 90
+        if clusters is not None:  # whole subjects: every drawn subject's three images together
+            assert all(np.all(np.bincount(clusters[r]) % 3 == 0) for r in replicates[:5])
+        for (values, rates), a in zip(boots, audits):
+            for b in (0, 41, 89):
+                rows = replicates[b]
+                c = a.grouping.codes[rows]
+                v, r = measure_groups(o, rows[c >= 0], c[c >= 0], len(a.grouping.names), False)
+                np.testing.assert_allclose(values[b], v, atol=1e-12, equal_nan=True)
+                np.testing.assert_allclose(rates[b], r, atol=1e-12, equal_nan=True)
+
+
+def test_max_difference_interval_covers_every_pair():
+    from mcaudit.plugins.fairness import max_difference_interval, min_value_interval
+
+    rng = np.random.default_rng(0)
+    observed = np.array([0.10, -0.02, 0.05])
+    replicates = observed + rng.normal(0, [0.02, 0.05, 0.01], (400, 3))
+    lo, hi = max_difference_interval(observed, replicates)
+    assert lo <= 0.10 <= hi and lo > 0.0
+    # a contrast whose band is wide can carry the upper end even though its point value is small
+    assert hi >= 0.02 + 2 * 0.05
+    lo, hi = min_value_interval(observed, replicates)
+    assert lo < -0.02 < hi
