@@ -6,6 +6,7 @@ scikit-learn, fairlearn and torchmetrics as outside references.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -177,6 +178,239 @@ def bootstrap_interval(
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+# --- intervals for the performance metrics -----------------------------------------------------
+# Each method was chosen for its coverage, measured in tests/test_coverage.py and written up
+# in docs/statistics.md.
+
+
+@functools.lru_cache(maxsize=8)
+def _z(level: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def cluster_wilson_interval(correct: np.ndarray, clusters: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Wilson interval for the share of ``correct`` items when items of one cluster (patient)
+    are correlated: the sample size is shrunk by the design effect, the ratio-estimator
+    variance over clusters divided by the binomial one (Kish 1965; for clustered
+    proportions, Dean and Pagano 2015). Never narrower than the plain Wilson interval. Where
+    the design effect cannot be estimated (every item agrees, or one cluster) each cluster
+    counts as one item, the most a cluster can weigh."""
+    correct = np.asarray(correct, dtype=np.float64)
+    n = len(correct)
+    if n == 0:
+        return float("nan"), float("nan")
+    _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(cluster_of.max()) + 1
+    p = float(correct.mean())
+    if n_clusters < 2 or p in (0.0, 1.0):
+        return _wilson_from_share(p, float(n_clusters), level)
+    residual = np.bincount(cluster_of, weights=correct - p, minlength=n_clusters)
+    var_cluster = n_clusters / (n_clusters - 1) * np.sum(residual**2) / n**2
+    design_effect = max(1.0, var_cluster / (p * (1 - p) / n))
+    return _wilson_from_share(p, n / design_effect, level)
+
+
+def _wilson_from_share(p: float, trials: float, level: float) -> tuple[float, float]:
+    z = _z(level)
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def balanced_accuracy_interval(cm: np.ndarray, rng: np.random.Generator, level: float = 0.95,
+                               n_draws: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+    """Interval for balanced accuracy from the posterior of the mean per-class recall
+    (Brodersen et al. 2010), each recall with its Jeffreys Beta(k + 1/2, n - k + 1/2)
+    posterior, as the Jeffreys interval for one proportion (Brown, Cai and DasGupta 2001).
+
+    Unlike a bootstrap it does not collapse when a model predicts one class almost always
+    (recalls at 0 and 1 do not move under resampling). ``cm`` may be a stack (..., k, k) of
+    confusion matrices; classes without images are left out, as in the point estimate.
+    Returns (lower, upper) arrays of the stack's shape (0-d for one matrix).
+    """
+    cm = np.asarray(cm)
+    support = cm.sum(axis=-1).astype(np.float64)
+    hits = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
+    present = support > 0
+    a = np.where(present, hits + 0.5, 1.0)
+    b = np.where(present, support - hits + 0.5, 1.0)
+    draws = rng.beta(a, b, size=(n_draws,) + a.shape)
+    n_present = present.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(present, draws, 0.0).sum(axis=-1) / n_present
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha], axis=0)
+    none = n_present == 0
+    return np.where(none, np.nan, lo), np.where(none, np.nan, hi)
+
+
+def confusion_resamples(labels: np.ndarray, preds: np.ndarray, n_classes: int, rng: np.random.Generator,
+                        n_boot: int = 2000, clusters: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap confusion matrices, shape (n_boot, k, k), resampling images (or, with
+    ``clusters``, whole clusters such as patients) with replacement and without strata, so
+    the class mix varies between replicates as it does between samples of patients.
+
+    A confusion-matrix statistic only sees how often each cell was drawn, so image resamples
+    are multinomial draws over the cells and a cluster resample is how often each cluster was
+    drawn times that cluster's confusion matrix: the same distribution as resampling indices, at a
+    fraction of the cost.
+    """
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    k2 = n_classes * n_classes
+    cell = labels * n_classes + preds
+    if clusters is None:
+        counts = np.bincount(cell, minlength=k2)
+        return rng.multinomial(len(labels), counts / counts.sum(), size=n_boot).reshape(n_boot, n_classes, n_classes)
+    _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(cluster_of.max()) + 1
+    per_cluster = np.bincount(cluster_of * k2 + cell, minlength=n_clusters * k2).reshape(n_clusters, k2)
+    out = np.empty((n_boot, k2), dtype=np.int64)
+    chunk = max(1, 4_000_000 // max(n_clusters, 1))  # replicates per block: memory stays flat
+    for start in range(0, n_boot, chunk):
+        rows = min(n_boot, start + chunk) - start
+        picks = rng.integers(0, n_clusters, size=(rows, n_clusters)) + n_clusters * np.arange(rows)[:, None]
+        drawn = np.bincount(picks.ravel(), minlength=rows * n_clusters).reshape(rows, n_clusters)
+        out[start:start + rows] = drawn @ per_cluster
+    return out.reshape(n_boot, n_classes, n_classes)
+
+
+def accuracy_of(cms: np.ndarray) -> np.ndarray:
+    """Accuracy of each confusion matrix in a stack (..., k, k)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.trace(cms, axis1=-2, axis2=-1) / cms.sum(axis=(-2, -1))
+
+
+def balanced_accuracy_of(cms: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of each confusion matrix in a stack (..., k, k), over present classes."""
+    support = cms.sum(axis=-1)
+    hits = np.diagonal(cms, axis1=-2, axis2=-1)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, hits / np.maximum(support, 1), 0.0)
+        return recall.sum(axis=-1) / present.sum(axis=-1)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates; NaN when too few replicates are defined."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if len(finite) < max(10, len(values) // 4):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
+
+
+def auroc_influence(positive: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray]:
+    """AUROC and each image's influence on it, from DeLong's placement values: a positive's
+    share of negatives it outscores, a negative's share of positives that outscore it (ties
+    one half), centred on the AUROC and divided by the size of its group. Sums of squared
+    influences give DeLong's variance; sums within patients first give the clustered one
+    (Obuchowski 1997)."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    m = int(positive.sum())
+    n_neg = len(scores) - m
+    if m == 0 or n_neg == 0:
+        return float("nan"), np.full(len(scores), np.nan)
+    ranks = _average_ranks(scores)
+    auc = (ranks[positive].sum() - m * (m + 1) / 2.0) / (m * n_neg)
+    influence = np.empty(len(scores))
+    influence[positive] = ((ranks[positive] - _average_ranks(scores[positive])) / n_neg - auc) / m
+    influence[~positive] = (1.0 - (ranks[~positive] - _average_ranks(scores[~positive])) / m - auc) / n_neg
+    return float(auc), influence
+
+
+def hanley_mcneil_variance(auc, n_pos: int, n_neg: int):
+    """Hanley and McNeil's (1982) variance of an AUROC of ``auc`` with these group sizes."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    return (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+
+
+_GRID = np.linspace(0.0, 1.0, 20_001)
+# Hanley-McNeil's variance is linear in these three functions of the AUROC; kept on the grid once.
+_HM_TERMS = np.stack([_GRID * (1 - _GRID), _GRID / (2 - _GRID) - _GRID**2, 2 * _GRID**2 / (1 + _GRID) - _GRID**2])
+
+
+def _hanley_mcneil_score_interval(auc: float, sizes, level: float, inflation: float = 1.0) -> tuple[float, float]:
+    """Every theta with |auc - theta| <= z * sqrt(V(theta)), V the Hanley-McNeil variance (the
+    mean of the classes' for a macro AUROC, times ``inflation``): the AUROC's counterpart of
+    Wilson inverting the binomial test (Newcombe 2006). It stays inside [0, 1] and does not
+    collapse at an AUROC of 0 or 1."""
+    weights = np.zeros(3)
+    for n_pos, n_neg in sizes:
+        weights += np.array([1.0, n_pos - 1, n_neg - 1]) / (n_pos * n_neg)
+    variance = inflation * (weights / len(sizes) ** 2) @ _HM_TERMS
+    z = _z(level)
+    inside = (auc - _GRID) ** 2 <= z * z * variance
+    if not inside.any():
+        return float(auc), float(auc)
+    found = np.flatnonzero(inside)
+    return float(_GRID[found[0]]), float(_GRID[found[-1]])
+
+
+def _logit_interval(estimate: float, se: float, level: float) -> tuple[float, float]:
+    if not (0.0 < estimate < 1.0) or not np.isfinite(se) or se <= 0:
+        return float(estimate), float(estimate)
+    centre = np.log(estimate / (1 - estimate))
+    half = _z(level) * se / (estimate * (1 - estimate))
+    return float(1 / (1 + np.exp(-(centre - half)))), float(1 / (1 + np.exp(-(centre + half))))
+
+
+AUROC_METHOD = "DeLong (logit) joined with the Hanley-McNeil score interval"
+AUROC_CLUSTER_METHOD = "DeLong clustered over subjects (Obuchowski, logit) joined with the Hanley-McNeil score interval widened by the design effect"
+
+
+def auroc_interval(labels: np.ndarray, probs: np.ndarray, level: float = 0.95,
+                   clusters: np.ndarray | None = None) -> tuple[float, float]:
+    """Interval for :func:`auroc_ovr`'s value (binary: class 1's AUROC; else the macro mean).
+
+    The union of two intervals, each good where the other is weak: DeLong's variance with a
+    logit transform (DeLong et al. 1988; accurate when both groups are large) and a score
+    interval on Hanley and McNeil's variance (Newcombe 2006; keeps its coverage with few
+    positives or an AUROC near 1, where DeLong's variance collapses). With ``clusters`` the
+    DeLong variance sums influences within each patient first (Obuchowski 1997) and the
+    Hanley-McNeil variance grows by the same design effect.
+    """
+    labels = np.asarray(labels)
+    n_classes = probs.shape[1]
+    targets = [1] if n_classes == 2 else [k for k in range(n_classes) if 0 < np.sum(labels == k) < len(labels)]
+    if not targets:
+        return float("nan"), float("nan")
+    parts = [auroc_influence(labels == k, probs[:, k]) for k in targets]
+    auc = float(np.mean([a for a, _ in parts]))
+    if not np.isfinite(auc):
+        return float("nan"), float("nan")
+    influence = np.mean([inf for _, inf in parts], axis=0)
+    sizes = [(int(np.sum(labels == k)), int(np.sum(labels != k))) for k in targets]
+    var_iid = _iid_variance(influence, labels == targets[0]) if len(targets) == 1 else \
+        len(influence) / (len(influence) - 1) * float(np.sum(influence**2))
+    variance, inflation = var_iid, 1.0
+    if clusters is not None:
+        _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+        n_clusters = int(cluster_of.max()) + 1
+        if n_clusters < 2:
+            return float("nan"), float("nan")
+        totals = np.bincount(cluster_of, weights=influence, minlength=n_clusters)
+        variance = n_clusters / (n_clusters - 1) * float(np.sum(totals**2))
+        inflation = max(1.0, variance / var_iid) if var_iid > 0 else float(len(labels)) / n_clusters
+    delong = _logit_interval(auc, np.sqrt(variance), level)
+    score = _hanley_mcneil_score_interval(auc, sizes, level, inflation)
+    return min(delong[0], score[0]), max(delong[1], score[1])
+
+
+def _iid_variance(influence: np.ndarray, positive: np.ndarray) -> float:
+    """DeLong's variance: each group's squared influences with its own n / (n - 1)."""
+    total = 0.0
+    for group in (positive, ~positive):
+        size = int(group.sum())
+        if size > 1:
+            total += size / (size - 1) * float(np.sum(influence[group] ** 2))
+    return total
 
 
 def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from mcaudit import Check, CheckResult, Finding, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Finding, InputError, Param, Table, hookimpl
 from mcaudit.metrics import (
+    AUROC_CLUSTER_METHOD,
+    AUROC_METHOD,
     accuracy,
+    auroc_interval,
     auroc_ovr,
     balanced_accuracy,
-    bootstrap_interval,
+    balanced_accuracy_interval,
+    balanced_accuracy_of,
+    cluster_wilson_interval,
     confusion,
-    wilson_interval,
+    confusion_resamples,
     per_class_precision,
     per_class_recall,
+    percentile_interval,
+    wilson_interval,
 )
+
+MIN_BOOTSTRAP = 200
 
 
 class PerformanceCheck(Check):
@@ -24,7 +33,8 @@ class PerformanceCheck(Check):
         "balanced accuracy, macro one-vs-rest AUROC, per-class recall and precision, confusion matrix."
     )
     params = {
-        "n_bootstrap": Param(200, "bootstrap resamples for the 95% intervals (0 turns them off)"),
+        "n_bootstrap": Param(2000, "resamples of the subject-level bootstrap for balanced accuracy, used when the "
+                                   f"data name subjects (at least {MIN_BOOTSTRAP})"),
     }
     metrics = {
         "accuracy": "share of images whose top class is the label",
@@ -49,6 +59,9 @@ class PerformanceCheck(Check):
     }
 
     def run(self, ctx, params):
+        if params["n_bootstrap"] < MIN_BOOTSTRAP:
+            raise InputError(f"performance.n_bootstrap: {params['n_bootstrap']} is too few resamples for a 95% interval "
+                             f"(at least {MIN_BOOTSTRAP})")
         fwd = ctx.forward
         labels, preds, probs = fwd.labels, fwd.preds, fwd.probs
         classes = ctx.classes
@@ -74,14 +87,7 @@ class PerformanceCheck(Check):
                 counts[f"recall.{c}"] = (int(cm[j, j]), int(support[j]))
             if predicted[j] > 0:
                 counts[f"precision.{c}"] = (int(cm[j, j]), int(predicted[j]))
-        # Proportions get Wilson intervals; balanced accuracy and AUROC a bootstrap over
-        # images that lets the class mix vary, as it does between samples of patients.
-        intervals = {m: wilson_interval(*kn) for m, kn in counts.items()}
-        rng = ctx.rng("performance.bootstrap")
-        nb = params["n_bootstrap"]
-        intervals["balanced_accuracy"] = bootstrap_interval(lambda i: balanced_accuracy(labels[i], preds[i], k), n, rng, nb)
-        intervals["auroc_macro"] = bootstrap_interval(lambda i: auroc_ovr(labels[i], probs[i])[0], n, rng, nb)
-        intervals = {m: v for m, v in intervals.items() if np.isfinite(v[0])}
+        intervals, methods = _intervals(ctx, params, labels, preds, probs, cm, counts)
         not_evaluated = {}
         present = int((support > 0).sum())
         if present < 2:
@@ -117,8 +123,46 @@ class PerformanceCheck(Check):
             metrics=metrics, intervals=intervals, summary=summary, counts=counts, sample_size=n,
             not_evaluated=not_evaluated, findings=findings,
             tables=[per_class, cm_table], figures=figures, warnings=warnings,
-            details={"confusion_matrix": cm.tolist(), "classes": classes},
+            details={"confusion_matrix": cm.tolist(), "classes": classes, "interval_methods": methods},
         )
+
+
+def _intervals(ctx, params, labels, preds, probs, cm, counts):
+    """95% intervals and the method behind each (see docs/statistics.md for their coverage).
+
+    Images are independent unless the data name subjects: then every interval treats a
+    subject's images as one unit, since slices or views of one patient are correlated.
+    """
+    k = cm.shape[0]
+    rng = ctx.rng("performance.intervals")
+    clusters = ctx.clusters()
+    if clusters is None:
+        intervals = {m: wilson_interval(*kn) for m, kn in counts.items()}
+        methods = {m: "Wilson score" for m in counts}
+        lo, hi = balanced_accuracy_interval(cm, rng)
+        intervals["balanced_accuracy"] = (float(lo), float(hi))
+        methods["balanced_accuracy"] = "Jeffreys posterior of the mean per-class recall (Brodersen et al. 2010)"
+        intervals["auroc_macro"] = auroc_interval(labels, probs)
+        methods["auroc_macro"] = AUROC_METHOD
+    else:
+        n_subjects = len(np.unique(clusters))
+        correct = labels == preds
+        intervals = {"accuracy": cluster_wilson_interval(correct, clusters)}
+        for m in counts:
+            if m == "accuracy":
+                continue
+            kind, name = m.split(".", 1)
+            j = ctx.classes.index(name)
+            rows = (labels == j) if kind == "recall" else (preds == j)
+            intervals[m] = cluster_wilson_interval(correct[rows], clusters[rows])
+        methods = {m: f"Wilson score with the design effect of {n_subjects} subjects" for m in counts}
+        resampled = confusion_resamples(labels, preds, k, rng, params["n_bootstrap"], clusters=clusters)
+        intervals["balanced_accuracy"] = percentile_interval(balanced_accuracy_of(resampled))
+        methods["balanced_accuracy"] = f"percentile bootstrap over {n_subjects} subjects ({params['n_bootstrap']} resamples)"
+        intervals["auroc_macro"] = auroc_interval(labels, probs, clusters=clusters)
+        methods["auroc_macro"] = AUROC_CLUSTER_METHOD
+    intervals = {m: v for m, v in intervals.items() if np.isfinite(v[0])}
+    return intervals, {m: v for m, v in methods.items() if m in intervals}
 
 
 def _f(x) -> float | None:

@@ -20,11 +20,14 @@ from mcaudit.registry import DataRequest, FormatInfo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 RESERVED_COLUMNS = {"path", "label", "mask", "boxes"}
+# The patient/subject id, under the first of these names the manifest has: images of one
+# subject are resampled together in the intervals (their errors are correlated).
+SUBJECT_COLUMNS = ("subject", "subject_id", "patient", "patient_id")
 
 
 @hookimpl
 def mcaudit_register_data_formats(register):
-    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask, boxes (x,y,w,h;... in pixels) and subgroup columns; images may be PNG, JPEG, TIFF or DICOM"))
+    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask, boxes (x,y,w,h;... in pixels), subject (or subject_id, patient, patient_id: the patient id, so that one patient's images count as one unit in the 95% intervals; a subgroup only when named with --group) and subgroup columns; images may be PNG, JPEG, TIFF or DICOM"))
     register(FormatInfo("imagefolder", ("FOLDER/CLASS/IMAGE",), "a folder with one sub-folder of images per class"))
     register(FormatInfo("medmnist", ("FILE.npz",), "MedMNIST .npz; pick the split with --split (train, val, test)"))
     register(FormatInfo("dicom", ("FILE.dcm in a manifest or folder",), "DICOM via pydicom: rescale slope/intercept, VOI window, MONOCHROME1 inverted; multi-frame needs --data-option dicom_frame=N|middle"))
@@ -86,10 +89,12 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
     for needed in needed_columns:
         if needed not in columns:
             raise InputError(f"{path}: the manifest needs a '{needed}' column (found: {', '.join(columns) or 'none'})")
-    group_columns = [c for c in columns if c not in RESERVED_COLUMNS]
+    subject_column = next((c for c in SUBJECT_COLUMNS if c in columns), None)
+    group_columns = [c for c in columns if c not in RESERVED_COLUMNS and (c != subject_column or c in request.groups)]
     for g in request.groups:
         if g not in columns or g in RESERVED_COLUMNS:
-            raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(group_columns) or 'none'})")
+            choices = group_columns + [subject_column] if subject_column and subject_column not in group_columns else group_columns
+            raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(choices) or 'none'})")
     rows = []
     for line_no, row in enumerate(reader, start=2):
         if None in row:  # csv's place for fields beyond the header's
@@ -130,6 +135,7 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
                 mask=mask,
                 path=image_path,
                 boxes=parse_boxes(row.get("boxes", ""), f"{path} line {line_no}"),
+                subject=(row.get(subject_column) or None) if subject_column else None,
             )
         )
     return AuditDataset(
