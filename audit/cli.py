@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -116,15 +118,32 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
         if demo:
             click.echo("mcaudit: no --model/--data given: auditing the embedded demo model on synthetic phantoms", err=True)
     from mcaudit.distributed import barrier, shutdown
+    from mcaudit.reports.atomic import check_file_writable, check_writable, output_lock
 
-    audit = run_audit(cfg, manager)
     out = Path(cfg.out)
-    if audit.world.is_main:  # under torchrun only rank 0 writes
-        write_outputs(audit, out, manager)
-        write_ci_outputs(audit.results, junit_file, markdown_file)
-        if not quiet:
-            print_summary(audit.results)
-        click.echo(f"report: {out / 'index.html'}")
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    # Outputs that cannot be written are found now, not after the audit has run.
+    if is_main:
+        check_writable(out)
+        if junit_file:
+            check_file_writable(Path(junit_file), "--junit-xml")
+        if markdown_file:
+            check_file_writable(Path(markdown_file), "--markdown")
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
+            try:
+                with open(summary, "a", encoding="utf-8"):
+                    pass
+            except OSError as exc:
+                raise InputError(f"$GITHUB_STEP_SUMMARY {summary}: cannot append to it ({exc.strerror or exc})") from None
+    with output_lock(out) if is_main else contextlib.nullcontext():
+        audit = run_audit(cfg, manager)
+        if audit.world.is_main:
+            write_outputs(audit, out, manager)
+            write_ci_outputs(audit.results, junit_file, markdown_file)
+            if not quiet:
+                print_summary(audit.results)
+            click.echo(f"report: {out / 'index.html'}")
     barrier(audit.world)
     shutdown(audit.world)
     ctx.exit(audit.exit_code)

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 from pathlib import Path
 
-from mcaudit.reports.atomic import write_files_atomically
+from mcaudit.reports.atomic import replace_folder
 from mcaudit.reports.html import render_html
 from mcaudit.reports.samples import samples_csv
 
 
 def plugin_sections(manager, results) -> list:
+    """Every plugin's report sections; a plugin whose hook raises or returns the wrong type
+    gets an error note in its place instead of costing the run its outputs."""
+    from mcaudit.registry import ReportSection
+
     sections = []
-    for returned in manager.hook.mcaudit_report_sections(results=results):
-        sections.extend(returned or [])
+    for impl in reversed(manager.pm.hook.mcaudit_report_sections.get_hookimpls()):  # pluggy's call order
+        name = impl.plugin_name
+        try:
+            returned = impl.function(results=results) or []
+            if not isinstance(returned, (list, tuple)) or not all(isinstance(s, ReportSection) for s in returned):
+                raise TypeError(f"returned {type(returned).__name__}, not a list of ReportSection")
+            sections.extend(returned)
+        except Exception as exc:  # noqa: BLE001 - one plugin's section must not sink the report
+            message = html_lib.escape(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            sections.append(ReportSection(f"Section of plugin {name} (failed)",
+                                          f'<p class="warn">The report section of plugin {html_lib.escape(name)} '
+                                          f"could not be rendered: {message}</p>"))
     return sections
 
 
@@ -23,8 +38,6 @@ def results_json(results) -> str:
 
 def write_outputs(run, out_dir: Path, manager) -> list[Path]:
     results = run.results
-    html = render_html(results, plugin_sections(manager, results))
-    return write_files_atomically(
-        Path(out_dir),
-        {"results.json": results_json(results), "samples.csv": samples_csv(run), "index.html": html},
-    )
+    files = {"results.json": results_json(results), "samples.csv": samples_csv(run)}
+    files["index.html"] = render_html(results, plugin_sections(manager, results))
+    return replace_folder(Path(out_dir), files)

@@ -11,6 +11,7 @@ import torch
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
+from mcaudit.plugins.performance import PerformanceCheck
 from mcaudit.testing import run_cli
 
 SMALL = ["--model", "demo", "--data", "phantom:n=60", "--checks", "performance"]
@@ -57,7 +58,8 @@ def test_results_schema_and_samples_match_sklearn(tmp_path):
     assert r["environment"]["cpu_threads"] == 1  # the tiny demo model runs single-threaded
     perf = r["checks"]["performance"]
     assert perf["execution"] == "completed" and perf["status"] == "pass" and perf["duration_s"] > 0
-    assert perf["params"] == {"n_bootstrap": 200}
+    assert set(perf["params"]) == set(PerformanceCheck.params)
+    assert perf["params"]["n_bootstrap"] == PerformanceCheck.profiles.get("quick", {}).get("n_bootstrap", PerformanceCheck.params["n_bootstrap"].default)
     rows = read_samples(out.out_dir / "samples.csv")
     assert len(rows) == r["dataset"]["images"] == 60
     y = [row["label"] for row in rows]

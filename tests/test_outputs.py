@@ -1,0 +1,94 @@
+"""Nothing lost: the output set is replaced whole, locked, checked before the run, and a
+failing report section costs only that section."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mcaudit.errors import InputError
+from mcaudit.reports import atomic
+from mcaudit.testing import run_cli
+
+SMALL = ["--model", "demo", "--data", "phantom:n=20", "--checks", "performance"]
+
+
+def test_folder_is_replaced_whole_and_a_kill_between_renames_is_recovered(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    atomic.replace_folder(out, {"results.json": "old", "samples.csv": "old", "index.html": "old"})
+    atomic.replace_folder(out, {"results.json": "new", "samples.csv": "new", "index.html": "new"})
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"results.json": "new", "samples.csv": "new", "index.html": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging or old folders left
+
+    # Without an atomic exchange, a kill after moving the old set aside leaves no --out; the
+    # next run (holding the lock) restores the old set whole before doing anything else.
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def killed_after_first(src, dst):
+        real_rename(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt("killed between the renames")
+
+    monkeypatch.setattr(atomic.os, "rename", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_folder(out, {"results.json": "newer", "samples.csv": "newer", "index.html": "newer"})
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    assert not out.exists()
+    with atomic.output_lock(out):
+        pass
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"results.json": "new", "samples.csv": "new", "index.html": "new"}
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".staging-" in p.name]
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / ".results.json.abc.tmp").write_text("half")
+    (tmp_path / ".report.staging-xyz").mkdir()
+    with atomic.output_lock(out):
+        pass
+    assert not (out / ".results.json.abc.tmp").exists() and not (tmp_path / ".report.staging-xyz").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "report"
+    with atomic.output_lock(out):
+        with pytest.raises(InputError, match="another mcaudit run is writing this folder"):
+            with atomic.output_lock(out):
+                pass
+
+
+@pytest.mark.parametrize("make_bad,option,message", [
+    (lambda t: (t / "file").write_text("x") and ["--out", t / "file"], "--out", "is a file"),
+    (lambda t: (t / "file").write_text("x") and ["--out", t / "file" / "sub"], "--out", "is a file"),
+    (lambda t: (t / "d").mkdir() or ["--junit-xml", t / "d"], "--junit-xml", "is a directory"),
+    (lambda t: ["--markdown", "/proc/mcaudit-no-such/summary.md"], "--markdown", "cannot write there"),
+    (lambda t: ["--out", "/proc/mcaudit-no-such/report"], "--out", "cannot write there"),
+    (lambda t: (t / "full").mkdir() or (t / "full" / "notes.txt").write_text("mine") and ["--out", t / "full"],
+     "--out", "holds files mcaudit did not write"),
+])
+def test_unwritable_outputs_are_found_before_the_audit(tmp_path, mcaudit_encoder_calls, make_bad, option, message):
+    extra = make_bad(tmp_path)
+    out = run_cli(["run", "--quiet", *SMALL, *extra], tmp_path / "o")
+    assert out.exit_code == 2 and message in out.output and option in out.output, out.output
+    assert mcaudit_encoder_calls == []  # the model never ran
+
+
+def test_a_failing_report_section_costs_only_that_section(tmp_path, monkeypatch):
+    (tmp_path / "bad_section.py").write_text(
+        "from mcaudit import hookimpl\n"
+        "@hookimpl\ndef mcaudit_report_sections(results):\n    raise RuntimeError('planted section failure')\n")
+    (tmp_path / "wrong_type_section.py").write_text(
+        "from mcaudit import hookimpl\n"
+        "@hookimpl\ndef mcaudit_report_sections(results):\n    return 'not a list'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = run_cli(["run", "--quiet", *SMALL, "-p", "bad_section", "-p", "wrong_type_section"], tmp_path / "o")
+    assert out.exit_code == 0, out.output
+    assert out.results["checks"]["performance"]["execution"] == "completed"
+    assert (out.out_dir / "samples.csv").exists()
+    html = out.html
+    assert "Section of plugin bad_section (failed)" in html and "planted section failure" in html
+    assert "Section of plugin wrong_type_section (failed)" in html and "not a list of ReportSection" in html
