@@ -95,7 +95,8 @@ class CheckResult:
 
     ``metrics`` is a flat map from metric name to number; it is what gates read and what
     results.json stores. ``intervals`` maps some of those names to (low, high) 95% confidence
-    bounds, which thresholds decide on (see :mod:`mcaudit.gating`). ``sample_size`` is the
+    bounds, which thresholds decide on (see :mod:`mcaudit.gating`); ``interval_methods`` names
+    how each was made ("Wilson", "bootstrap over patients", ...), shown beside it. ``sample_size`` is the
     number of images behind the metrics, ``n`` overrides it per metric, and ``counts`` gives a
     proportion's (successes, trials), shown as "5 of 390". ``not_evaluated`` maps a metric
     that cannot be computed on this run to the reason, so a threshold on it reads "not
@@ -124,6 +125,7 @@ class CheckResult:
     n: dict[str, int] = field(default_factory=dict)
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     not_evaluated: dict[str, str] = field(default_factory=dict)
+    interval_methods: dict[str, str] = field(default_factory=dict)  # metric -> how its interval was made
 
     def warn(self, message: str, metric: str | None = None, severity: float = 1.0) -> None:
         """Raise a warning finding (and list it among the check's caveats)."""

@@ -202,6 +202,8 @@ def result_entry(result: CheckResult) -> dict[str, Any]:
         "n": {k: int(v) for k, v in result.n.items()},
         "counts": {k: [int(a), int(b)] for k, (a, b) in result.counts.items()},
         "not_evaluated": {k: str(v) for k, v in result.not_evaluated.items()},
+        "interval_methods": {k: str(v) for k, v in result.interval_methods.items()}
+        | {k: str(v) for k, v in (result.details.get("interval_methods") or {}).items() if k not in result.interval_methods},
         "findings": [{"status": f.status, "message": f.message, "metric": f.metric, "severity": float(f.severity)}
                      for f in result.findings],
         "warnings": list(result.warnings),
