@@ -290,6 +290,7 @@ def _outcome(t: Threshold, metric: str, check: dict[str, Any] | None, status: st
     interval = (check.get("intervals") or {}).get(metric)
     if interval is not None and all(_finite(x) is not None for x in interval):
         out["interval"] = [float(interval[0]), float(interval[1])]
+        out["interval_method"] = (check.get("interval_methods") or {}).get(metric, "")
     count = (check.get("counts") or {}).get(metric)
     if count is not None:
         out["count"] = [int(count[0]), int(count[1])]

@@ -55,6 +55,8 @@ def markdown_summary(results: dict[str, Any]) -> str:
         lines += ["### Thresholds", "", "| threshold | rule | value | 95% interval | n | status | from |", "|---|---|---|---|---|---|---|"]
         for g in rows:
             interval = "" if not g.get("interval") else f"{format_number(g['interval'][0])} to {format_number(g['interval'][1])}"
+            if g.get("interval_method"):
+                interval += f" ({_cell(g['interval_method'])})"
             rule = g["rule"] + ("" if g["decide_on"] == "interval" else f" (on {g['decide_on']})")
             status = _status(g["status"]) + (f": {_cell(g['reason'])}" if g["status"] == "not_evaluated" else "")
             lines.append(f"| {_cell(g['name'])} | {_cell(rule)} | {format_number(g['value'])} | {interval} | "
