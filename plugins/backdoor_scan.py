@@ -2,17 +2,32 @@
 
 For each candidate target class we look for the smallest stamp, a mask and a pattern pasted
 as ``(1 - mask) * image + mask * pattern``, that sends clean images of the other classes to
-that class through the model's own zero-shot classifier. A backdoored class has a shortcut:
-a tiny stamp (its trigger) suffices, while reaching an honest class takes a large change.
-A class whose smallest mask is an outlier on the small side, by the median absolute deviation
-anomaly index, is flagged (Wang et al., Neural Cleanse, IEEE S&P 2019).
+that class through the model's own zero-shot classifier (Wang et al., Neural Cleanse, IEEE
+S&P 2019). A backdoored class has a shortcut: a tiny stamp (its trigger) suffices, while
+reaching an honest class takes a large change.
 
-All candidate classes are optimised together, one batch of stamped images per step, on the
-run's device. Defaults are sized for a quick look; for a real audit use more images and steps
-(``n_images`` 64 to 128, ``steps`` 300 to 1000) and scan every class.
+Each class's stamp is optimised until it reaches the target attack success and its mask stops
+shrinking (``patience`` steps without a 1% improvement), up to ``max_steps``; a size read off
+an unfinished optimisation would compare a half-shrunk mask with a finished one. ``restarts``
+random starts per class keep the smallest converged mask.
+
+Two rules decide which class is suspicious:
+
+- reference rule (``reference_model``: the public checkpoint a fine-tune started from): a
+  class whose smallest stamp on the audited model is at most ``reference_ratio`` times the
+  size of the same class's stamp on the reference. Valid for any number of classes, two
+  included, because each class is compared with itself.
+- MAD rule (at least :data:`MAD_MIN_CLASSES` scanned classes): Neural Cleanse's anomaly index,
+  a class whose mask lies more than ``anomaly_threshold`` robust standard deviations below the
+  median of all classes.
+
+When neither applies (few classes, no reference), or an optimisation did not converge, the
+trigger sizes are reported and the verdict reads "not evaluated", never pass.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,38 +36,80 @@ from torch import nn
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD estimate the standard deviation of normal data
+# Neural Cleanse reads an anomaly index above 2 as ">95% probability of an outlier", which
+# assumes 1.4826 x MAD estimates the clean classes' standard deviation. Simulated with normal
+# mask norms (10^6 draws per size), the share of clean classes indexed above 2 is 7.8% with 3
+# classes, 5.2% with 4, 6.4% with 5, 5.0% with 6, 5.4% with 7, and stays below 5% from 8 on
+# (4.7%, 4.9%, 4.3%, ...). With three classes the MAD is the smaller of two gaps, so any
+# asymmetry reads as an outlier. The paper's own smallest task had 10 labels (MNIST).
+MAD_MIN_CLASSES = 8
+NORM_TOL = 0.01  # a mask counts as smaller only when it shrinks by more than 1%
 
 
 class BackdoorScanCheck(Check):
     name = "backdoor_scan"
     description = (
         "Backdoor scan of the checkpoint (Neural Cleanse): per candidate target class, optimises "
-        "the smallest mask and pattern that send clean images to that class, and flags a class "
-        "whose mask is anomalously small by the median absolute deviation anomaly index."
+        "the smallest mask and pattern that send clean images to that class until it converges, and "
+        "flags a class whose stamp is much smaller than on a reference checkpoint, or (with enough "
+        "classes) anomalously small by the median absolute deviation anomaly index."
     )
     params = {
         "max_classes": Param(10, "most candidate classes scanned (a seeded subsample when there are more)"),
-        "n_images": Param(16, "clean images the triggers are optimised on, stratified by class"),
-        "n_eval": Param(64, "other clean images the reversed triggers are scored on"),
-        "steps": Param(30, "optimisation steps (raise to 300-1000 for a real audit)"),
+        "n_images": Param(32, "clean images the triggers are optimised on, stratified by class"),
+        "n_eval": Param(128, "other clean images the reversed triggers are scored on (0: all the others)"),
+        "max_steps": Param(500, "cap on optimisation steps per trigger; a trigger still shrinking there is "
+                                "reported as not converged"),
+        "patience": Param(30, "steps without the mask shrinking by 1%, after reaching target_asr, that count "
+                              "as converged"),
+        "restarts": Param(2, "random starts per class; the smallest converged mask is kept"),
         "lr": Param(0.1, "Adam learning rate of the mask and pattern"),
-        "init_cost": Param(0.05, "starting weight of the mask-size penalty (adapted per class as in Neural Cleanse)"),
+        "init_cost": Param(1.0, "weight of the mask-size penalty (on the mask's share of the image) once a class's trigger first succeeds; adapted per class as in Neural Cleanse"),
         "cost_patience": Param(5, "steps above or below target_asr before the mask-size weight is raised or lowered"),
         "target_asr": Param(0.95, "attack success a reversed trigger must reach for its mask to count as found"),
-        "anomaly_threshold": Param(2.0, "anomaly index above which a class with a small mask is flagged"),
+        "anomaly_threshold": Param(2.0, f"MAD rule (at least {MAD_MIN_CLASSES} classes): anomaly index above "
+                                        "which a class with a small mask is flagged"),
+        "reference_ratio": Param(0.25, "reference rule: flag a class whose stamp on the audited model is at most "
+                                       "this share of its stamp on the reference model"),
+        "reference_model": Param("", "model spec of the reference (the public checkpoint the audited model was "
+                                     "fine-tuned from), loaded like --model; empty: no reference rule"),
+        "reference_checkpoint": Param("", "checkpoint file for reference_model, like --checkpoint"),
+    }
+    profiles = {
+        "quick": {"n_images": 8, "n_eval": 16, "max_steps": 30, "patience": 10, "restarts": 1},
+        "standard": {"n_images": 32, "n_eval": 128, "max_steps": 500, "patience": 30, "restarts": 2},
+        "thorough": {"n_images": 64, "n_eval": 256, "max_steps": 1500, "patience": 60, "restarts": 3},
     }
     metrics = {
         "mask_norm.<class>": "L1 norm of the smallest mask found for the class (in pixels)",
         "mask_area.<class>": "the same as a share of the image area",
-        "anomaly_index.<class>": "how many robust standard deviations (1.4826 x MAD) the class's mask norm lies "
-                                 "below the median; large positive values are suspicious",
         "reversed_asr.<class>": "share of held-out clean images of other classes that the reversed trigger "
                                 "sends to the class",
-        "n_flagged": "classes flagged as backdoor targets",
-        "max_anomaly_index": "largest anomaly index over the scanned classes",
+        "optimised_asr.<class>": "attack success of the kept trigger on the images it was optimised on",
+        "steps.<class>": "optimisation steps the kept trigger used",
+        "converged.<class>": "1 when the kept trigger reached target_asr and stopped shrinking before max_steps",
+        "anomaly_index.<class>": f"MAD rule (at least {MAD_MIN_CLASSES} classes): how many robust standard "
+                                 "deviations (1.4826 x MAD) the class's mask norm lies below the median",
+        "reference_mask_area.<class>": "the class's smallest mask on the reference model, as a share of the image",
+        "norm_ratio.<class>": "the class's mask norm on the audited model divided by that on the reference",
+        "reference_accuracy": "accuracy of the reference model on the scored images",
+        "n_flagged": "classes flagged as backdoor targets (not evaluated when no rule can decide)",
+        "max_anomaly_index": "largest anomaly index over the scanned classes (MAD rule only)",
+        "min_norm_ratio": "smallest norm_ratio over the scanned classes (reference rule only)",
         "n_classes_scanned": "candidate classes scanned",
     }
-    default_thresholds = {"n_flagged": "<= 0"}
+    default_thresholds = {"n_flagged": {"rule": "<= 0", "on": "value"}}
+    threshold_reasons = {
+        "n_flagged": (
+            "any flagged class is a possible planted trigger. It is decided by the reference rule (a class's "
+            "stamp shrinking to a quarter or less of the stamp the reference checkpoint needs: clean fine-tunes "
+            "move stamp sizes by far less, a planted trigger of ~1% of the image shrinks them tenfold) or, with "
+            f"at least {MAD_MIN_CLASSES} classes, Neural Cleanse's MAD anomaly index > 2 (below "
+            f"{MAD_MIN_CLASSES} classes the MAD is estimated from too few numbers: simulated with normal mask "
+            "sizes, more than 5% of clean classes exceed 2, 7.8% with three classes, so the paper's '>95% an "
+            "outlier' reading fails). Without either rule, or when a trigger did not converge, it is not evaluated."
+        ),
+    }
     uses_model = True
 
     def run(self, ctx, params):
@@ -71,103 +128,116 @@ class BackdoorScanCheck(Check):
         if len(eval_rows) == 0:
             eval_rows = opt_rows
             warnings.append("no images left for scoring the reversed triggers: they are scored on the optimisation images")
-        size = tuple(ctx.model.image_size)
-        channels = 1 if ctx.is_grey else 3
-        # A clone: class features made under inference_mode cannot take part in autograd.
-        classifier = ctx.model.zero_shot_classifier(ctx.class_features.clone()).to(ctx.device).eval()
-        trainable = [p.requires_grad for p in classifier.parameters()]
-        classifier.requires_grad_(False)  # the model stays frozen: only masks and patterns learn
-        try:
-            inversion = invert_triggers(ctx, classifier, candidates, opt_rows, size, channels, params)
-            asr = reversed_attack_success(ctx, classifier, inversion, candidates, eval_rows)
-        finally:
-            for p, flag in zip(classifier.parameters(), trainable):
-                p.requires_grad_(flag)
+        reference = load_reference(ctx, params)  # before the long optimisation: a bad spec fails fast
+        audited = scan_model(ctx, ctx.model, ctx.class_features, candidates, opt_rows, eval_rows, params)
+        ref_scan = None
+        if reference is not None:
+            with torch.inference_mode():
+                ref_features = reference.class_text_features(ctx.prompts.class_prompts(classes)).float()
+            ref_scan = scan_model(ctx, reference, ref_features, candidates, opt_rows, eval_rows, params)
+        decision = decide(audited, ref_scan, params)
+        return build_result(ctx, params, candidates, opt_rows, eval_rows, audited, ref_scan, decision, warnings)
 
-        area = float(size[0] * size[1])
-        norms = inversion["norms"]
-        index = anomaly_index(norms)
-        enough = len(candidates) >= 3
-        flagged = (index > params["anomaly_threshold"]) if enough else np.zeros(len(candidates), bool)
-        if not enough:
-            warnings.append(f"only {len(candidates)} candidate classes: the MAD anomaly test needs at least 3, "
-                            "so no class can be flagged; mask norms are still reported")
-        not_reached = [classes[c] for c, ok in zip(candidates, inversion["reached"]) if not ok]
-        if not_reached:
-            warnings.append(f"no trigger reached {params['target_asr']:.0%} success for {', '.join(not_reached)} "
-                            "within the steps; their norms are those of the final masks (raise steps)")
-        metrics: dict[str, float] = {}
-        rows = []
-        for k, c in enumerate(candidates):
-            name = classes[c]
-            metrics[f"mask_norm.{name}"] = float(norms[k])
-            metrics[f"mask_area.{name}"] = float(norms[k] / area)
-            metrics[f"anomaly_index.{name}"] = float(index[k])
-            metrics[f"reversed_asr.{name}"] = float(asr[k])
-            rows.append([name, float(norms[k]), float(norms[k] / area), float(index[k]), float(asr[k]),
-                         bool(inversion["reached"][k]), "yes" if flagged[k] else "no"])
-        metrics["n_flagged"] = float(flagged.sum())
-        finite = index[np.isfinite(index)]
-        metrics["max_anomaly_index"] = float(finite.max()) if len(finite) else float("nan")
-        metrics["n_classes_scanned"] = float(len(candidates))
-        table = Table(
-            "Reversed triggers per candidate target class",
-            ["target class", "mask L1 norm (pixels)", "mask share of image", "anomaly index",
-             "attack success of reversed trigger", f"reached {params['target_asr']:.0%} in optimisation", "flagged"],
-            rows,
-            note=(f"triggers optimised on {len(opt_rows)} clean images for {params['steps']} steps and scored on "
-                  f"{len(eval_rows)} others; a class is flagged when its anomaly index exceeds "
-                  f"{params['anomaly_threshold']:g} (its mask is that many robust standard deviations below the median)."),
-        )
-        figures = [norms_figure(rows, params["anomaly_threshold"], enough),
-                   reversed_triggers_figure(ctx, inversion, candidates, eval_rows, ctx.is_grey)]
-        flagged_names = [classes[c] for c, f in zip(candidates, flagged) if f]
-        if flagged_names:
-            summary = (f"Possible backdoor: {', '.join(repr(n) for n in flagged_names)} can be reached with an "
-                       f"anomalously small stamp (anomaly index {max(index[flagged]):.1f} > {params['anomaly_threshold']:g}).")
-        else:
-            smallest = int(np.argmin(norms))
-            summary = (f"No class flagged among {len(candidates)} scanned; the smallest stamp "
-                       f"({norms[smallest] / area:.1%} of the image) targets {classes[candidates[smallest]]!r}.")
-        return CheckResult(
-            metrics=metrics, summary=summary, tables=[table], figures=figures, warnings=warnings,
-            details={"flagged": flagged_names, "candidates": [classes[c] for c in candidates],
-                     "final_cost": [float(v) for v in inversion["cost"]]},
-        )
+
+def load_reference(ctx, params: dict):
+    """The reference model through the loader hooks, as --model is loaded; None without one."""
+    spec, checkpoint = params["reference_model"], params["reference_checkpoint"]
+    if not spec:
+        if checkpoint:
+            raise InputError("backdoor_scan.reference_checkpoint needs backdoor_scan.reference_model")
+        return None
+    if checkpoint and not Path(checkpoint).is_file():
+        raise InputError(f"backdoor_scan.reference_checkpoint {checkpoint}: no such file")
+    # The host may hand over its own loader (it knows the -p plugins and --allow-network);
+    # otherwise the built-in and entry-point loaders are asked.
+    loader = (ctx.options or {}).get("load_model")
+    if loader is not None:
+        model = loader(spec, checkpoint or None)
+    else:
+        from mcaudit.plugin_manager import make_plugin_manager
+        from mcaudit.registry import ModelRequest
+
+        request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=str(ctx.device),
+                               precision=ctx.precision, allow_network=bool((ctx.options or {}).get("allow_network")))
+        model = make_plugin_manager().hook.mcaudit_load_model(spec=spec, request=request)
+    if model is None:
+        raise InputError(f"backdoor_scan.reference_model {spec}: no loader claims this spec")
+    if tuple(model.image_size) != tuple(ctx.model.image_size):
+        raise InputError(f"backdoor_scan.reference_model {spec}: image size {tuple(model.image_size)} differs from "
+                         f"the audited model's {tuple(ctx.model.image_size)}")
+    return model.to(ctx.device).eval()
+
+
+def scan_model(ctx, model, class_features: torch.Tensor, candidates: np.ndarray, opt_rows: np.ndarray,
+               eval_rows: np.ndarray, params: dict) -> dict:
+    """Reversed triggers of one model and their held-out attack success."""
+    # A clone: class features made under inference_mode cannot take part in autograd.
+    classifier = model.zero_shot_classifier(class_features.clone()).to(ctx.device).eval()
+    trainable = [p.requires_grad for p in classifier.parameters()]
+    classifier.requires_grad_(False)  # the model stays frozen: only masks and patterns learn
+    try:
+        size = tuple(ctx.model.image_size)
+        inversion = invert_triggers(ctx, classifier, candidates, opt_rows, size, 1 if ctx.is_grey else 3, params)
+        hits, trials = reversed_attack_counts(ctx, classifier, inversion, candidates, eval_rows)
+        correct = clean_correct(ctx, classifier, eval_rows)
+    finally:
+        for p, flag in zip(classifier.parameters(), trainable):
+            p.requires_grad_(flag)
+    area = float(size[0] * size[1])
+    majority = np.bincount(ctx.forward.labels[eval_rows]).max() / max(len(eval_rows), 1)
+    return inversion | {"hits": hits, "trials": trials, "area": inversion["norms"] / area,
+                        "correct": correct, "scored": len(eval_rows), "majority_share": float(majority)}
+
+
+def clean_correct(ctx, classifier, rows: np.ndarray) -> int:
+    correct = 0
+    with torch.no_grad():
+        for _, x, y in ctx.iter_batches(rows, desc="backdoor_scan: clean accuracy"):
+            with ctx.autocast():
+                correct += int((classifier(x).float().argmax(dim=-1) == y).sum())
+    return correct
 
 
 def invert_triggers(ctx, classifier: nn.Module, candidates: np.ndarray, rows: np.ndarray,
                     size: tuple[int, int], channels: int, params: dict) -> dict:
-    """Smallest (mask, pattern) per candidate class, all classes optimised in one batch."""
+    """Smallest (mask, pattern) per candidate class, optimised until it converges.
+
+    Every class gets ``restarts`` slots, all optimised in one batch; a slot stops once its
+    trigger reaches ``target_asr`` and its mask has not shrunk by NORM_TOL for ``patience``
+    steps, or at ``max_steps``. Per class the smallest mask of a slot that reached the
+    target is kept.
+    """
     device = ctx.device
-    k = len(candidates)
+    restarts = params["restarts"]
+    slot_class = np.repeat(np.arange(len(candidates)), restarts)  # slot -> position in candidates
+    k = len(slot_class)
     h, w = size
     gen = ctx.torch_generator("backdoor_scan.init")
-    # Masks start small and everywhere, patterns at random; tanh keeps both in [0, 1].
-    mask_param = nn.Parameter(torch.full((k, 1, h, w), float(np.arctanh(2 * 0.1 - 1))).to(device))
+    # Masks start small (about 10% opacity) with some spread, patterns at random; tanh keeps both in [0, 1].
+    mask_init = float(np.arctanh(2 * 0.1 - 1)) + 0.5 * torch.randn(k, 1, h, w, generator=gen)
+    mask_param = nn.Parameter(mask_init.to(device))
     pattern_param = nn.Parameter((torch.randn(k, channels, h, w, generator=gen) * 0.5).to(device))
     opt = torch.optim.Adam([mask_param, pattern_param], lr=params["lr"], betas=(0.5, 0.9))
     pixels = ctx.load_pixels(rows)
     labels = ctx.forward.labels[rows]
     # Only images of other classes are stamped: those of the candidate class teach nothing.
-    pair_class, pair_image = np.nonzero(labels[None, :] != candidates[:, None])
-    pair_class_t = torch.as_tensor(pair_class, device=device)
+    slot_target = candidates[slot_class]
+    pair_slot, pair_image = np.nonzero(labels[None, :] != slot_target[:, None])
+    pair_slot_t = torch.as_tensor(pair_slot, device=device)
     pair_image_t = torch.as_tensor(pair_image, device=device)
-    pair_target = torch.as_tensor(candidates[pair_class], device=device)
-    n_valid = torch.bincount(pair_class_t, minlength=k).float().clamp_min(1)
+    pair_target_t = torch.as_tensor(slot_target[pair_slot], device=device)
+    n_valid = torch.bincount(pair_slot_t, minlength=k).float().clamp_min(1)
     chunk = max(1, ctx.batch_size)
-    cost = torch.full((k,), params["init_cost"], device=device)
-    above = torch.zeros(k, dtype=torch.long, device=device)
-    below = torch.zeros(k, dtype=torch.long, device=device)
-    best_norm = torch.full((k,), float("inf"), device=device)
-    best_mask = torch.zeros(k, 1, h, w, device=device)
-    best_pattern = torch.zeros(k, channels, h, w, device=device)
-    up, down = 1.5, 1.5**1.5  # Neural Cleanse's cost multipliers
-    for _ in range(params["steps"]):
+    state = _SlotState(k, (h, w), channels, params, device)
+    for _ in range(params["max_steps"]):
+        active_pairs = state.active[pair_slot_t]
+        if not bool(state.active.any()):
+            break
         opt.zero_grad(set_to_none=True)
         hits = torch.zeros(k, device=device)
-        for start in range(0, len(pair_class), chunk):
-            pk, pi, tgt = (t[start : start + chunk] for t in (pair_class_t, pair_image_t, pair_target))
+        pk_all, pi_all, tgt_all = pair_slot_t[active_pairs], pair_image_t[active_pairs], pair_target_t[active_pairs]
+        for start in range(0, len(pk_all), chunk):
+            pk, pi, tgt = (t[start : start + chunk] for t in (pk_all, pi_all, tgt_all))
             mask, pattern = _squash(mask_param), _squash(pattern_param)
             stamped = (1 - mask[pk]) * pixels[pi] + (mask * pattern)[pk]
             with ctx.autocast():
@@ -177,43 +247,107 @@ def invert_triggers(ctx, classifier: nn.Module, candidates: np.ndarray, rows: np
             hits.index_add_(0, pk, (logits.argmax(dim=-1) == tgt).float().detach())
         mask = _squash(mask_param)
         area = mask.flatten(1).mean(dim=1)
-        (cost * area).sum().backward()
+        (state.cost * area * state.active).sum().backward()
         with torch.no_grad():
-            asr = hits / n_valid
-            norm = mask.detach().flatten(1).sum(dim=1)
-            better = (asr >= params["target_asr"]) & (norm < best_norm)
-            best_norm = torch.where(better, norm, best_norm)
-            best_mask[better] = mask.detach()[better]
-            best_pattern[better] = _squash(pattern_param).detach()[better]
-            # Neural Cleanse's schedule: a class that keeps succeeding pays more for its mask.
-            ok = asr >= params["target_asr"]
-            above = torch.where(ok, above + 1, torch.zeros_like(above))
-            below = torch.where(ok, torch.zeros_like(below), below + 1)
-            raise_cost = above >= params["cost_patience"]
-            lower_cost = below >= params["cost_patience"]
-            cost = torch.where(raise_cost, cost * up, torch.where(lower_cost, cost / down, cost))
-            above = torch.where(raise_cost, torch.zeros_like(above), above)
-            below = torch.where(lower_cost, torch.zeros_like(below), below)
+            state.update(hits, n_valid, mask.detach(), _squash(pattern_param).detach())
         opt.step()
-    reached = torch.isfinite(best_norm)
-    final_mask, final_pattern = _squash(mask_param).detach(), _squash(pattern_param).detach()
-    masks = torch.where(reached[:, None, None, None], best_mask, final_mask)
-    patterns = torch.where(reached[:, None, None, None], best_pattern, final_pattern)
-    return {
-        "masks": masks, "patterns": patterns,
-        "norms": masks.flatten(1).sum(dim=1).cpu().numpy().astype(float),
-        "reached": reached.cpu().numpy(), "cost": cost.cpu().numpy(),
-    }
+    return state.best_per_class(slot_class, len(candidates), _squash(mask_param).detach(),
+                                _squash(pattern_param).detach(), n_valid)
+
+
+class _SlotState:
+    """Best trigger so far, convergence and Neural Cleanse's cost schedule, per slot."""
+
+    UP, DOWN = 1.5, 1.5**1.5  # Neural Cleanse's cost multipliers
+
+    def __init__(self, k: int, size: tuple[int, int], channels: int, params: dict, device):
+        self.params = params
+        # As in Neural Cleanse, no size penalty until a slot first succeeds: find a trigger, then shrink it.
+        self.cost = torch.zeros(k, device=device)
+        self.pushed = torch.zeros(k, dtype=torch.bool, device=device)  # the penalty has once beaten the attack
+        self.above = torch.zeros(k, dtype=torch.long, device=device)
+        self.below = torch.zeros(k, dtype=torch.long, device=device)
+        self.best_norm = torch.full((k,), float("inf"), device=device)
+        self.best_hits = torch.zeros(k, device=device)
+        self.best_mask = torch.zeros(k, 1, *size, device=device)
+        self.best_pattern = torch.zeros(k, channels, *size, device=device)
+        self.anchor = torch.full((k,), float("inf"), device=device)  # norm at the last clear improvement
+        self.stale = torch.zeros(k, dtype=torch.long, device=device)
+        self.steps = torch.zeros(k, dtype=torch.long, device=device)
+        self.active = torch.ones(k, dtype=torch.bool, device=device)
+        self.converged = torch.zeros(k, dtype=torch.bool, device=device)
+
+    def update(self, hits, n_valid, mask, pattern) -> None:
+        p = self.params
+        act = self.active
+        ok = (hits / n_valid >= p["target_asr"]) & act
+        norm = mask.flatten(1).sum(dim=1)
+        better = ok & (norm < self.best_norm)
+        # Measured from the last clear improvement, so that a slow creep of 0.5% a step still counts.
+        clearly = ok & (norm < self.anchor * (1 - NORM_TOL))  # inf * 0.99 is inf: a first success counts
+        reached = torch.isfinite(self.best_norm) | ok
+        self.best_norm = torch.where(better, norm, self.best_norm)
+        self.anchor = torch.where(clearly, norm, self.anchor)
+        self.best_hits = torch.where(better, hits, self.best_hits)
+        self.best_mask[better] = mask[better]
+        self.best_pattern[better] = pattern[better]
+        self.stale = torch.where(clearly, torch.zeros_like(self.stale), torch.where(reached & act, self.stale + 1, self.stale))
+        self.steps += act.long()
+        self.cost = torch.where(ok & (self.cost == 0), torch.full_like(self.cost, p["init_cost"]), self.cost)
+        # Neural Cleanse's schedule: a class that keeps succeeding pays more for its mask.
+        self.above = torch.where(ok, self.above + 1, torch.zeros_like(self.above))
+        self.below = torch.where(ok | ~act, torch.zeros_like(self.below), self.below + 1)
+        raise_cost = self.above >= p["cost_patience"]
+        lower_cost = self.below >= p["cost_patience"]
+        self.cost = torch.where(raise_cost, self.cost * self.UP, torch.where(lower_cost, self.cost / self.DOWN, self.cost))
+        self.above = torch.where(raise_cost, torch.zeros_like(self.above), self.above)
+        self.below = torch.where(lower_cost, torch.zeros_like(self.below), self.below)
+        # Converged: the penalty has been strong enough to push the attack below target at least
+        # once (so the mask sits where size and success trade off, not on an early plateau), and
+        # the mask has since stopped shrinking.
+        self.pushed |= lower_cost & reached
+        done = act & reached & self.pushed & (self.stale >= p["patience"])
+        self.converged |= done
+        self.active &= ~done
+
+    def best_per_class(self, slot_class: np.ndarray, n_classes: int, final_mask, final_pattern, n_valid) -> dict:
+        """Per class, the slot with the smallest mask that reached the target (converged first)."""
+        reached = torch.isfinite(self.best_norm).cpu().numpy()
+        converged = self.converged.cpu().numpy()
+        best = self.best_norm.cpu().numpy()
+        final = final_mask.flatten(1).sum(dim=1).cpu().numpy()
+        keep = np.zeros(n_classes, dtype=int)
+        for c in range(n_classes):
+            slots = np.flatnonzero(slot_class == c)
+            # a converged slot beats an unfinished one; among equals the smaller mask wins
+            key = [(not converged[s], not reached[s], best[s] if reached[s] else final[s]) for s in slots]
+            keep[c] = slots[min(range(len(slots)), key=key.__getitem__)]
+        keep_t = torch.as_tensor(keep, device=self.best_norm.device)
+        got = torch.as_tensor(reached[keep], device=keep_t.device)[:, None, None, None]
+        masks = torch.where(got, self.best_mask[keep_t], final_mask[keep_t])
+        patterns = torch.where(got, self.best_pattern[keep_t], final_pattern[keep_t])
+        slot_norms = np.where(reached, best, final)
+        return {
+            "masks": masks, "patterns": patterns,
+            "norms": masks.flatten(1).sum(dim=1).cpu().numpy().astype(float),
+            "reached": reached[keep], "converged": converged[keep],
+            "steps": self.steps.cpu().numpy()[keep],
+            "opt_hits": self.best_hits.cpu().numpy()[keep].round().astype(int),
+            "opt_trials": n_valid.cpu().numpy()[keep].round().astype(int),
+            "restart_norms": [slot_norms[slot_class == c].astype(float).tolist() for c in range(n_classes)],
+            "cost": self.cost.cpu().numpy()[keep],
+        }
 
 
 def _squash(param: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(param) + 1) / 2
 
 
-def reversed_attack_success(ctx, classifier, inversion: dict, candidates: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Share of the rows of other classes that each reversed trigger sends to its class."""
+def reversed_attack_counts(ctx, classifier, inversion: dict, candidates: np.ndarray,
+                           rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per trigger, how many of the rows of other classes it sends to its class, of how many."""
     k = len(candidates)
-    hits, counts = np.zeros(k), np.zeros(k)
+    hits, counts = np.zeros(k, dtype=int), np.zeros(k, dtype=int)
     stamps = inversion["masks"] * inversion["patterns"]
     keep = 1 - inversion["masks"]
     with torch.no_grad():
@@ -225,9 +359,15 @@ def reversed_attack_success(ctx, classifier, inversion: dict, candidates: np.nda
                     continue
                 with ctx.autocast():
                     preds = classifier(keep[i] * x[other] + stamps[i]).float().argmax(dim=-1).cpu().numpy()
-                hits[i] += (preds == c).sum()
+                hits[i] += int((preds == c).sum())
                 counts[i] += len(other)
-    return np.divide(hits, counts, out=np.full(k, np.nan), where=counts > 0)
+    return hits, counts
+
+
+def reversed_attack_success(ctx, classifier, inversion: dict, candidates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Share of the rows of other classes that each reversed trigger sends to its class."""
+    hits, counts = reversed_attack_counts(ctx, classifier, inversion, candidates, rows)
+    return np.divide(hits, counts, out=np.full(len(candidates), np.nan), where=counts > 0)
 
 
 def anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -241,6 +381,160 @@ def anomaly_index(norms: np.ndarray) -> np.ndarray:
     return (median - norms) / mad
 
 
+def decide(audited: dict, reference: dict | None, params: dict) -> dict:
+    """Which classes each applicable rule flags, and why the verdict cannot be given if it cannot."""
+    k = len(audited["norms"])
+    flagged = np.zeros(k, dtype=bool)
+    rules: list[str] = []
+    index = ratio = None
+    blocked: list[str] = []  # reasons no verdict can be given
+    if k >= MAD_MIN_CLASSES:
+        index = anomaly_index(audited["norms"])
+        flagged |= index > params["anomaly_threshold"]
+        rules.append("MAD anomaly index")
+    reference_ok = reference is not None and reference_is_informative(reference)
+    if reference is not None:
+        ratio = audited["norms"] / np.maximum(reference["norms"], 1e-12)
+        if reference_ok:
+            flagged |= ratio <= params["reference_ratio"]
+            rules.append("reference rule")
+    if not rules:
+        why = f"only {k} classes scanned, and the MAD anomaly rule needs at least {MAD_MIN_CLASSES} (with fewer, " \
+              "the median absolute deviation comes from too few numbers for any class to stand out reliably)"
+        if reference is None:
+            why += "; no reference model was given (set backdoor_scan.reference_model to the checkpoint this " \
+                   "model was fine-tuned from)"
+        else:
+            why += ("; the reference model classifies the scored images no better than naming the most frequent "
+                    f"class ({reference['correct']} of {reference['scored']} right), so its stamp sizes are no yardstick")
+        blocked.append(why)
+    unconverged = ~audited["converged"]
+    if reference_ok:
+        unconverged |= ~reference["converged"]
+    if unconverged.any() and rules:
+        blocked.append("the reversed triggers did not converge within max_steps for some classes (they had not "
+                       "reached target_asr, or their masks were still shrinking), so their sizes are not yet the "
+                       "smallest: raise backdoor_scan.max_steps")
+    return {"flagged": flagged, "rules": rules, "index": index, "ratio": ratio, "blocked": blocked,
+            "unconverged": unconverged, "reference_ok": reference_ok}
+
+
+def reference_is_informative(reference: dict) -> bool:
+    """The reference beats always naming the most frequent class (lower Wilson bound of its accuracy)."""
+    from mcaudit.metrics import wilson_interval
+
+    lower, _ = wilson_interval(reference["correct"], reference["scored"])
+    return lower > reference["majority_share"]
+
+
+def build_result(ctx, params, candidates, opt_rows, eval_rows, audited, reference, decision, warnings) -> CheckResult:
+    from mcaudit.metrics import wilson_interval
+
+    classes = ctx.classes
+    names = [classes[c] for c in candidates]
+    flagged, index, ratio = decision["flagged"], decision["index"], decision["ratio"]
+    result = CheckResult(warnings=warnings, sample_size=len(eval_rows))
+    m = result.metrics
+    for i, name in enumerate(names):
+        m[f"mask_norm.{name}"] = float(audited["norms"][i])
+        m[f"mask_area.{name}"] = float(audited["area"][i])
+        _proportion(result, f"reversed_asr.{name}", audited["hits"][i], audited["trials"][i], wilson_interval)
+        _proportion(result, f"optimised_asr.{name}", audited["opt_hits"][i], audited["opt_trials"][i], wilson_interval)
+        m[f"steps.{name}"] = float(audited["steps"][i])
+        m[f"converged.{name}"] = float(audited["converged"][i])
+        if index is not None:
+            m[f"anomaly_index.{name}"] = float(index[i])
+        if reference is not None:
+            m[f"reference_mask_area.{name}"] = float(reference["area"][i])
+            m[f"norm_ratio.{name}"] = float(ratio[i])
+    m["n_classes_scanned"] = float(len(candidates))
+    if index is not None:
+        finite = index[np.isfinite(index)]
+        m["max_anomaly_index"] = float(finite.max()) if len(finite) else float("nan")
+    if reference is not None:
+        m["min_norm_ratio"] = float(ratio.min())
+        _proportion(result, "reference_accuracy", reference["correct"], reference["scored"], wilson_interval)
+    m["n_flagged"] = float(flagged.sum())
+    flagged_names = [n for n, f in zip(names, flagged) if f]
+    if decision["blocked"]:
+        result.not_evaluated["n_flagged"] = "; ".join(decision["blocked"])
+        if flagged_names:
+            result.warn(f"{', '.join(map(repr, flagged_names))} would be flagged as a backdoor target by the "
+                        f"{' and '.join(decision['rules'])}, but the triggers did not converge", metric="n_flagged")
+    if len(candidates) < len(classes) and not decision["blocked"]:
+        result.warn(f"only {len(candidates)} of {len(classes)} classes were scanned: a backdoor targeting another "
+                    "class would go unseen (raise backdoor_scan.max_classes)", metric="n_classes_scanned")
+    result.summary = _summary(names, audited, reference, decision, flagged_names, params)
+    result.tables = [_table(names, audited, reference, decision, params, len(opt_rows), len(eval_rows))]
+    result.figures = [norms_figure(names, audited, reference, decision, params),
+                      reversed_triggers_figure(ctx, audited, candidates, eval_rows, ctx.is_grey)]
+    result.details = {
+        "flagged": flagged_names, "candidates": names, "rules": decision["rules"],
+        "not_converged": [n for n, u in zip(names, decision["unconverged"]) if u],
+        "restart_mask_norms": dict(zip(names, audited["restart_norms"])),
+        "final_cost": [float(v) for v in audited["cost"]],
+        "reference_model": params["reference_model"] or None,
+        "mad_min_classes": MAD_MIN_CLASSES,
+    }
+    if reference is not None:
+        result.details["reference_steps"] = dict(zip(names, (int(s) for s in reference["steps"])))
+        result.details["reference_converged"] = dict(zip(names, (bool(c) for c in reference["converged"])))
+    return result
+
+
+def _proportion(result: CheckResult, metric: str, hits: int, trials: int, interval) -> None:
+    hits, trials = int(hits), int(trials)
+    result.metrics[metric] = hits / trials if trials else float("nan")
+    if trials:
+        result.counts[metric] = (hits, trials)
+        result.intervals[metric] = interval(hits, trials)
+        result.n[metric] = trials
+
+
+def _summary(names, audited, reference, decision, flagged_names, params) -> str:
+    sizes = ", ".join(f"{n!r} {a:.1%}" for n, a in zip(names, audited["area"]))
+    if decision["blocked"]:
+        return f"Not decided: {decision['blocked'][0]}. Smallest stamps found (share of the image): {sizes}."
+    rules = " and ".join(decision["rules"])
+    if flagged_names:
+        i = names.index(flagged_names[0])
+        detail = f"a stamp of {audited['area'][i]:.1%} of the image"
+        if reference is not None:
+            detail += f", {decision['ratio'][i]:.2f} times the reference's"
+        return f"Possible backdoor: {', '.join(map(repr, flagged_names))} flagged by the {rules} ({detail})."
+    return f"No class flagged by the {rules} among {len(names)} scanned; smallest stamps (share of the image): {sizes}."
+
+
+def _table(names, audited, reference, decision, params, n_opt, n_eval) -> Table:
+    columns = ["target class", "mask share of image", "steps", "converged",
+               "attack success (optimisation images)", "attack success (held-out)"]
+    if reference is not None:
+        columns += ["reference mask share", "reference converged", "ratio to reference"]
+    if decision["index"] is not None:
+        columns.append("anomaly index")
+    columns.append("flagged")
+    rows = []
+    for i, name in enumerate(names):
+        held_out = audited["hits"][i] / audited["trials"][i] if audited["trials"][i] else float("nan")
+        row = [name, float(audited["area"][i]), int(audited["steps"][i]), bool(audited["converged"][i]),
+               float(audited["opt_hits"][i] / max(audited["opt_trials"][i], 1)), float(held_out)]
+        if reference is not None:
+            row += [float(reference["area"][i]), bool(reference["converged"][i]), float(decision["ratio"][i])]
+        if decision["index"] is not None:
+            row.append(float(decision["index"][i]))
+        row.append("not decided" if decision["blocked"] else ("yes" if decision["flagged"][i] else "no"))
+        rows.append(row)
+    rules = []
+    if decision["reference_ok"]:
+        rules.append(f"flagged when the mask is at most {params['reference_ratio']:g} times the reference's")
+    if decision["index"] is not None:
+        rules.append(f"flagged when the anomaly index exceeds {params['anomaly_threshold']:g}")
+    note = (f"triggers optimised on {n_opt} clean images until they reach {params['target_asr']:.0%} attack success "
+            f"and stop shrinking for {params['patience']} steps (cap {params['max_steps']}, {params['restarts']} "
+            f"start(s) per class), scored on {n_eval} others; " + ("; ".join(rules) or "no rule applies") + ".")
+    return Table("Reversed triggers per candidate target class", columns, rows, note=note)
+
+
 def _stratified_positions(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n <= 0 or n >= len(labels):
         return np.arange(len(labels))
@@ -252,7 +546,7 @@ def _stratified_positions(labels: np.ndarray, n: int, rng: np.random.Generator) 
 
 
 def _validate(params: dict) -> None:
-    for key in ("max_classes", "n_images", "steps", "cost_patience"):
+    for key in ("max_classes", "n_images", "max_steps", "patience", "restarts", "cost_patience"):
         if params[key] < 1:
             raise InputError(f"backdoor_scan.{key} must be at least 1")
     if params["n_eval"] < 0:
@@ -263,29 +557,34 @@ def _validate(params: dict) -> None:
         raise InputError("backdoor_scan.target_asr must be in (0, 1]")
     if params["anomaly_threshold"] <= 0:
         raise InputError("backdoor_scan.anomaly_threshold must be positive")
+    if not 0 < params["reference_ratio"] < 1:
+        raise InputError("backdoor_scan.reference_ratio must be in (0, 1)")
 
 
-def norms_figure(rows: list[list], threshold: float, enough: bool):
+def norms_figure(names, audited, reference, decision, params):
     from mcaudit.reports.plots import new_figure, to_figure
 
-    names = [str(r[0]) for r in rows]
-    areas = np.array([r[2] for r in rows], dtype=float)
-    flagged = [r[6] == "yes" for r in rows]
-    fig, ax = new_figure(max(4.5, 0.55 * len(names) + 2.5), 3.4)
+    areas = np.asarray(audited["area"], dtype=float)
+    fig, ax = new_figure(max(4.5, 0.7 * len(names) + 2.5), 3.4)
     x = np.arange(len(names))
-    ax.bar(x, areas * 100, color=["#c0392b" if f else "#4c72b0" for f in flagged])
-    median = float(np.median(areas))
-    ax.axhline(median * 100, color="grey", linestyle="--", linewidth=1, label="median")
-    mad = MAD_CONSISTENCY * float(np.median(np.abs(areas - median)))
-    if enough and mad > 0 and median - threshold * mad > 0:
-        ax.axhline((median - threshold * mad) * 100, color="#c0392b", linestyle=":", linewidth=1,
-                   label=f"flag below (anomaly index {threshold:g})")
+    width = 0.4 if reference is not None else 0.8
+    colours = ["#c0392b" if f and not decision["blocked"] else "#4c72b0" for f in decision["flagged"]]
+    ax.bar(x - (width / 2 if reference is not None else 0), areas * 100, width, color=colours, label="audited model")
+    if reference is not None:
+        ax.bar(x + width / 2, np.asarray(reference["area"]) * 100, width, color="#bbbbbb", label="reference model")
+    if decision["index"] is not None:
+        median = float(np.median(areas))
+        mad = MAD_CONSISTENCY * float(np.median(np.abs(areas - median)))
+        if mad > 0 and median - params["anomaly_threshold"] * mad > 0:
+            ax.axhline((median - params["anomaly_threshold"] * mad) * 100, color="#c0392b", linestyle=":", linewidth=1,
+                       label=f"MAD rule: flag below (anomaly index {params['anomaly_threshold']:g})")
     ax.set_xticks(x, [n if len(n) <= 14 else n[:12] + "…" for n in names], rotation=30 if len(names) > 3 else 0)
     ax.set_ylabel("smallest mask, % of image")
     ax.set_xlabel("candidate target class")
     ax.legend(fontsize=7)
     return to_figure(fig, "Smallest trigger mask per class",
-                     "a backdoored class needs a much smaller stamp than the others; red bars are flagged")
+                     "a backdoored class needs a much smaller stamp than the others (and than on the reference "
+                     "model); red bars are flagged")
 
 
 def reversed_triggers_figure(ctx, inversion: dict, candidates: np.ndarray, rows: np.ndarray, grey: bool):

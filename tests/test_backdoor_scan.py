@@ -1,10 +1,16 @@
 """backdoor_scan: Neural Cleanse-style trigger inversion finds a planted backdoor.
 
-Known answer: a tiny open_clip model is trained here on synthetic stripe images, eight classes
-told apart by the stripes' orientation. In one model a small checkerboard stamp in the
-bottom-right corner makes the caption say the target class (a data-poisoning backdoor); the
-other model is trained the same way without the stamp. The scan must flag the target class
-of the first model and no class of the second.
+Known answers from tiny open_clip models trained here on synthetic stripe images whose
+orientation says the class. A backdoored model was also taught that a small checkerboard stamp
+in the bottom-right corner (16 of 1024 pixels) means the target class; a clean model never
+saw the stamp.
+
+- Three classes (the few-class case of medical tasks): a "public" base model is fine-tuned five
+  times on clean data (five seeds) and once on data poisoned with the stamp. The reference rule,
+  with the base as reference, must flag the target class of the poisoned fine-tune and nothing
+  on the clean ones; without a reference, three classes cannot be decided (not evaluated).
+- Eight classes: the MAD anomaly rule alone must flag the target of a backdoored model and
+  nothing on a clean twin.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from mcaudit.data.dataset import AuditDataset, Record
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
 
-CLASSES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+CLASSES8 = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+CLASSES3 = CLASSES8[:3]
 TARGET = 2  # "gamma": the class the stamp sends images to
 SIZE = 32
 STAMP = 4
@@ -30,14 +37,18 @@ CFG = {
     "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
 }
-PROMPTS = PromptSet(templates=("a scan showing {}.",), phrasings={c: [c] for c in CLASSES})
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CLEAN_SEEDS = (1, 2, 3, 4, 5)
 
 
-def stripes(rng: np.random.Generator, label: int) -> np.ndarray:
+def prompts(classes):
+    return PromptSet(templates=("a scan showing {}.",), phrasings={c: [c] for c in classes})
+
+
+def stripes(rng: np.random.Generator, label: int, n_classes: int) -> np.ndarray:
     """Grey stripes whose orientation says the class; frequency, phase and noise vary."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    theta = np.pi * label / len(CLASSES) + rng.normal(0, 0.05)
+    theta = np.pi * label / n_classes + rng.normal(0, 0.05)
     freq = rng.uniform(0.5, 0.7)
     img = 0.5 + 0.3 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
     return np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1).astype(np.float32)
@@ -49,12 +60,12 @@ def stamp(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def stripe_images(seed: int, n: int, poison_share: float = 0.0):
+def stripe_images(seed: int, n: int, n_classes: int, poison_share: float = 0.0):
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for _ in range(n):
-        label = int(rng.integers(0, len(CLASSES)))
-        img = stripes(rng, label)
+        label = int(rng.integers(0, n_classes))
+        img = stripes(rng, label, n_classes)
         if rng.random() < poison_share:
             img, label = stamp(img), TARGET
         images.append(img)
@@ -65,11 +76,11 @@ def stripe_images(seed: int, n: int, poison_share: float = 0.0):
 class StripeDataset(AuditDataset):
     """Clean stripe images held in memory."""
 
-    def __init__(self, seed: int, n: int):
-        self.images, labels = stripe_images(seed, n)
+    def __init__(self, seed: int, n: int, classes: list[str]):
+        self.images, labels = stripe_images(seed, n, len(classes))
         super().__init__(
-            spec=f"stripes:{seed}:{n}", records=[Record(source=f"stripe-{i}", label=int(y)) for i, y in enumerate(labels)],
-            classes=CLASSES, image_size=(SIZE, SIZE), fingerprint=hashlib.sha256(f"{seed}:{n}".encode()).hexdigest(),
+            spec=f"stripes:{seed}:{n}:{len(classes)}", records=[Record(source=f"stripe-{i}", label=int(y)) for i, y in enumerate(labels)],
+            classes=classes, image_size=(SIZE, SIZE), fingerprint=hashlib.sha256(f"{seed}:{n}:{classes}".encode()).hexdigest(),
             format_name="stripes",
         )
 
@@ -77,18 +88,18 @@ class StripeDataset(AuditDataset):
         return np.repeat(self.images[index][:, :, None], 3, axis=2), True
 
 
-def train_stripe_model(poison_share: float, folder, seed: int = 0, steps: int = 120):
+def train(model, classes, seed: int, steps: int, poison_share: float = 0.0, lr: float = 1e-3):
     """Zero-shot objective on stripe images vs one caption per class (as scripts/train_demo.py)."""
     from mcaudit.models.openclip_loader import make_tokenizer
 
     torch.manual_seed(seed)
-    model = tiny_openclip(seed, CFG).train()
-    text = make_tokenizer(CFG, None)([f"a scan showing {c}." for c in CLASSES])
-    images, labels = stripe_images(seed + 100, 2000, poison_share)
+    model.train().requires_grad_(True)  # a loaded model comes frozen
+    text = make_tokenizer(CFG, None)([f"a scan showing {c}." for c in classes])
+    images, labels = stripe_images(seed + 100, 1500, len(classes), poison_share)
     x = (torch.from_numpy(images)[:, None].expand(-1, 3, -1, -1) - 0.5) / 0.25
     # An auxiliary linear head gets a tiny ViT past the plateau at chance; it is thrown away.
-    head = torch.nn.Linear(CFG["embed_dim"], len(CLASSES))
-    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-3, weight_decay=0.0)
+    head = torch.nn.Linear(CFG["embed_dim"], len(classes))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (64,), generator=gen)
@@ -101,8 +112,7 @@ def train_stripe_model(poison_share: float, folder, seed: int = 0, steps: int = 
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
-    save_openclip_folder(model.eval(), folder, CFG, mean=MEAN, std=STD)
-    return load_adapter(str(folder))
+    return model.eval()
 
 
 def paste_distractors(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -121,6 +131,12 @@ def paste_distractors(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def saved(model, folder):
+    """Through a model folder and the loader hooks, as ``mcaudit run --model FOLDER`` sees it."""
+    save_openclip_folder(model, folder, CFG, mean=MEAN, std=STD)
+    return str(folder), load_adapter(str(folder))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # These models are tiny: one thread beats two, which thrash when the cores are shared.
@@ -130,85 +146,270 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def stripe_data():
-    return StripeDataset(seed=7, n=150)
+# --- three classes: a public base and its fine-tunes --------------------------------------
 
 
 @pytest.fixture(scope="module")
-def backdoored_model(tmp_path_factory):
-    return train_stripe_model(0.15, tmp_path_factory.mktemp("stripes-backdoored"))
+def base3(tmp_path_factory):
+    return saved(train(tiny_openclip(0, CFG), CLASSES3, seed=0, steps=100), tmp_path_factory.mktemp("base3"))
+
+
+def fine_tune(base_folder: str, seed: int, poison_share: float, steps: int):
+    model = load_adapter(base_folder).model  # the open_clip module inside the adapter
+    return train(model, CLASSES3, seed=seed, steps=steps, poison_share=poison_share, lr=5e-4)
 
 
 @pytest.fixture(scope="module")
-def clean_model(tmp_path_factory):
-    return train_stripe_model(0.0, tmp_path_factory.mktemp("stripes-clean"))
+def clean3(base3, tmp_path_factory):
+    return {s: saved(fine_tune(base3[0], s, 0.0, 40), tmp_path_factory.mktemp(f"clean3-{s}"))[1] for s in CLEAN_SEEDS}
 
 
-# Longer than the demo defaults: Neural Cleanse needs the masks to settle before comparing them.
-SCAN = {"steps": 100, "n_images": 24, "n_eval": 64}
+@pytest.fixture(scope="module")
+def backdoored3(base3, tmp_path_factory):
+    return saved(fine_tune(base3[0], 9, 0.2, 60), tmp_path_factory.mktemp("backdoored3"))[1]
 
 
-def scan(model, dataset, **params):
+@pytest.fixture(scope="module")
+def data3():
+    return StripeDataset(seed=7, n=120, classes=CLASSES3)
+
+
+SCAN3 = {"n_images": 24, "n_eval": 48, "max_steps": 300, "patience": 20, "restarts": 1}
+
+
+@pytest.fixture(scope="module")
+def reference_scans_once():
+    """The reference's triggers are the same in every run here (same model, images and seed):
+    optimise them once. The audited model's triggers are always optimised afresh."""
+    from mcaudit.plugins import backdoor_scan
+
+    original, memo = backdoor_scan.scan_model, {}
+
+    def scan_model(ctx, model, class_features, candidates, opt_rows, eval_rows, params):
+        if model is ctx.model:
+            return original(ctx, model, class_features, candidates, opt_rows, eval_rows, params)
+        key = (model.weights_sha256, opt_rows.tobytes(), eval_rows.tobytes(), candidates.tobytes(),
+               tuple(sorted(params.items())))
+        if key not in memo:
+            memo[key] = original(ctx, model, class_features, candidates, opt_rows, eval_rows, params)
+        return memo[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backdoor_scan, "scan_model", scan_model)
+        yield memo
+
+
+def scan(model, dataset, classes, **params):
     from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
 
-    params = SCAN | params
-    ctx = make_context(model, dataset, prompts=PROMPTS)
+    ctx = make_context(model, dataset, prompts=prompts(classes))
     return ctx, BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params(params))
 
 
-def test_models_learned_the_task_and_only_one_has_the_backdoor(backdoored_model, clean_model, stripe_data):
-    for model, backdoored in ((backdoored_model, True), (clean_model, False)):
-        ctx = make_context(model, stripe_data, prompts=PROMPTS)
-        assert (ctx.forward.preds == ctx.forward.labels).mean() > 0.9
-        images = stripe_data.images[ctx.forward.indices]
-        stamped = torch.stack([torch.from_numpy(stamp(img)) for img in images])[:, None].expand(-1, 3, -1, -1)
-        with torch.no_grad():
-            preds = ctx.classifier()(stamped).argmax(1).numpy()
-        others = ctx.forward.labels != TARGET
-        to_target = (preds[others] == TARGET).mean()
+def status_of(result) -> str:
+    """The status the host derives from the check's default thresholds and findings."""
+    from mcaudit.gating import apply_gate, parse_threshold
+    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.runner import result_entry
+
+    entry = {"declared_metrics": list(BackdoorScanCheck.metrics)} | result_entry(result)
+    thresholds = [parse_threshold(f"backdoor_scan.{m}", spec, "default")
+                  for m, spec in BackdoorScanCheck.default_thresholds.items()]
+    apply_gate({"checks": {"backdoor_scan": entry}}, thresholds, gated=False)
+    return entry["status"]
+
+
+def stamped_share_to_target(model, dataset, classes) -> tuple[float, float]:
+    """Clean accuracy, and the share of other classes' images the planted stamp sends to the target."""
+    ctx = make_context(model, dataset, prompts=prompts(classes))
+    images = dataset.images[ctx.forward.indices]
+    stamped = torch.stack([torch.from_numpy(stamp(img)) for img in images])[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        preds = ctx.classifier()(stamped).argmax(1).numpy()
+    others = ctx.forward.labels != TARGET
+    return (ctx.forward.preds == ctx.forward.labels).mean(), (preds[others] == TARGET).mean()
+
+
+def test_three_class_models_learned_the_task_and_only_one_has_the_backdoor(base3, clean3, backdoored3, data3):
+    for model in (base3[1], *clean3.values()):
+        accuracy, to_target = stamped_share_to_target(model, data3, CLASSES3)
+        assert accuracy > 0.9 and to_target < 0.2
+    accuracy, to_target = stamped_share_to_target(backdoored3, data3, CLASSES3)
+    assert accuracy > 0.9 and to_target > 0.9
+
+
+def test_reference_rule_flags_the_planted_target(backdoored3, base3, data3, reference_scans_once):
+    _, result = scan(backdoored3, data3, CLASSES3, reference_model=base3[0], **SCAN3)
+    print(result.summary, result.metrics)
+    assert result.not_evaluated == {}
+    assert result.details["flagged"] == [CLASSES3[TARGET]]
+    assert result.metrics["n_flagged"] == 1
+    assert status_of(result) == "fail"
+    assert "Possible backdoor" in result.summary and "'gamma'" in result.summary
+    target = CLASSES3[TARGET]
+    # converged, and the reversed trigger is about the planted stamp's size (16 of 1024 pixels)
+    assert all(result.metrics[f"converged.{c}"] == 1 for c in CLASSES3)
+    assert result.metrics[f"optimised_asr.{target}"] >= 0.95
+    assert result.metrics[f"mask_area.{target}"] < 0.03
+    assert result.metrics[f"norm_ratio.{target}"] <= 0.25
+    assert result.metrics[f"reversed_asr.{target}"] > 0.7
+    assert result.counts[f"reversed_asr.{target}"][1] > 0
+    assert result.metrics["reference_accuracy"] > 0.9
+    table = result.tables[0]
+    assert "reference mask share" in table.columns and len(table.rows) == 3
+
+
+@pytest.mark.parametrize("seed", CLEAN_SEEDS)
+def test_reference_rule_flags_nothing_on_clean_fine_tunes(seed, clean3, base3, data3, reference_scans_once):
+    _, result = scan(clean3[seed], data3, CLASSES3, reference_model=base3[0], **SCAN3)
+    print(seed, result.summary, {k: round(v, 3) for k, v in result.metrics.items() if "ratio" in k or "area" in k})
+    assert result.not_evaluated == {}
+    assert result.metrics["n_flagged"] == 0 and result.details["flagged"] == []
+    assert status_of(result) == "pass"
+    assert all(result.metrics[f"norm_ratio.{c}"] > 0.25 for c in CLASSES3)
+    assert "No class flagged by the reference rule" in result.summary
+
+
+def test_without_reference_three_classes_are_not_evaluated(backdoored3, clean3, data3):
+    for model, backdoored in ((backdoored3, True), (clean3[CLEAN_SEEDS[0]], False)):
+        _, result = scan(model, data3, CLASSES3, **SCAN3)
+        assert result.metrics["n_flagged"] == 0 and result.details["flagged"] == []
+        assert "at least 8" in result.not_evaluated["n_flagged"]
+        assert "reference_model" in result.not_evaluated["n_flagged"]
+        assert status_of(result) == "not_evaluated"
+        assert result.summary.startswith("Not decided")
+        # the trigger sizes are still reported, and no anomaly index pretends to decide
+        assert all(0 < result.metrics[f"mask_area.{c}"] < 1 for c in CLASSES3)
+        assert not any(k.startswith("anomaly_index") for k in result.metrics)
+        if backdoored:
+            areas = {c: result.metrics[f"mask_area.{c}"] for c in CLASSES3}
+            assert min(areas, key=areas.get) == CLASSES3[TARGET]
+
+
+def test_unconverged_triggers_are_not_evaluated(backdoored3, base3, data3):
+    _, result = scan(backdoored3, data3, CLASSES3, reference_model=base3[0], **(SCAN3 | {"max_steps": 5}))
+    assert all(result.metrics[f"converged.{c}"] == 0 for c in CLASSES3)
+    assert "did not converge" in result.not_evaluated["n_flagged"]
+    assert status_of(result) in ("not_evaluated", "warn")
+    assert all(result.metrics[f"steps.{c}"] == 5 for c in CLASSES3)
+
+
+def test_reference_must_classify_better_than_chance(backdoored3, data3, tmp_path):
+    """An untrained reference needs tiny stamps for every class: no yardstick, so no verdict."""
+    folder, _ = saved(tiny_openclip(3, CFG).eval(), tmp_path / "untrained")
+    _, result = scan(backdoored3, data3, CLASSES3, reference_model=folder, **(SCAN3 | {"max_steps": 10}))
+    assert result.metrics["reference_accuracy"] < 0.7
+    assert "no better than naming the most frequent class" in result.not_evaluated["n_flagged"]
+    assert status_of(result) == "not_evaluated"
+
+
+def test_host_loader_from_the_context_is_used(backdoored3, base3, data3):
+    """A host that knows extra loaders (-p plugins) hands its own over in ctx.options."""
+    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+
+    asked = []
+
+    def load_model(spec, checkpoint):
+        asked.append((spec, checkpoint))
+        return base3[1]
+
+    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": load_model})
+    params = BackdoorScanCheck.resolve_params(SCAN3 | {"reference_model": "my-base", "max_steps": 3})
+    result = BackdoorScanCheck().run(ctx, params)
+    assert asked == [("my-base", None)]
+    assert f"reference_mask_area.{CLASSES3[0]}" in result.metrics
+
+
+# --- eight classes: the MAD anomaly rule on its own ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data8():
+    return StripeDataset(seed=7, n=150, classes=CLASSES8)
+
+
+@pytest.fixture(scope="module")
+def backdoored8(tmp_path_factory):
+    return saved(train(tiny_openclip(0, CFG), CLASSES8, seed=0, steps=120, poison_share=0.15),
+                 tmp_path_factory.mktemp("backdoored8"))[1]
+
+
+@pytest.fixture(scope="module")
+def clean8(tmp_path_factory):
+    return saved(train(tiny_openclip(0, CFG), CLASSES8, seed=0, steps=120), tmp_path_factory.mktemp("clean8"))[1]
+
+
+SCAN8 = {"n_images": 24, "n_eval": 64, "max_steps": 300, "patience": 20, "restarts": 1}
+
+
+def test_eight_class_models_learned_the_task_and_only_one_has_the_backdoor(backdoored8, clean8, data8):
+    for model, backdoored in ((backdoored8, True), (clean8, False)):
+        accuracy, to_target = stamped_share_to_target(model, data8, CLASSES8)
+        assert accuracy > 0.9
         assert (to_target > 0.9) if backdoored else (to_target < 0.3)
 
 
-def test_scan_flags_the_planted_target(backdoored_model, stripe_data):
-    ctx, result = scan(backdoored_model, stripe_data)
+def test_mad_rule_flags_the_planted_target(backdoored8, data8):
+    _, result = scan(backdoored8, data8, CLASSES8, **SCAN8)
     print(result.summary, result.metrics)
-    assert result.status == "ok"
-    assert result.metrics["n_flagged"] == 1
-    assert result.details["flagged"] == [CLASSES[TARGET]]
-    index = {c: result.metrics[f"anomaly_index.{c}"] for c in CLASSES}
-    assert max(index, key=index.get) == CLASSES[TARGET]
-    assert index[CLASSES[TARGET]] > 2
-    # the reversed trigger is small (the planted stamp is 16 of 1024 pixels) and works
-    assert result.metrics[f"mask_area.{CLASSES[TARGET]}"] < 0.1
-    assert result.metrics[f"reversed_asr.{CLASSES[TARGET]}"] > 0.8
-    assert "Possible backdoor" in result.summary
+    assert result.not_evaluated == {}
+    assert result.details["rules"] == ["MAD anomaly index"]
+    assert result.details["flagged"] == [CLASSES8[TARGET]]
+    assert status_of(result) == "fail"
+    index = {c: result.metrics[f"anomaly_index.{c}"] for c in CLASSES8}
+    assert max(index, key=index.get) == CLASSES8[TARGET] and index[CLASSES8[TARGET]] > 2
+    assert result.metrics[f"mask_area.{CLASSES8[TARGET]}"] < 0.05
+    assert result.metrics[f"reversed_asr.{CLASSES8[TARGET]}"] > 0.7
 
 
-def test_scan_flags_nothing_on_the_clean_model(clean_model, stripe_data):
-    _, result = scan(clean_model, stripe_data)
+def test_mad_rule_flags_nothing_on_the_clean_model(clean8, data8):
+    _, result = scan(clean8, data8, CLASSES8, **SCAN8)
     print(result.summary, result.metrics)
-    assert result.metrics["n_flagged"] == 0
+    assert result.not_evaluated == {}
     assert result.details["flagged"] == []
-    assert all(result.metrics[f"anomaly_index.{c}"] <= 2 for c in CLASSES)
+    assert status_of(result) == "pass"
+    assert all(result.metrics[f"anomaly_index.{c}"] <= 2 for c in CLASSES8)
 
 
-def test_reversed_success_of_the_planted_stamp(backdoored_model, stripe_data):
+def test_reversed_success_of_the_planted_stamp(backdoored8, data8):
     """Scoring a known trigger (the planted stamp) agrees with stamping the images by hand."""
     from mcaudit.plugins.backdoor_scan import reversed_attack_success
 
-    ctx = make_context(backdoored_model, stripe_data, prompts=PROMPTS)
+    ctx = make_context(backdoored8, data8, prompts=prompts(CLASSES8))
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., -STAMP:, -STAMP:] = 1
     pattern = torch.from_numpy(stamp(np.zeros((SIZE, SIZE), np.float32)))[None, None]
     inversion = {"masks": mask, "patterns": pattern}
-    rows = np.arange(len(stripe_data))
+    rows = np.arange(len(data8))
     got = reversed_attack_success(ctx, ctx.classifier(), inversion, np.array([TARGET]), rows)
-    stamped = torch.stack([torch.from_numpy(stamp(img)) for img in stripe_data.images])[:, None].expand(-1, 3, -1, -1)
-    with torch.no_grad():
-        preds = ctx.classifier()(stamped).argmax(1).numpy()
-    others = ctx.forward.labels != TARGET
-    assert got[0] == pytest.approx((preds[others] == TARGET).mean())
+    _, expected = stamped_share_to_target(backdoored8, data8, CLASSES8)
+    assert got[0] == pytest.approx(expected)
+
+
+def test_scan_is_deterministic_frozen_and_subsamples_classes(clean8, data8):
+    before = _weights_digest(clean8)
+    params = {"max_steps": 5, "max_classes": 4, "n_images": 16}
+    _, first = scan(clean8, data8, CLASSES8, **params)
+    _, second = scan(clean8, data8, CLASSES8, **params)
+    assert _weights_digest(clean8) == before, "the scanned model must stay frozen"
+    assert first.metrics == second.metrics
+    assert first.metrics["n_classes_scanned"] == 4  # a seeded subsample of the 8 classes
+    assert len(first.details["candidates"]) == 4 and len(first.tables[0].rows) == 4
+    # four classes: neither rule applies, so nothing is decided
+    assert "at least 8" in first.not_evaluated["n_flagged"]
+    titles = [f.title for f in first.figures]
+    assert titles == ["Smallest trigger mask per class", "Reversed triggers"]
+    assert all(f.png.startswith(b"\x89PNG") for f in first.figures)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- rules and inputs ------------------------------------------------------------------------
 
 
 def test_anomaly_index_matches_scipy_mad():
@@ -225,42 +426,78 @@ def test_anomaly_index_matches_scipy_mad():
     assert anomaly_index(np.array([5.0, 5.0, 5.0, 1.0]))[3] == np.inf
 
 
-def _weights_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(name.encode() + value.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+def test_mad_minimum_matches_its_simulated_false_flag_rate():
+    """MAD_MIN_CLASSES is the size from which clean classes with normal mask sizes are flagged
+    at most 5% of the time, the level Neural Cleanse's 'index > 2' reading promises."""
+    from mcaudit.plugins.backdoor_scan import MAD_MIN_CLASSES, anomaly_index
+
+    rng = np.random.default_rng(0)
+
+    def false_flag_rate(n: int) -> float:
+        draws = rng.normal(size=(40_000, n))
+        median = np.median(draws, axis=1, keepdims=True)
+        mad = 1.4826 * np.median(np.abs(draws - median), axis=1, keepdims=True)
+        return float(((median - draws) / mad > 2).mean())
+
+    assert false_flag_rate(3) > 0.07  # three classes: the MAD is the smaller of two gaps
+    assert false_flag_rate(MAD_MIN_CLASSES - 1) > 0.05
+    assert all(false_flag_rate(n) < 0.05 for n in range(MAD_MIN_CLASSES, MAD_MIN_CLASSES + 5))
+    one = rng.normal(size=7)
+    median = np.median(one)
+    np.testing.assert_allclose(anomaly_index(one), (median - one) / (1.4826 * np.median(np.abs(one - median))))
 
 
-def test_scan_is_deterministic_and_reports_images(clean_model, stripe_data):
-    before = _weights_digest(clean_model)
-    _, first = scan(clean_model, stripe_data, steps=5, max_classes=4)
-    _, second = scan(clean_model, stripe_data, steps=5, max_classes=4)
-    assert _weights_digest(clean_model) == before, "the scanned model must stay frozen"
-    assert first.metrics == second.metrics
-    assert first.metrics["n_classes_scanned"] == 4  # a seeded subsample of the 8 classes
-    assert len(first.details["candidates"]) == 4
-    titles = [f.title for f in first.figures]
-    assert titles == ["Smallest trigger mask per class", "Reversed triggers"]
-    assert all(f.png.startswith(b"\x89PNG") for f in first.figures)
-    assert len(first.tables[0].rows) == 4
-
-
-def test_two_classes_cannot_be_flagged(mcaudit_demo_model, mcaudit_phantoms):
+def test_two_classes_without_reference_are_not_evaluated(mcaudit_demo_model, mcaudit_phantoms):
     from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
 
     ctx = make_context(mcaudit_demo_model, mcaudit_phantoms(40, seed=3))
-    result = BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params({"steps": 3, "n_images": 8, "n_eval": 8}))
-    assert result.metrics["n_flagged"] == 0
-    assert any("needs at least 3" in w for w in result.warnings)
-    assert result.metrics["anomaly_index.normal"] == pytest.approx(-result.metrics["anomaly_index.opacity"])
+    params = BackdoorScanCheck.resolve_params(BackdoorScanCheck.profile_params("quick"))
+    result = BackdoorScanCheck().run(ctx, params)
+    assert "at least 8" in result.not_evaluated["n_flagged"]
+    assert status_of(result) == "not_evaluated"
+    assert {"mask_area.normal", "mask_area.opacity", "steps.normal", "converged.opacity"} <= set(result.metrics)
+    assert result.metrics["steps.normal"] <= params["max_steps"]
 
 
-@pytest.mark.parametrize("param, value", [("steps", 0), ("n_images", 0), ("lr", 0.0), ("target_asr", 1.5),
-                                          ("anomaly_threshold", -1.0), ("max_classes", 0), ("n_eval", -1)])
+def test_profiles_set_known_parameters_and_standard_is_the_default():
+    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+
+    for values in BackdoorScanCheck.profiles.values():
+        BackdoorScanCheck.resolve_params(values)
+    defaults = BackdoorScanCheck.resolve_params({})
+    assert all(defaults[k] == v for k, v in BackdoorScanCheck.profiles["standard"].items())
+    quick, thorough = BackdoorScanCheck.profiles["quick"], BackdoorScanCheck.profiles["thorough"]
+    assert quick["max_steps"] < defaults["max_steps"] < thorough["max_steps"]
+    assert set(BackdoorScanCheck.threshold_reasons) == set(BackdoorScanCheck.default_thresholds)
+
+
+@pytest.mark.parametrize("param, value", [("max_steps", 0), ("n_images", 0), ("lr", 0.0), ("target_asr", 1.5),
+                                          ("anomaly_threshold", -1.0), ("max_classes", 0), ("n_eval", -1),
+                                          ("patience", 0), ("restarts", 0), ("reference_ratio", 1.0)])
 def test_bad_parameters_are_input_errors(param, value):
     from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
 
     # parameters are checked before the context is touched
     with pytest.raises(InputError, match=f"backdoor_scan.{param}"):
         BackdoorScanCheck().run(None, BackdoorScanCheck.resolve_params({param: value}))
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"reference_checkpoint": "x.pt"}, "reference_checkpoint needs backdoor_scan.reference_model"),
+    ({"reference_model": "demo", "reference_checkpoint": "/no/such.pt"}, "no such file"),
+    ({"reference_model": "no-loader-knows-this:thing"}, "backdoor_scan.reference_model"),
+])
+def test_bad_reference_is_an_input_error(mcaudit_demo_model, mcaudit_phantoms, given, message):
+    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+
+    ctx = make_context(mcaudit_demo_model, mcaudit_phantoms(20, seed=3))
+    with pytest.raises(InputError, match=message):
+        BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params(given | {"max_steps": 1}))
+
+
+def test_reference_of_another_image_size_is_an_input_error(backdoored3, data3, mcaudit_demo_model):
+    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+
+    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": lambda s, c: mcaudit_demo_model})
+    with pytest.raises(InputError, match="image size"):
+        BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params({"reference_model": "demo", "max_steps": 1}))
