@@ -40,8 +40,12 @@ class ModelRequest:
 class DataRequest:
     """What a data format is asked for besides the spec.
 
-    ``image_size`` is the model's (height, width); images are resized and centre-cropped to
-    it in pixel space [0, 1], so that the model's normalisation stays inside the adapter.
+    ``image_size`` is the model's (height, width). A data format only decodes images; the host
+    then gives each one to the model's own preprocessing (``ModelAdapter.pixel_transform``:
+    open_clip's eval transform, the transformers image processor, or a loader plugin's own,
+    stopped before normalisation), so checks work on [0, 1] pixels at the model's size and the
+    normalisation stays inside the adapter. A loader that gives no transform gets a bicubic
+    resize and centre crop in pixel space.
     """
 
     image_size: tuple[int, int] = (224, 224)

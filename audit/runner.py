@@ -113,7 +113,7 @@ def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> 
     return adapter.to(device).eval()
 
 
-def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None):
+def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None, pixel_transform=None):
     def open_dataset(spec: str, role: str = "audit", groups: tuple[str, ...] = ()) -> AuditDataset:
         options = dict(cfg.data_options)
         if classes and role == "audit":
@@ -124,6 +124,8 @@ def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: 
         if dataset is None:
             flag = "--ood" if role == "ood" else "--data"
             raise InputError(f"{flag} {spec}: no data format claims this (see `mcaudit plugins` for the formats)")
+        # The model sees every image through its own preprocessing, whatever reads it first.
+        dataset.use_preprocessing(pixel_transform)
         return dataset
 
     return open_dataset
@@ -280,7 +282,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     model = load_model(manager, cfg, device)
     set_cpu_threads(cfg.threads, model, device)
     prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
-    open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None)
+    open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None, model.pixel_transform)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
     # A bad --ood is a usage error now, not a check error later; the check reuses this one.
     opened_ood = {cfg.ood: open_dataset(cfg.ood, "ood", ())} if cfg.ood else {}
