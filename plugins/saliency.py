@@ -9,13 +9,15 @@ predicted class (or a prompt the user names), then asks three questions of each 
   Adebayo et al. 2018);
 * localisation: where the data has region masks or boxes, does the evidence fall inside them?
 
-Scaling up: the demo defaults (8 images, four methods, 10 curve steps, two cascade points)
-run in a few seconds on a CPU. For an audit worth quoting, raise ``n_images`` to 100 or more,
-``steps`` to 20-50, ``ig_steps`` to 32-64, ``cascade_points`` to 0 (every layer), add
-``gradient_shap`` and ``occlusion`` to ``methods``, and use a GPU; the curve and attribution
-batch sizes bound memory. Under torchrun each process explains its share of the images and the
-per-image results are gathered, so the metrics equal a single process's (GradientSHAP's random
-draws and the random pixel orders are tied to the image, not to the process that handles it).
+A method is recommended only if it passes the sanity test, and among those that do, the most
+faithful is named; when none passes, that is a finding in itself (see ``run``). Sizing: the
+``quick`` profile (8 images, Saliency and Grad-CAM, 5 curve steps, one cascade point) is a
+smoke test; ``standard`` explains 100 images with five methods, 20 curve steps and three
+cascade points, which wants a GPU; ``thorough`` 300 images, every method and every layer.
+The curve and attribution batch sizes bound memory. Under torchrun each process explains its
+share of the images and the per-image results are gathered, so the metrics equal a single
+process's (GradientSHAP's random draws and the random pixel orders are tied to the image, not
+to the process that handles it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Finding, InputError, Param, Table, hookimpl
 from mcaudit.metrics import bootstrap_interval
 
 from .saliency_attributions import METHOD_LABELS, AttributionSettings, attribution_maps
@@ -59,32 +61,34 @@ class SaliencyCheck(Check):
     )
     params = {
         "methods": Param(
-            ["integrated_gradients", "saliency", "input_x_gradient", "grad_cam"],
+            ["integrated_gradients", "saliency", "input_x_gradient", "gradient_shap", "grad_cam"],
             "attribution methods, any of: " + ", ".join(METHOD_LABELS),
         ),
-        "n_images": Param(8, "images to explain, a stratified subsample (classes in proportion)"),
-        "n_mask_images": Param(16, "images with a region mask added for localisation, when the data has masks (0: none)"),
+        "n_images": Param(100, "images to explain, a stratified subsample (classes in proportion)"),
+        "n_mask_images": Param(100, "images with a region mask added for localisation, when the data has masks (0: none)"),
         "target_prompt": Param("", "explain the similarity to this prompt instead of the predicted class"),
-        "steps": Param(10, "steps of the deletion and insertion curves"),
+        "steps": Param(20, "steps of the deletion and insertion curves"),
         "baseline": Param("blur", "what removed pixels become in the curves", choices=BASELINES),
         "curve_score": Param(
             "logit", "score read along the curves: the target's similarity logit (what the maps explain) or "
             "its softmax probability over the classes (saturates for confident models)",
             choices=("logit", "probability"),
         ),
-        "ig_steps": Param(16, "Integrated Gradients path steps"),
-        "shap_samples": Param(8, "GradientSHAP samples per image"),
+        "ig_steps": Param(32, "Integrated Gradients path steps"),
+        "shap_samples": Param(16, "GradientSHAP samples per image"),
         "occlusion_window": Param(0, "Occlusion patch side in pixels (0: one eighth of the image side); stride is half of it"),
         "internal_batch_size": Param(64, "model evaluations per pass inside Integrated Gradients, GradientSHAP and Occlusion"),
         "curve_batch_size": Param(256, "perturbed images per forward pass when scoring the curves"),
         "cascade_points": Param(
-            2, "points of the top-down randomisation cascade at which maps are recomputed, evenly "
+            3, "points of the top-down randomisation cascade at which maps are recomputed, evenly "
             "spread and always ending with the whole tower randomised (0: skip the test)",
         ),
-        "sanity_max_spearman": Param(0.5, "a method fails the sanity check when its maps keep a mean rank correlation above this with the whole tower randomised"),
+        "sanity_max_spearman": Param(0.5, "a method passes the sanity test when the 95% interval of its maps' mean rank "
+                                          "correlation with the whole tower randomised lies at or below this, and "
+                                          "fails it when the interval lies above"),
         "top_percent": Param(20.0, "share of the most relevant pixels compared with the mask for the IoU, in %"),
         "overlays_per_class": Param(2, "images of each class shown in the overlay grid"),
-        "n_bootstrap": Param(200, "bootstrap resamples over images for the 95% intervals (0 turns them off)"),
+        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% intervals (0 turns them off)"),
     }
     metrics = {
         "<method>.deletion_auc": "area under the deletion curve (lower: the top pixels matter more)",
@@ -95,14 +99,45 @@ class SaliencyCheck(Check):
         "random.insertion_auc": "insertion area of a random pixel order",
         "<method>.randomisation_spearman": "mean rank correlation of |map| before and after randomising the whole image tower (low is good)",
         "<method>.randomisation_ssim": "mean SSIM of the normalised |map| before and after randomising the whole image tower (low is good)",
-        "<method>.sanity_passed": "1 when the maps change under randomisation (Spearman at most sanity_max_spearman), else 0",
+        "<method>.sanity_passed": "1 when the maps clearly change under randomisation (the 95% interval of the rank "
+                                  "correlation at most sanity_max_spearman), 0 when clearly not, undefined in between",
+        "recommended.deletion_gain": "deletion gain over random of the recommended method: the most faithful "
+                                     "(deletion plus insertion gain) of those that pass the sanity test",
+        "recommended.insertion_gain": "insertion gain over random of the recommended method",
+        "recommended.mass_in_mask": "attribution mass inside the masks of the recommended method",
+        "mask_share": "mean share of the image inside the mask (the mass a uniform map puts there)",
         "<method>.pointing_game": "share of masked images whose most relevant pixel lies in the mask",
         "<method>.mass_in_mask": "mean share of the positive attribution inside the mask",
         "<method>.top_iou": "mean IoU of the top top_percent % pixels with the mask",
         "n_images": "images explained",
         "n_mask_images": "explained images that have a mask",
     }
-    default_thresholds = {}
+    default_thresholds = {
+        "recommended.deletion_gain": "> 0",
+        "recommended.insertion_gain": "> 0",
+        "recommended.mass_in_mask": {"rule": "> mask_share", "severity": "warn"},
+    }
+    threshold_reasons = {
+        "recommended.deletion_gain": (
+            "a map whose most relevant pixels, removed first, lower the score no faster than a random pixel order "
+            "explains nothing about the prediction (deletion metric, Petsiuk et al. 2018; Samek et al. 2017); "
+            "decided on the 95% interval over images"),
+        "recommended.insertion_gain": (
+            "likewise, revealing the map's top pixels first must restore the score faster than a random order"),
+        "recommended.mass_in_mask": (
+            "warn only: a map that puts no more of its positive mass inside the annotated region than a uniform map "
+            "would (the region's share of the image) does not point at the finding; a model may rightly use context "
+            "outside the annotation, so this is worth a look rather than a failure"),
+    }
+    profiles = {
+        "quick": {"methods": ["saliency", "grad_cam"], "n_images": 8, "n_mask_images": 8, "steps": 5, "ig_steps": 8,
+                  "shap_samples": 4, "cascade_points": 1, "n_bootstrap": 200, "overlays_per_class": 1},
+        "standard": {"methods": ["integrated_gradients", "saliency", "input_x_gradient", "gradient_shap", "grad_cam"],
+                     "n_images": 100, "n_mask_images": 100, "steps": 20, "ig_steps": 32, "shap_samples": 16,
+                     "cascade_points": 3, "n_bootstrap": 1000},
+        "thorough": {"methods": list(METHOD_LABELS), "n_images": 300, "n_mask_images": 300, "steps": 50,
+                     "ig_steps": 64, "shap_samples": 32, "cascade_points": 1000, "n_bootstrap": 2000},
+    }
     uses_model = True
 
     @classmethod
@@ -179,36 +214,47 @@ class SaliencyCheck(Check):
                 for key in LOCALISATION:
                     per_image_values[f"{m}.{key}"] = merged[f"{m}.{key}"]
 
+        if has_mask_all.any():
+            per_image_values["mask_share"] = merged["mask_share"]
         intervals = {}
         rng = ctx.rng("saliency:bootstrap")
+        clusters = ctx.clusters(rows)
         for key, values in per_image_values.items():
             metrics[key] = _nanmean(values)
-            ok = values[np.isfinite(values)]
-            lo, hi = bootstrap_interval(lambda i, v=ok: float(v[i].mean()), len(ok), rng, params["n_bootstrap"])
+            finite = np.isfinite(values)
+            ok = values[finite]
+            lo, hi = bootstrap_interval(lambda i, v=ok: float(v[i].mean()), len(ok), rng, params["n_bootstrap"],
+                                        clusters=None if clusters is None else clusters[finite])
             if np.isfinite(lo):
                 intervals[key] = (lo, hi)
 
+        verdicts = {}
         if cascade is not None:
-            for m in methods:
-                rho = metrics[f"{m}.randomisation_spearman"]
-                if not np.isfinite(rho):  # constant maps: nothing to rank, so no verdict
-                    metrics[f"{m}.sanity_passed"] = float("nan")
+            verdicts = _sanity_verdicts(methods, metrics, intervals, params["sanity_max_spearman"])
+            for m, verdict in verdicts.items():
+                metrics[f"{m}.sanity_passed"] = {"pass": 1.0, "fail": 0.0}.get(verdict, float("nan"))
+                if verdict == "no verdict":
                     warnings.append(f"{METHOD_LABELS[m]}: maps are constant, so the randomisation test has no verdict")
-                    continue
-                passed = rho <= params["sanity_max_spearman"]
-                metrics[f"{m}.sanity_passed"] = float(passed)
-                if not passed:
+                elif verdict == "fail":
                     warnings.append(
-                        f"{METHOD_LABELS[m]} fails the randomisation sanity check: its maps keep a rank "
+                        f"{METHOD_LABELS[m]} fails the randomisation sanity test: its maps keep a rank "
                         f"correlation of {metrics[f'{m}.randomisation_spearman']:.2f} with the original after the "
                         f"whole image tower is randomised, so they show the image more than what the model learned"
                     )
         for m in methods:
             if metrics[f"{m}.deletion_gain"] <= 0 and metrics[f"{m}.insertion_gain"] <= 0:
                 warnings.append(f"{METHOD_LABELS[m]} is no better than a random pixel order on deletion or insertion")
+        recommended, findings, not_evaluated = _recommend(methods, metrics, intervals, verdicts, cascade is not None,
+                                                          bool(has_mask_all.any()))
+        if recommended:
+            for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
+                if f"{recommended}.{key}" in metrics:
+                    metrics[f"recommended.{key}"] = metrics[f"{recommended}.{key}"]
+                    if f"{recommended}.{key}" in intervals:
+                        intervals[f"recommended.{key}"] = intervals[f"{recommended}.{key}"]
 
         has_masks = bool(has_mask_all.any())
-        tables = _tables(methods, metrics, intervals, cascade, has_masks, params)
+        tables = _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts)
         figures = _figures(ctx, rows, local, pixels, maps, masks, has_mask_all, deletion, insertion, cascade, params, target_name)
         per_image = {}
         for key in ("deletion_auc", "insertion_auc", "mass_in_mask"):
@@ -218,12 +264,15 @@ class SaliencyCheck(Check):
                     for r, v in zip(rows, per_image_values[f"{m}.{key}"]):
                         column[int(r)] = float(v) if np.isfinite(v) else None
                     per_image[f"{m}.{key}"] = column
+        n_masked = int(has_mask_all.sum())
         return CheckResult(
             metrics=metrics, intervals=intervals,
-            summary=_summary(methods, metrics, cascade, has_masks, target_name),
-            tables=tables, figures=figures, warnings=warnings,
+            summary=_summary(methods, metrics, verdicts, recommended, has_masks, target_name),
+            tables=tables, figures=figures, warnings=warnings, findings=findings, not_evaluated=not_evaluated,
+            sample_size=len(rows), n={k: n_masked for k in metrics if k.endswith(LOCALISATION + ("mask_share",))},
             details={
                 "target": target_name, "methods": methods, "image_tower": tower.kind, "notes": notes,
+                "recommended": recommended, "sanity": verdicts,
                 "rows": [int(r) for r in rows], "sources": [ctx.source(int(r)) for r in rows],
                 "cascade_levels": cascade["levels"] if cascade else [],
                 "cascade_spearman": {m: [float(np.nanmean(v)) for v in vs] for m, vs in cascade["spearman"].items()} if cascade else {},
@@ -301,9 +350,11 @@ def _load_pixels(ctx, rows) -> torch.Tensor:
 def _localisation(methods, maps, masks, has_mask, top_percent) -> dict[str, np.ndarray]:
     """Per method and image: pointing hit, attribution mass and top-pixel IoU in the mask (NaN without one)."""
     out = {f"{m}.{key}": np.full(len(has_mask), np.nan) for m in methods for key in LOCALISATION}
+    out["mask_share"] = np.full(len(has_mask), np.nan)
     if has_mask.any():
         held = np.flatnonzero(has_mask)
         stack = torch.stack([masks[i].bool().cpu() for i in held])
+        out["mask_share"][has_mask] = stack.flatten(1).double().mean(dim=1).numpy()
         for m in methods:
             sub = maps[m][torch.as_tensor(held)]
             values = (pointing_hits(sub, stack), mass_inside(sub, stack), top_fraction_iou(sub, stack, top_percent))
@@ -394,7 +445,7 @@ def _cell(metrics, intervals, key, fmt="{:.3f}"):
     return text
 
 
-def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Table]:
+def _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts) -> list[Table]:
     label = METHOD_LABELS
     tables = [Table(
         "Faithfulness: deletion and insertion curves (mean over images, 95% interval)",
@@ -414,14 +465,16 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params) -> list[Tab
         for m in cascade["spearman"]:
             rows.append(
                 [label[m], _cell(metrics, intervals, f"{m}.randomisation_spearman"), _cell(metrics, intervals, f"{m}.randomisation_ssim"),
-                 {1.0: "yes", 0.0: "NO"}.get(metrics.get(f"{m}.sanity_passed"), "no verdict")]
+                 {"pass": "yes", "fail": "NO", "undecided": "undecided"}.get(verdicts.get(m), "no verdict")]
                 + [f"{np.nanmean(v):.3f}" for v in cascade["spearman"][m][:-1]]
             )
         tables.append(Table(
             "Sanity: maps of the trained model against maps of a randomised image tower",
             cols, rows,
-            note=f"layers randomised from the top: {', '.join(cascade['all_levels'])}; a method passes when the "
-                 f"rank correlation with the whole tower random is at most {params['sanity_max_spearman']:g}",
+            note=f"layers randomised from the top: {', '.join(cascade['all_levels'])}; a method passes when the 95% "
+                 f"interval of the rank correlation with the whole tower random lies at or below "
+                 f"{params['sanity_max_spearman']:g}, fails when it lies above, and is undecided when it straddles it; "
+                 "only a method that passes is recommended",
         ))
     if has_masks:
         tables.append(Table(
@@ -484,19 +537,72 @@ def _overlay_rows(ctx, rows, has_mask, per_class) -> list[int]:
     return sorted(chosen)[:MAX_OVERLAY_ROWS]
 
 
-def _summary(methods, metrics, cascade, has_masks, target_name) -> str:
-    best = max(methods, key=lambda m: metrics[f"{m}.deletion_gain"] + metrics[f"{m}.insertion_gain"])
-    parts = [
-        f"Explaining the {target_name} on {int(metrics['n_images'])} images, {METHOD_LABELS[best]} is the most faithful "
-        f"(deletion {metrics[f'{best}.deletion_gain']:+.3f}, insertion {metrics[f'{best}.insertion_gain']:+.3f} vs random)"
-    ]
-    if cascade is not None:
-        failed = [METHOD_LABELS[m] for m in cascade["spearman"] if metrics.get(f"{m}.sanity_passed") == 0.0]
-        parts.append(f"fails the randomisation sanity check: {', '.join(failed)}" if failed else "all pass the randomisation sanity check")
-    if has_masks:
-        share = metrics.get(f"{best}.mass_in_mask", float("nan"))
-        if np.isfinite(share):
-            parts.append(f"{share:.0%} of its attribution falls inside the masks")
+def _sanity_verdicts(methods, metrics, intervals, bound: float) -> dict[str, str]:
+    """Per method: pass, fail or undecided on the 95% interval of the mean rank correlation
+    (the point value where there is no interval), or "no verdict" for constant maps."""
+    out = {}
+    for m in methods:
+        rho = metrics.get(f"{m}.randomisation_spearman", float("nan"))
+        if not np.isfinite(rho):
+            out[m] = "no verdict"
+            continue
+        lo, hi = intervals.get(f"{m}.randomisation_spearman", (rho, rho))
+        out[m] = "pass" if hi <= bound else "fail" if lo > bound else "undecided"
+    return out
+
+
+def _recommend(methods, metrics, intervals, verdicts, sanity_run: bool, has_masks: bool):
+    """The recommended method (the most faithful of those that pass the sanity test, or None),
+    the findings when none can be recommended, and the recommended.* metrics left unevaluated."""
+    findings: list[Finding] = []
+    reason = ""
+    passing = [m for m in methods if verdicts.get(m) == "pass"]
+    if not sanity_run:
+        reason = "the randomisation sanity test was turned off (cascade_points 0), so no method can be recommended"
+    elif not passing:
+        undecided = [METHOD_LABELS[m] for m in methods if verdicts.get(m) == "undecided"]
+        failed = [METHOD_LABELS[m] for m in methods if verdicts.get(m) in ("fail", "no verdict")]
+        if undecided:
+            reason = (f"no method clearly passes the randomisation sanity test ({', '.join(undecided)}: 95% interval "
+                      "straddles the bound), so none can be recommended; explain more images")
+            findings.append(Finding("inconclusive", reason))
+        else:
+            reason = (f"no attribution method passes the randomisation sanity test ({', '.join(failed)}): their maps "
+                      "barely change when the image tower's weights are randomised, so none of them shows what the "
+                      "model learned and none can be recommended")
+            findings.append(Finding("fail", reason))
+    not_evaluated = {}
+    if reason:
+        for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
+            not_evaluated[f"recommended.{key}"] = reason
+        return None, findings, not_evaluated
+    recommended = max(passing, key=lambda m: metrics[f"{m}.deletion_gain"] + metrics[f"{m}.insertion_gain"])
+    if not has_masks:
+        not_evaluated["recommended.mass_in_mask"] = "the explained images have no region masks or boxes"
+    return recommended, findings, not_evaluated
+
+
+def _summary(methods, metrics, verdicts, recommended, has_masks, target_name) -> str:
+    """Facts only: which methods pass the sanity test, which one is the most faithful of those."""
+    label = METHOD_LABELS
+    parts = [f"Explaining the {target_name} on {int(metrics['n_images'])} images"]
+    if verdicts:
+        groups = {v: [label[m] for m in methods if verdicts[m] == v] for v in ("pass", "fail", "undecided", "no verdict")}
+        said = {"pass": "pass", "fail": "fail", "undecided": "are undecided on", "no verdict": "have constant maps under"}
+        parts.append(", ".join(f"{', '.join(names)} {said[v]}" for v, names in groups.items() if names)
+                     + " the randomisation sanity test")
+    else:
+        parts.append("the randomisation sanity test was not run")
+    if recommended:
+        text = (f"of those that pass, {label[recommended]} is the most faithful (deletion "
+                f"{metrics[f'{recommended}.deletion_gain']:+.3f}, insertion {metrics[f'{recommended}.insertion_gain']:+.3f} "
+                "vs a random pixel order)")
+        share = metrics.get(f"{recommended}.mass_in_mask", float("nan"))
+        if has_masks and np.isfinite(share):
+            text += f"; {share:.0%} of its positive attribution falls inside the masks, which cover {metrics['mask_share']:.0%} of the image"
+        parts.append(text)
+    else:
+        parts.append("no method is recommended")
     return "; ".join(parts) + "."
 
 

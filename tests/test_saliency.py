@@ -31,6 +31,7 @@ from mcaudit.plugins.saliency_tower import find_image_tower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
 
+from check_verdict import derive_verdict
 from conftest import shared
 
 # -- a model whose label is decided by a bright square at a known place -----------------------
@@ -137,7 +138,7 @@ def square_data(tmp_path_factory):
 
 KNOWN_ANSWER_PARAMS = {
     "n_images": 12, "n_mask_images": 0, "methods": ["integrated_gradients", "saliency", "grad_cam"], "steps": 8,
-    "cascade_points": 1, "top_percent": 6.25, "n_bootstrap": 200,
+    "cascade_points": 1, "top_percent": 6.25, "n_bootstrap": 200, "ig_steps": 16,
 }
 
 
@@ -175,7 +176,84 @@ def test_known_answer_faithful_maps_find_the_square(square_context, square_resul
     assert m["integrated_gradients.randomisation_spearman"] < 0.9
     assert m["integrated_gradients.randomisation_ssim"] < 0.6
     assert m["n_mask_images"] == m["n_images"] == 12
-    assert "fails the randomisation sanity check" in result.summary or "pass" in result.summary
+
+
+def test_known_answer_the_recommended_method_is_one_that_passes_the_sanity_test(square_result):
+    """On the square model Integrated Gradients and Grad-CAM keep their maps when the tower is
+    randomised (as Adebayo et al. found for input-weighted and class-activation maps); plain
+    gradients do not. Only the latter may be recommended, however faithful the others look."""
+    result = square_result
+    m = result.metrics
+    assert result.details["sanity"] == {"integrated_gradients": "fail", "saliency": "pass", "grad_cam": "fail"}
+    assert result.intervals["integrated_gradients.randomisation_spearman"][0] > 0.5
+    assert result.intervals["saliency.randomisation_spearman"][1] <= 0.5
+    assert m["grad_cam.deletion_gain"] > m["saliency.deletion_gain"]  # more faithful, yet not sane
+    assert result.details["recommended"] == "saliency"
+    for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
+        assert m[f"recommended.{key}"] == m[f"saliency.{key}"]
+        assert result.intervals[f"recommended.{key}"] == result.intervals[f"saliency.{key}"]
+    assert m["mask_share"] == pytest.approx(64 / 1024)
+    status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
+    assert {o["metric"]: o["status"] for o in outcomes} == {
+        "recommended.deletion_gain": "pass", "recommended.insertion_gain": "pass", "recommended.mass_in_mask": "pass"}
+    assert status == "pass", reason
+    assert "Saliency (gradient) is the most faithful" in result.summary
+    assert "Integrated Gradients, Grad-CAM fail the randomisation sanity test" in result.summary
+
+
+def test_known_answer_when_every_method_fails_the_sanity_test_the_check_fails(square_context, square_result):
+    params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS | {"methods": ["integrated_gradients", "grad_cam"]})
+    result = SaliencyCheck().run(square_context, params)
+    assert set(result.details["sanity"].values()) == {"fail"} and result.details["recommended"] is None
+    assert [f.status for f in result.findings] == ["fail"]
+    assert "no attribution method passes the randomisation sanity test" in result.findings[0].message
+    for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
+        assert f"recommended.{key}" not in result.metrics
+        assert "none can be recommended" in result.not_evaluated[f"recommended.{key}"]
+    status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
+    assert status == "fail" and reason == result.findings[0].message
+    assert {o["status"] for o in outcomes} == {"not_evaluated"}
+    assert "no method is recommended" in result.summary and "most faithful" not in result.summary
+
+
+def test_bootstrap_intervals_over_images_match_scipy(square_result):
+    from scipy.stats import bootstrap
+
+    for key in ("saliency.deletion_auc", "grad_cam.insertion_auc"):
+        values = np.array([v for v in square_result.per_image[key] if v is not None])
+        assert len(values) == 12 and square_result.metrics[key] == pytest.approx(values.mean())
+        ref = bootstrap((values,), np.mean, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+        lo, hi = square_result.intervals[key]
+        # 200 resamples in the check: its percentiles carry Monte Carlo error of a few % of the width
+        assert lo == pytest.approx(ref.low, abs=0.2 * (ref.high - ref.low))
+        assert hi == pytest.approx(ref.high, abs=0.2 * (ref.high - ref.low))
+
+
+@pytest.mark.parametrize("spearman, interval, verdict", [
+    (0.2, (0.1, 0.3), "pass"), (0.7, (0.6, 0.8), "fail"), (0.45, (0.3, 0.6), "undecided"),
+    (0.45, None, "pass"), (float("nan"), None, "no verdict"),
+])
+def test_sanity_verdict_is_decided_on_the_interval(spearman, interval, verdict):
+    from mcaudit.plugins.saliency import _sanity_verdicts
+
+    intervals = {"saliency.randomisation_spearman": interval} if interval else {}
+    assert _sanity_verdicts(["saliency"], {"saliency.randomisation_spearman": spearman}, intervals, 0.5) == {"saliency": verdict}
+
+
+def test_no_method_clearly_passing_is_inconclusive_and_none_is_recommended():
+    from mcaudit.plugins.saliency import _recommend
+
+    metrics = {"saliency.deletion_gain": 1.0, "saliency.insertion_gain": 1.0, "grad_cam.deletion_gain": 2.0, "grad_cam.insertion_gain": 2.0}
+    recommended, findings, not_evaluated = _recommend(["saliency", "grad_cam"], metrics, {},
+                                                      {"saliency": "undecided", "grad_cam": "fail"}, True, False)
+    assert recommended is None and [f.status for f in findings] == ["inconclusive"]
+    assert "Saliency (gradient)" in findings[0].message and set(not_evaluated) == {
+        "recommended.deletion_gain", "recommended.insertion_gain", "recommended.mass_in_mask"}
+    # the less faithful method is recommended when it alone passes
+    recommended, findings, not_evaluated = _recommend(["saliency", "grad_cam"], metrics, {},
+                                                      {"saliency": "pass", "grad_cam": "fail"}, True, False)
+    assert recommended == "saliency" and not findings
+    assert not_evaluated == {"recommended.mass_in_mask": "the explained images have no region masks or boxes"}
 
 
 def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, square_result, square_data):
@@ -188,6 +266,15 @@ def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, squ
     assert control["saliency.deletion_gain"] < 1.0 < trained["saliency.deletion_gain"]
     assert control["grad_cam.deletion_gain"] < 1.0 < trained["grad_cam.deletion_gain"]
     assert "saliency.randomisation_spearman" not in control  # cascade_points 0 turns the test off
+    assert "recommended.deletion_gain" not in control
+
+
+def test_sanity_test_turned_off_leaves_the_check_not_evaluated(untrained_square_model, square_data):
+    params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS | {"cascade_points": 0, "methods": ["saliency"], "n_images": 4})
+    result = SaliencyCheck().run(make_context(untrained_square_model, square_data, prompts=SQUARE_PROMPTS), params)
+    assert "cascade_points 0" in result.not_evaluated["recommended.deletion_gain"]
+    status, reason, _, _ = derive_verdict(SaliencyCheck, result)
+    assert status == "not_evaluated" and "cascade_points 0" in reason
 
 
 def with_boxes(data: SquareDataset, box) -> SquareDataset:
@@ -500,7 +587,7 @@ def test_comma_separated_methods_from_the_command_line():
 
 def test_same_seed_same_metrics_and_prompt_target(mcaudit_tiny_model, mcaudit_phantoms):
     data = mcaudit_phantoms(16, seed=4, image_size=(32, 32))
-    params = SaliencyCheck.resolve_params({"methods": ["gradient_shap", "occlusion", "grad_cam"], "n_images": 3, "steps": 3, "shap_samples": 4, "occlusion_window": 8, "cascade_points": 1})
+    params = SaliencyCheck.resolve_params({"methods": ["gradient_shap", "occlusion", "grad_cam"], "n_images": 3, "steps": 3, "shap_samples": 4, "occlusion_window": 8, "cascade_points": 1, "n_bootstrap": 200})
     a = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
     b = SaliencyCheck().run(make_context(mcaudit_tiny_model, data, seed=3), params)
     assert a.metrics == b.metrics and a.intervals == b.intervals
@@ -538,7 +625,8 @@ def audit_saliency_on(manifest: Path, tmp_path: Path, n_images: int):
 def test_ham10000_localisation_and_mask_outlines(tmp_path):
     outcome = audit_saliency_on(shared("ham10000/manifest.csv"), tmp_path, n_images=4)
     entry = outcome.results["checks"]["saliency"]
-    assert entry["status"] == "ok", entry.get("summary")
+    assert entry["execution"] == "completed", entry.get("summary")
+    assert entry["status"] in ("pass", "warn", "fail", "inconclusive", "not_evaluated"), entry["status"]
     metrics = entry["metrics"]
     assert metrics["n_mask_images"] == 5
     for method in ("saliency", "grad_cam"):
@@ -620,12 +708,14 @@ def test_torchrun_two_processes_split_the_images(tmp_path):
     args = ["--quiet", "--model", "demo", "--data", str(manifest), "--checks", "saliency", "--threads", "1",
             "--set", "saliency.methods=integrated_gradients,saliency,gradient_shap,grad_cam",
             "--set", "saliency.n_images=9", "--set", "saliency.n_mask_images=3", "--set", "saliency.steps=5",
-            "--set", "saliency.ig_steps=8", "--set", "saliency.shap_samples=4", "--set", "saliency.n_bootstrap=50"]
+            "--set", "saliency.ig_steps=8", "--set", "saliency.shap_samples=4", "--set", "saliency.n_bootstrap=50",
+            "--set", "saliency.cascade_points=2"]
     single = run_cli(["run", *args], tmp_path / "single")
     assert single.exit_code == 0, single.output
     one = single.results["checks"]["saliency"]
     two = run_torchrun(args, tmp_path / "multi")["checks"]["saliency"]
-    assert one["status"] == two["status"] == "ok", (one["summary"], two["summary"])
+    assert one["execution"] == two["execution"] == "completed", (one["summary"], two["summary"])
+    assert one["status"] == two["status"] and one["status_reason"] == two["status_reason"]
     assert two["details"]["rows"] == one["details"]["rows"] and len(one["details"]["rows"]) == 12
     assert one["metrics"]["n_mask_images"] == two["metrics"]["n_mask_images"] >= 3
     assert set(two["metrics"]) == set(one["metrics"]) and "gradient_shap.mass_in_mask" in one["metrics"]
