@@ -11,7 +11,7 @@ import abc
 import base64
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from mcaudit.verdict import Finding
 
@@ -30,40 +30,91 @@ PROFILES = {
 
 @dataclass(frozen=True)
 class Param:
-    """A check parameter: its default value (which also fixes its type) and what it means."""
+    """A check parameter: its default value (which also fixes its type) and what it means.
+
+    Declarative bounds are checked for every selected check before the model loads, so a bad
+    value is a usage error (exit 2) rather than a check error after the forward pass:
+    ``choices`` (allowed values; for a list, allowed elements), ``min`` and ``max`` (inclusive;
+    for a list, each element), and ``validate`` (a function that raises ``InputError`` or
+    ``ValueError`` for anything the bounds cannot say).
+    """
 
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    validate: Callable[[Any], Any] | None = None
 
     def coerce(self, value: Any, where: str) -> Any:
         from mcaudit.errors import InputError
 
         default = self.default
-        ok = True
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                value = float(value)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        elif isinstance(default, (list, tuple)):
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if isinstance(default, (list, tuple)):
+            if isinstance(value, str) and "," in value:
+                value = [_literal(v) for v in value.split(",") if v.strip()]  # --set x.sigmas=0.1,0.2
+            elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 value = [value]
-            ok = isinstance(value, (list, tuple))
-            if ok:
-                value = list(value)
-        if not ok:
-            raise InputError(
-                f"{where}: expected a {type(default).__name__} like {default!r}, got {value!r}"
-            )
+            if not isinstance(value, (list, tuple)):
+                raise InputError(f"{where}: expected a list like {default!r}, got {value!r}")
+            value = list(value)
+            # Numeric lists are typed by their default's elements; a list of strings may also
+            # hold numbers (budgets are written "4/255" or 0.0157).
+            if default and isinstance(default[0], (int, float)):
+                value = [_coerce_scalar(default[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+            for i, v in enumerate(value):
+                self._check_bounds(v, f"{where}[{i}]")
+        else:
+            value = _coerce_scalar(default, value, where)
+            self._check_bounds(value, where)
+        if self.validate is not None:
+            try:
+                result = self.validate(value)
+            except ValueError as exc:
+                raise InputError(f"{where}: {exc}") from None
+            if result is not None:
+                value = result
+        return value
+
+    def _check_bounds(self, value: Any, where: str) -> None:
+        from mcaudit.errors import InputError
+
         if self.choices is not None and value not in self.choices:
             raise InputError(f"{where}: {value!r} is not one of {list(self.choices)}")
-        return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.min is not None and value < self.min:
+                raise InputError(f"{where}: {value!r} is below the minimum {self.min:g}")
+            if self.max is not None and value > self.max:
+                raise InputError(f"{where}: {value!r} is above the maximum {self.max:g}")
+
+
+def _literal(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def _coerce_scalar(default: Any, value: Any, where: str) -> Any:
+    from mcaudit.errors import InputError
+
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            ok = math.isfinite(value)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    if not ok:
+        raise InputError(f"{where}: expected a {type(default).__name__} like {default!r}, got {value!r}")
+    return value
 
 
 @dataclass

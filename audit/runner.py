@@ -174,6 +174,8 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
                 raise TypeError(f"check {name!r} returned {type(result).__name__}, not CheckResult")
             results[name] = result
             entry.update(result_entry(result))
+        except InputError:
+            raise  # a bad parameter or input is the user's to fix (exit 2), not a check failure
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - one failing check must not stop the others
             entry.update(
                 execution="error",
