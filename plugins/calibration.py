@@ -25,9 +25,9 @@ sqrt(2 / pi) * (spread of a bin's mean) per bin: a perfectly calibrated model sh
 on 50 images and ~0.035 on 500 in 15 bins. Its bootstrap percentile interval therefore misses
 the population value most of the time at small n (simulated coverage 0 to 80%). ``ece`` and
 ``classwise_ece`` are debiased instead: each bin contributes sqrt(max(0, d^2 - v)), with d the
-bin's mean of (outcome - confidence) and v the estimated variance of that mean (the squared
-gap is debiased, as in Kumar, Liang and Ma 2019, then the root taken); a bin of one image
-contributes only beyond 0.5. Their 95% interval is the estimate plus or minus the larger
+bin's mean of (outcome - confidence) and v the estimated variance of that mean, at least
+c(1 - c) / count for the bin's mean confidence c (the squared gap is debiased, as in Kumar,
+Liang and Ma 2019, then the root taken). Their 95% interval is the estimate plus or minus the larger
 distance to the 2.5th or 97.5th percentile of the debiased estimate over a bootstrap of
 images (of subjects when the data name them), floored at 0. In simulation (tests/
 test_coverage_fairness_calibration.py) it covered the population ECE in at least 93% of
@@ -216,9 +216,10 @@ def debiased_ece_rows(confidence: np.ndarray, outcome: np.ndarray, edges: np.nda
 
     Per bin, d is the mean of (outcome - confidence) and v the estimated variance of that
     mean; E[d^2] = true gap^2 + v, so sqrt(max(0, d^2 - v)) removes most of the upward bias
-    that |d| carries when a bin holds few images. A bin of one image has no variance
-    estimate; it is given the largest a 0/1 outcome can have (0.25), so it counts only if
-    it is off by more than 0.5.
+    that |d| carries when a bin holds few images. v is the larger of the sample variance and
+    c(1 - c), c the bin's mean confidence (the variance of a 0/1 outcome predicted with
+    probability c), over the bin's count: a small bin whose outcomes happen to agree would
+    otherwise show no noise at all.
     """
     confidence = np.atleast_2d(np.asarray(confidence, dtype=np.float64))
     diff = np.atleast_2d(np.asarray(outcome, dtype=np.float64)) - confidence
@@ -226,13 +227,16 @@ def debiased_ece_rows(confidence: np.ndarray, outcome: np.ndarray, edges: np.nda
     n_bins = len(edges) - 1
     b = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
     key = (np.arange(m)[:, None] * n_bins + b).ravel()
-    count = np.bincount(key, minlength=m * n_bins).reshape(m, n_bins).astype(np.float64)
-    total = np.bincount(key, weights=diff.ravel(), minlength=m * n_bins).reshape(m, n_bins)
-    squares = np.bincount(key, weights=(diff * diff).ravel(), minlength=m * n_bins).reshape(m, n_bins)
+    size = m * n_bins
+    count = np.bincount(key, minlength=size).reshape(m, n_bins).astype(np.float64)
+    total = np.bincount(key, weights=diff.ravel(), minlength=size).reshape(m, n_bins)
+    squares = np.bincount(key, weights=(diff * diff).ravel(), minlength=size).reshape(m, n_bins)
+    conf_sum = np.bincount(key, weights=confidence.ravel(), minlength=size).reshape(m, n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
-        spread = np.maximum(squares - count * mean * mean, 0.0) / np.maximum(count - 1, 1)
-        variance_of_mean = np.where(count > 1, spread / count, 0.25)
+        mean_conf = conf_sum / count
+        sample = np.where(count > 1, np.maximum(squares - count * mean * mean, 0.0) / np.maximum(count - 1, 1), 0.0)
+        variance_of_mean = np.maximum(sample, mean_conf * (1 - mean_conf)) / count
         gap = np.sqrt(np.maximum(0.0, mean * mean - variance_of_mean))
     return np.where(count > 0, count * gap, 0.0).sum(axis=1) / n
 
