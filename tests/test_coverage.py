@@ -124,14 +124,17 @@ def clustered_sample(rng, subjects, slices, icc=0.4, mean_accuracy=0.75):
     return labels, preds, np.repeat(np.arange(subjects), slices)
 
 
-def clustered_coverage(subjects=80, slices=6, seed=0, n_boot=500):
+def clustered_coverage(subjects=80, slices=6, seed=0, n_boot=1000):
     """Coverage of the accuracy and balanced-accuracy intervals (the true value of both is
     the mean subject accuracy) with and without resampling subjects."""
     rng = np.random.default_rng(seed)
     truth = 0.75
     hits = {name: [] for name in ("accuracy: image bootstrap", "accuracy: subject bootstrap", "accuracy: Wilson",
                                   "accuracy: Wilson with design effect", "balanced accuracy: image bootstrap",
-                                  "balanced accuracy: subject bootstrap")}
+                                  "balanced accuracy: subject bootstrap", "AUROC: images independent",
+                                  "AUROC: clustered over subjects")}
+    # Scores share a subject effect as large as the image noise: AUROC = Phi(1 / sqrt(2 * 2)).
+    auroc_truth = float(norm.cdf(1.0 / 2.0))
     for _ in range(DRAWS):
         labels, preds, subject = clustered_sample(rng, subjects, slices)
         if len(np.unique(labels)) < 2:
@@ -147,6 +150,11 @@ def clustered_coverage(subjects=80, slices=6, seed=0, n_boot=500):
         hits["accuracy: Wilson"].append(lo <= truth <= hi)
         lo, hi = cluster_wilson_interval(correct, subject)
         hits["accuracy: Wilson with design effect"].append(lo <= truth <= hi)
+        score = labels + rng.normal(size=subjects)[subject] + rng.normal(size=len(labels))
+        probs = np.stack([1 - (p1 := 1 / (1 + np.exp(-score))), p1], axis=1)
+        for name, clusters in (("AUROC: images independent", None), ("AUROC: clustered over subjects", subject)):
+            lo, hi = auroc_interval(labels, probs, clusters=clusters)
+            hits[name].append(lo <= auroc_truth <= hi)
     return {name: float(np.mean(v)) for name, v in hits.items()}
 
 
@@ -202,6 +210,7 @@ def test_subject_bootstrap_covers_correlated_slices_and_image_bootstrap_does_not
     assert coverage["accuracy: subject bootstrap"] >= NOMINAL_FLOOR
     assert coverage["balanced accuracy: subject bootstrap"] >= NOMINAL_FLOOR
     assert coverage["accuracy: Wilson with design effect"] >= NOMINAL_FLOOR
+    assert coverage["AUROC: clustered over subjects"] >= NOMINAL_FLOOR
     # Six correlated slices per subject count as far fewer independent images: intervals
     # that treat them as independent miss the truth far more often than 5% of the time.
     assert coverage["accuracy: image bootstrap"] < 0.85
