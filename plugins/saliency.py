@@ -101,10 +101,10 @@ class SaliencyCheck(Check):
         "<method>.randomisation_ssim": "mean SSIM of the normalised |map| before and after randomising the whole image tower (low is good)",
         "<method>.sanity_passed": "1 when the maps clearly change under randomisation (the 95% interval of the rank "
                                   "correlation at most sanity_max_spearman), 0 when clearly not, undefined in between",
-        "recommended.deletion_gain": "deletion gain over random of the recommended method: the most faithful "
+        "recommended_deletion_gain": "deletion gain over random of the recommended method: the most faithful "
                                      "(deletion plus insertion gain) of those that pass the sanity test",
-        "recommended.insertion_gain": "insertion gain over random of the recommended method",
-        "recommended.mass_in_mask": "attribution mass inside the masks of the recommended method",
+        "recommended_insertion_gain": "insertion gain over random of the recommended method",
+        "recommended_mass_in_mask": "attribution mass inside the masks of the recommended method",
         "mask_share": "mean share of the image inside the mask (the mass a uniform map puts there)",
         "<method>.pointing_game": "share of masked images whose most relevant pixel lies in the mask",
         "<method>.mass_in_mask": "mean share of the positive attribution inside the mask",
@@ -113,18 +113,18 @@ class SaliencyCheck(Check):
         "n_mask_images": "explained images that have a mask",
     }
     default_thresholds = {
-        "recommended.deletion_gain": "> 0",
-        "recommended.insertion_gain": "> 0",
-        "recommended.mass_in_mask": {"rule": "> mask_share", "severity": "warn"},
+        "recommended_deletion_gain": "> 0",
+        "recommended_insertion_gain": "> 0",
+        "recommended_mass_in_mask": {"rule": "> mask_share", "severity": "warn"},
     }
     threshold_reasons = {
-        "recommended.deletion_gain": (
+        "recommended_deletion_gain": (
             "a map whose most relevant pixels, removed first, lower the score no faster than a random pixel order "
             "explains nothing about the prediction (deletion metric, Petsiuk et al. 2018; Samek et al. 2017); "
             "decided on the 95% interval over images"),
-        "recommended.insertion_gain": (
+        "recommended_insertion_gain": (
             "likewise, revealing the map's top pixels first must restore the score faster than a random order"),
-        "recommended.mass_in_mask": (
+        "recommended_mass_in_mask": (
             "warn only: a map that puts no more of its positive mass inside the annotated region than a uniform map "
             "would (the region's share of the image) does not point at the finding; a model may rightly use context "
             "outside the annotation, so this is worth a look rather than a failure"),
@@ -249,9 +249,9 @@ class SaliencyCheck(Check):
         if recommended:
             for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
                 if f"{recommended}.{key}" in metrics:
-                    metrics[f"recommended.{key}"] = metrics[f"{recommended}.{key}"]
+                    metrics[f"recommended_{key}"] = metrics[f"{recommended}.{key}"]
                     if f"{recommended}.{key}" in intervals:
-                        intervals[f"recommended.{key}"] = intervals[f"{recommended}.{key}"]
+                        intervals[f"recommended_{key}"] = intervals[f"{recommended}.{key}"]
 
         has_masks = bool(has_mask_all.any())
         tables = _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts)
@@ -553,7 +553,7 @@ def _sanity_verdicts(methods, metrics, intervals, bound: float) -> dict[str, str
 
 def _recommend(methods, metrics, intervals, verdicts, sanity_run: bool, has_masks: bool):
     """The recommended method (the most faithful of those that pass the sanity test, or None),
-    the findings when none can be recommended, and the recommended.* metrics left unevaluated."""
+    the findings when none can be recommended, and the recommended_* metrics left unevaluated."""
     findings: list[Finding] = []
     reason = ""
     passing = [m for m in methods if verdicts.get(m) == "pass"]
@@ -574,11 +574,11 @@ def _recommend(methods, metrics, intervals, verdicts, sanity_run: bool, has_mask
     not_evaluated = {}
     if reason:
         for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
-            not_evaluated[f"recommended.{key}"] = reason
+            not_evaluated[f"recommended_{key}"] = reason
         return None, findings, not_evaluated
     recommended = max(passing, key=lambda m: metrics[f"{m}.deletion_gain"] + metrics[f"{m}.insertion_gain"])
     if not has_masks:
-        not_evaluated["recommended.mass_in_mask"] = "the explained images have no region masks or boxes"
+        not_evaluated["recommended_mass_in_mask"] = "the explained images have no region masks or boxes"
     return recommended, findings, not_evaluated
 
 

@@ -190,12 +190,12 @@ def test_known_answer_the_recommended_method_is_one_that_passes_the_sanity_test(
     assert m["grad_cam.deletion_gain"] > m["saliency.deletion_gain"]  # more faithful, yet not sane
     assert result.details["recommended"] == "saliency"
     for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
-        assert m[f"recommended.{key}"] == m[f"saliency.{key}"]
-        assert result.intervals[f"recommended.{key}"] == result.intervals[f"saliency.{key}"]
+        assert m[f"recommended_{key}"] == m[f"saliency.{key}"]
+        assert result.intervals[f"recommended_{key}"] == result.intervals[f"saliency.{key}"]
     assert m["mask_share"] == pytest.approx(64 / 1024)
     status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
     assert {o["metric"]: o["status"] for o in outcomes} == {
-        "recommended.deletion_gain": "pass", "recommended.insertion_gain": "pass", "recommended.mass_in_mask": "pass"}
+        "recommended_deletion_gain": "pass", "recommended_insertion_gain": "pass", "recommended_mass_in_mask": "pass"}
     assert status == "pass", reason
     assert "Saliency (gradient) is the most faithful" in result.summary
     assert "Integrated Gradients, Grad-CAM fail the randomisation sanity test" in result.summary
@@ -208,8 +208,8 @@ def test_known_answer_when_every_method_fails_the_sanity_test_the_check_fails(sq
     assert [f.status for f in result.findings] == ["fail"]
     assert "no attribution method passes the randomisation sanity test" in result.findings[0].message
     for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
-        assert f"recommended.{key}" not in result.metrics
-        assert "none can be recommended" in result.not_evaluated[f"recommended.{key}"]
+        assert f"recommended_{key}" not in result.metrics
+        assert "none can be recommended" in result.not_evaluated[f"recommended_{key}"]
     status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
     assert status == "fail" and reason == result.findings[0].message
     assert {o["status"] for o in outcomes} == {"not_evaluated"}
@@ -248,12 +248,12 @@ def test_no_method_clearly_passing_is_inconclusive_and_none_is_recommended():
                                                       {"saliency": "undecided", "grad_cam": "fail"}, True, False)
     assert recommended is None and [f.status for f in findings] == ["inconclusive"]
     assert "Saliency (gradient)" in findings[0].message and set(not_evaluated) == {
-        "recommended.deletion_gain", "recommended.insertion_gain", "recommended.mass_in_mask"}
+        "recommended_deletion_gain", "recommended_insertion_gain", "recommended_mass_in_mask"}
     # the less faithful method is recommended when it alone passes
     recommended, findings, not_evaluated = _recommend(["saliency", "grad_cam"], metrics, {},
                                                       {"saliency": "pass", "grad_cam": "fail"}, True, False)
     assert recommended == "saliency" and not findings
-    assert not_evaluated == {"recommended.mass_in_mask": "the explained images have no region masks or boxes"}
+    assert not_evaluated == {"recommended_mass_in_mask": "the explained images have no region masks or boxes"}
 
 
 def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, square_result, square_data):
@@ -266,13 +266,13 @@ def test_known_answer_untrained_model_gets_no_credit(untrained_square_model, squ
     assert control["saliency.deletion_gain"] < 1.0 < trained["saliency.deletion_gain"]
     assert control["grad_cam.deletion_gain"] < 1.0 < trained["grad_cam.deletion_gain"]
     assert "saliency.randomisation_spearman" not in control  # cascade_points 0 turns the test off
-    assert "recommended.deletion_gain" not in control
+    assert "recommended_deletion_gain" not in control
 
 
 def test_sanity_test_turned_off_leaves_the_check_not_evaluated(untrained_square_model, square_data):
     params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS | {"cascade_points": 0, "methods": ["saliency"], "n_images": 4})
     result = SaliencyCheck().run(make_context(untrained_square_model, square_data, prompts=SQUARE_PROMPTS), params)
-    assert "cascade_points 0" in result.not_evaluated["recommended.deletion_gain"]
+    assert "cascade_points 0" in result.not_evaluated["recommended_deletion_gain"]
     status, reason, _, _ = derive_verdict(SaliencyCheck, result)
     assert status == "not_evaluated" and "cascade_points 0" in reason
 
