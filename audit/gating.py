@@ -218,11 +218,13 @@ def decide(op: str, bound: float, value: float, interval: tuple[float, float] | 
     return "inconclusive", "95% interval straddles the bound"
 
 
-def metric_label(check: str, metric: str) -> str:
-    """A metric's name in words: ``recall.pneumonia`` -> "recall of pneumonia"."""
-    head, dot, rest = metric.partition(".")
-    if dot and not rest.startswith(("best_", "auroc")) and head not in ("ood", "near_ood", "far_ood", "zero_shot"):
-        return f"{head.replace('_', ' ')} of {rest}"
+def metric_label(check: str, metric: str, declared: list[str] | tuple[str, ...] = ()) -> str:
+    """A metric's name in words. A metric of a declared family ``recall.<class>`` reads
+    "recall of pneumonia"; any other reads as its check and name with spaces."""
+    for pattern in declared:
+        head, dot, rest = pattern.partition(".")
+        if dot and rest.startswith("<") and rest.endswith(">") and metric.startswith(head + ".") and metric != pattern:
+            return f"{head.replace('_', ' ')} of {metric[len(head) + 1:]}"
     return f"{check} {metric.replace('_', ' ').replace('.', ' ')}"
 
 
@@ -242,7 +244,7 @@ def format_value(value: float | None, as_percent: bool) -> str:
 def sentence(o: dict[str, Any], check: dict[str, Any]) -> str:
     """One outcome in words: "recall of pneumonia 1.3% (5 of 390), needs >= 50%"."""
     pct = _percent(check, o["metric"], o["value"] or 0.0)
-    what = metric_label(o["check"], o["metric"])
+    what = metric_label(o["check"], o["metric"], check.get("declared_metrics") or ())
     bound = format_value(o["bound"], pct and o["bound"] is not None and 0 <= o["bound"] <= 1)
     if o.get("bound_ref"):
         bound = f"{o['bound_ref'].replace('_', ' ')} ({bound})"

@@ -63,6 +63,7 @@ def test_wildcards_metric_bounds_and_counts():
         "metrics": {"recall.normal": 1.0, "recall.pneumonia": 5 / 390, "balanced_accuracy": 0.506, "chance_level": 0.5},
         "intervals": {"recall.normal": [0.98, 1.0], "recall.pneumonia": [0.005, 0.03], "balanced_accuracy": [0.49, 0.52]},
         "counts": {"recall.normal": [234, 234], "recall.pneumonia": [5, 390]},
+        "declared_metrics": ["balanced_accuracy", "recall.<class>", "chance_level"],
     })
     gate = _gate(results, {"performance.recall.*": ">= 0.9",
                            "performance.balanced_accuracy": {"rule": "> chance_level", "on": "lower"}})
@@ -113,7 +114,7 @@ def test_findings_are_ordered_worst_first_and_the_headline_names_the_worst():
         calibration={"metrics": {"ece": 0.12}, "intervals": {"ece": [0.11, 0.13]}},
         performance={"metrics": {"recall.pneumonia": 0.013, "accuracy": 0.79},
                      "intervals": {"recall.pneumonia": [0.005, 0.03], "accuracy": [0.75, 0.78]},
-                     "counts": {"recall.pneumonia": [5, 390]}},
+                     "counts": {"recall.pneumonia": [5, 390]}, "declared_metrics": ["accuracy", "recall.<class>"]},
         adversarial={"metrics": {}, "findings": [{"status": "warn", "message": "gradient masking suspected", "metric": None}]},
         fairness={"metrics": {"max_accuracy_gap": 0.12}, "intervals": {"max_accuracy_gap": [0.02, 0.25]}},
     )
