@@ -28,8 +28,9 @@ import torch
 import torchattacks
 from torch import nn
 
-from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Finding, InputError, Param, Table, hookimpl
 from mcaudit.batching import in_batches
+from mcaudit.metrics import clopper_pearson_interval
 
 # name -> (threat model, white-box?, short description for the report)
 ATTACKS: dict[str, tuple[str, bool, str]] = {
@@ -173,35 +174,63 @@ class AdversarialCheck(Check):
     name = "adversarial"
     description = (
         "Adversarial robustness: torchattacks (FGSM, PGD L-inf and L2, APGD-CE, APGD-DLR, Square) on the "
-        "zero-shot classifier in pixel space; clean and robust accuracy per attack and budget, worst case "
-        "over attacks, attack success rate, and AutoAttack's warning signs of gradient masking. "
-        "Defaults are sized for a quick audit; for a publishable number raise n_images (e.g. 1000), "
-        "steps (100), restarts (5) and square_queries (5000)."
+        "zero-shot classifier in pixel space; clean and robust accuracy per attack and budget with exact "
+        "(Clopper-Pearson) 95% intervals, worst case over attacks, attack success rate, and AutoAttack's "
+        "warning signs of gradient masking. The standard profile attacks 400 images (interval half-widths "
+        "of about 0.05) with 50 steps and 2 restarts; quick is a smoke test whose numbers are mostly inconclusive."
     )
     params = {
         "attacks": Param(list(ATTACKS), f"attacks to run, from {', '.join(ATTACKS)}"),
         "eps": Param(["1/255", "2/255", "4/255"], "L-inf budgets in pixel units of [0, 1] (numbers or \"k/255\")"),
         "eps_l2": Param([0.1, 0.25, 0.5], "L2 budgets for pgd_l2, measured on the three-channel input"),
-        "steps": Param(5, "iterations of PGD and APGD"),
-        "restarts": Param(1, "random restarts of PGD, APGD and Square"),
-        "square_queries": Param(20, "queries of the black-box Square attack per restart"),
-        "n_images": Param(16, "images attacked: a stratified, seeded subsample (0: all)"),
+        "steps": Param(50, "iterations of PGD and APGD"),
+        "restarts": Param(2, "random restarts of PGD, APGD and Square"),
+        "square_queries": Param(1000, "queries of the black-box Square attack per restart"),
+        "n_images": Param(400, "images attacked: a stratified, seeded subsample (0: all)"),
         "grey": Param(True, "on grey data, confine the perturbation to one channel replicated to three"),
         "sanity_eps": Param(16 / 255, "L-inf budget of the PGD sanity attack that any model should fail (16/255; 0: off)"),
         "gallery": Param(4, "successful attacks shown in the gallery"),
     }
+    # standard: 400 images give a proportion near 0.5 a Clopper-Pearson half-width of about
+    # 0.05; 50 steps and 2 restarts are about half of AutoAttack's APGD budget, enough for a
+    # model without a defence. thorough follows AutoAttack (100 steps, 5000 Square queries).
+    profiles = {
+        "quick": {"n_images": 16, "steps": 5, "restarts": 1, "square_queries": 20},
+        "standard": {"n_images": 400, "steps": 50, "restarts": 2, "square_queries": 1000},
+        "thorough": {"n_images": 1000, "steps": 100, "restarts": 5, "square_queries": 5000},
+    }
     metrics = {
         "clean_accuracy": "accuracy on the attacked subsample before any attack",
         "n_images": "images in the attacked subsample",
+        "chance_level": "accuracy of always answering the subsample's most common class; a constant answer "
+                        "is perfectly robust, so robust accuracy must beat it to mean anything",
         "robust_accuracy.<attack>.<eps>": "share of images still classified correctly under the attack",
         "attack_success_rate.<attack>.<eps>": "share of correctly classified images whose class the attack flipped",
         "worst_case_robust_accuracy.<norm>.<eps>": "share correct under every attack of that norm and budget",
+        "robust_accuracy_at_smallest_eps": "worst-case robust accuracy at the smallest nonzero budget (L-inf if any, "
+                                           "else L2): share of all attacked-subsample images still correct",
+        "retained_accuracy_at_smallest_eps": "share of the correctly classified images that every attack at the "
+                                             "smallest nonzero budget leaves correct (robust over clean accuracy)",
         "sanity_robust_accuracy": "robust accuracy under a 20-step PGD at sanity_eps (should be 0)",
         "zero_gradient_share": "share of images with an exactly zero input gradient (should be 0)",
         "flag.<name>": "1 when a warning sign of gradient masking is raised, else 0",
         "gradient_masking_suspected": "1 when any gradient-masking flag is raised",
     }
-    default_thresholds: dict[str, str] = {}
+    # Decided on the exact 95% interval: a subsample too small to tell reads inconclusive.
+    default_thresholds = {
+        "robust_accuracy_at_smallest_eps": "> chance_level",
+        "retained_accuracy_at_smallest_eps": ">= 0.5",
+    }
+    threshold_reasons = {
+        "robust_accuracy_at_smallest_eps":
+            "a model that never changes its answer is perfectly robust and scores the most common class's share; "
+            "under the smallest budget (by default 1/255, one grey level of an 8-bit image) a useful model must "
+            "stay above that, or its robustness is no better than a constant answer's",
+        "retained_accuracy_at_smallest_eps":
+            "medical image classifiers are known to be fooled by imperceptible perturbations (Finlayson et al., "
+            "Science 2019; Ma et al., Pattern Recognition 2021); losing more than half of the correct answers to a "
+            "change of one grey level means anyone who can touch the pixels can choose the diagnosis",
+    }
     uses_model = True
 
     def run(self, ctx, params):
@@ -265,12 +294,9 @@ class AdversarialCheck(Check):
         _, merged = ctx.gather_rows(local, per_row)
         all_correct = merged["correct"].astype(bool)
         all_robust = {key: merged[f"robust{i}"].astype(bool) for i, key in enumerate(keys)}
-        n = len(rows)
-        clean_acc = float(all_correct.mean()) if n else float("nan")
-        sanity_acc = float(merged["survives_sanity"].sum()) / n if (sanity > 0 and n) else float("nan")
-        zero_grad = float(merged["zero_gradient"][all_correct].mean()) if all_correct.any() else 0.0
-        return self._result(ctx, rows, all_correct, clean_acc, attacks, eps_linf, eps_l2, all_robust, sanity,
-                            sanity_acc, zero_grad, notes, grey, images, keep, clean_pred, gallery_src, params)
+        return self._result(ctx, rows, all_correct, attacks, eps_linf, eps_l2, all_robust, sanity,
+                            merged["survives_sanity"].astype(bool), merged["zero_gradient"].astype(bool), notes, grey,
+                            images, keep, clean_pred, gallery_src, params)
 
     @staticmethod
     def _sanity(model, x, y, correct, robust, eps_linf, sanity, settings, seed, bs) -> np.ndarray:
@@ -309,35 +335,48 @@ class AdversarialCheck(Check):
             raise InputError("adversarial.attacks: give at least one attack")
         return out
 
-    def _result(self, ctx, rows, correct, clean_acc, attacks, eps_linf, eps_l2, robust, sanity, sanity_acc,
-                zero_grad, notes, grey, images, keep, clean_pred, gallery_src, params) -> CheckResult:
+    def _result(self, ctx, rows, correct, attacks, eps_linf, eps_l2, robust, sanity, survives, zero, notes, grey,
+                images, keep, clean_pred, gallery_src, params) -> CheckResult:
         n = len(rows)
         n_correct = int(correct.sum())
-        metrics: dict[str, float] = {"clean_accuracy": clean_acc, "n_images": float(n)}
+        clean_acc = n_correct / n if n else float("nan")
+        sanity_acc = int(survives.sum()) / n if (sanity > 0 and n) else float("nan")
+        zero_grad = float(zero[correct].mean()) if n_correct else 0.0
+        labels = ctx.forward.labels[rows]
+        metrics: dict[str, float] = {"clean_accuracy": clean_acc, "n_images": float(n),
+                                     "chance_level": float(np.bincount(labels).max() / n) if n else float("nan")}
+        counts: dict[str, tuple[int, int]] = {"clean_accuracy": (n_correct, n)}
         table_rows = []
         for (name, norm, eps), ok in robust.items():
             label = budget_label(norm, eps)
-            acc = float(ok.mean()) if n else float("nan")
             flipped = n_correct - int(ok.sum())
-            success = flipped / n_correct if n_correct else float("nan")
-            metrics[f"robust_accuracy.{name}.{label}"] = acc
-            metrics[f"attack_success_rate.{name}.{label}"] = success
-            table_rows.append([name, _norm_name(norm), label, acc, success, flipped])
+            metrics[f"robust_accuracy.{name}.{label}"] = float(ok.mean()) if n else float("nan")
+            metrics[f"attack_success_rate.{name}.{label}"] = flipped / n_correct if n_correct else float("nan")
+            counts[f"robust_accuracy.{name}.{label}"] = (int(ok.sum()), n)
+            counts[f"attack_success_rate.{name}.{label}"] = (flipped, n_correct)
+            table_rows.append([name, _norm_name(norm), label] + _with_interval(int(ok.sum()), n)
+                              + _with_interval(flipped, n_correct) + [flipped])
         worst: dict[tuple[str, float], np.ndarray] = {}
         for norm, eps_list in (("linf", eps_linf), ("l2", eps_l2)):
             for eps in eps_list:
                 oks = [ok for (a, nm, e), ok in robust.items() if nm == norm and e == eps]
                 if oks:
-                    worst[(norm, eps)] = np.logical_and.reduce(oks)
-                    w = worst[(norm, eps)]
-                    metrics[f"worst_case_robust_accuracy.{norm}.{budget_label(norm, eps)}"] = float(w.mean()) if n else float("nan")
-                    table_rows.append(["worst case (all attacks)", _norm_name(norm), budget_label(norm, eps),
-                                       float(w.mean()) if n else None,
-                                       (n_correct - int(w.sum())) / n_correct if n_correct else None, n_correct - int(w.sum())])
+                    worst[(norm, eps)] = w = np.logical_and.reduce(oks)
+                    key = f"worst_case_robust_accuracy.{norm}.{budget_label(norm, eps)}"
+                    metrics[key] = float(w.mean()) if n else float("nan")
+                    counts[key] = (int(w.sum()), n)
+                    flipped = n_correct - int(w.sum())
+                    table_rows.append(["worst case (all attacks)", _norm_name(norm), budget_label(norm, eps)]
+                                      + _with_interval(int(w.sum()), n) + _with_interval(flipped, n_correct) + [flipped])
+        not_evaluated = self._headline(worst, n_correct, metrics, counts)
 
         flags, warnings = self._flags(robust, worst, attacks, eps_linf, eps_l2, sanity, sanity_acc, zero_grad, n)
         metrics["sanity_robust_accuracy"] = sanity_acc
         metrics["zero_gradient_share"] = zero_grad
+        if sanity > 0 and n:
+            counts["sanity_robust_accuracy"] = (int(survives.sum()), n)
+        if n_correct:
+            counts["zero_gradient_share"] = (int(zero[correct].sum()), n_correct)
         for key, raised in flags.items():
             metrics[f"flag.{key}"] = float(raised)
         metrics["gradient_masking_suspected"] = float(any(flags.values()))
@@ -359,21 +398,30 @@ class AdversarialCheck(Check):
 
         tables = [Table(
             "Robust accuracy per attack and budget",
-            ["attack", "norm", "budget (eps)", "robust accuracy", "attack success rate", "images flipped"],
+            ["attack", "norm", "budget (eps)", "robust accuracy", "95% CI", "attack success rate", "95% CI",
+             "images flipped"],
             table_rows,
             note=(f"{n} images, {n_correct} classified correctly before the attack; only those were attacked. "
-                  f"Success rate is the share of them whose class the attack flipped. "
+                  f"Success rate is the share of them whose class the attack flipped. Intervals are exact "
+                  f"(Clopper-Pearson) 95% intervals for a proportion. "
                   + ("The perturbation was confined to one grey channel replicated to three. " if grey else "")
                   + " ".join(notes)).strip(),
         ), Table("Attacks", ["attack", "norm", "kind", "what it does"],
                  [[a, _norm_name(ATTACKS[a][0]), "white-box" if ATTACKS[a][1] else "black-box", ATTACKS[a][2]] for a in attacks])]
         warnings = notes + warnings
-        summary = self._summary(metrics, clean_acc, eps_linf, eps_l2, n, flags)
+        findings = []
+        raised = [k.replace("_", " ") for k, v in flags.items() if v]
+        if raised:
+            findings.append(Finding("warn", "gradient masking suspected (" + ", ".join(raised) + "): the attacks may "
+                                    "have failed rather than the model resisted, so robust accuracies may be too high",
+                                    "gradient_masking_suspected", float(len(raised))))
+        summary = self._summary(counts, worst, raised)
         details = {
             "rows": [int(r) for r in rows],
             "attacks": attacks,
             "eps_linf": eps_linf,
             "eps_l2": eps_l2,
+            "smallest_eps": _budget_name(smallest_budget(worst)),
             "grey_perturbation": grey,
             "steps": params["steps"],
             "restarts": params["restarts"],
@@ -381,8 +429,31 @@ class AdversarialCheck(Check):
             "sanity_eps": sanity,
             "notes": notes,
         }
-        return CheckResult(metrics=metrics, summary=summary, tables=tables, figures=figures,
-                           warnings=warnings, details=details, per_image=per_image)
+        counts = {k: kn for k, kn in counts.items() if kn[1] > 0}
+        intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items()}
+        return CheckResult(metrics=metrics, intervals=intervals, counts=counts, sample_size=n,
+                           interval_methods={k: "exact (Clopper-Pearson)" for k in intervals},
+                           not_evaluated=not_evaluated, findings=findings, summary=summary, tables=tables,
+                           figures=figures, warnings=warnings, details=details, per_image=per_image)
+
+    @staticmethod
+    def _headline(worst, n_correct, metrics, counts) -> dict[str, str]:
+        """The gated pair at the smallest nonzero budget; returns the reasons for what cannot be computed."""
+        found = smallest_budget(worst)
+        if found is None:
+            reason = "no nonzero attack budget was given"
+            return {"robust_accuracy_at_smallest_eps": reason, "retained_accuracy_at_smallest_eps": reason}
+        w = worst[found]
+        n, kept = len(w), int(w.sum())
+        metrics["robust_accuracy_at_smallest_eps"] = kept / n if n else float("nan")
+        counts["robust_accuracy_at_smallest_eps"] = (kept, n)
+        if not n_correct:
+            return {"retained_accuracy_at_smallest_eps": "no image was classified correctly before the attack, "
+                                                         "so none could be attacked"}
+        # an image wrong before the attack is never counted as robust, so kept <= n_correct
+        metrics["retained_accuracy_at_smallest_eps"] = kept / n_correct
+        counts["retained_accuracy_at_smallest_eps"] = (kept, n_correct)
+        return {}
 
     @staticmethod
     def _flags(robust, worst, attacks, eps_linf, eps_l2, sanity, sanity_acc, zero_grad, n) -> tuple[dict[str, bool], list[str]]:
@@ -487,22 +558,54 @@ class AdversarialCheck(Check):
             "and after the attack.")
 
     @staticmethod
-    def _summary(metrics, clean_acc, eps_linf, eps_l2, n, flags) -> str:
-        parts = [f"Clean accuracy {clean_acc:.1%} on {n} images"]
-        if eps_linf:
-            label = budget_label("linf", max(eps_linf))
-            w = metrics.get(f"worst_case_robust_accuracy.linf.{label}")
-            if w is not None:
-                parts.append(f"worst-case robust accuracy {w:.1%} under pixel changes of at most {label}")
-        elif eps_l2:
-            label = budget_label("l2", max(eps_l2))
-            w = metrics.get(f"worst_case_robust_accuracy.l2.{label}")
-            if w is not None:
-                parts.append(f"worst-case robust accuracy {w:.1%} at L2 {label}")
-        raised = [k.replace("_", " ") for k, v in flags.items() if v]
-        tail = ("; gradient masking suspected (" + ", ".join(raised) + "): robust numbers may be too optimistic."
-                if raised else "; no sign of gradient masking.")
+    def _summary(counts, worst, raised) -> str:
+        """Plain numbers with their counts; the verdict itself comes from the thresholds and findings."""
+        k, n = counts["clean_accuracy"]
+        parts = [f"Clean accuracy {_share(k, n)} on the attacked subsample"]
+        budgets = [smallest_budget(worst), _largest_budget(worst)]
+        for budget in dict.fromkeys(b for b in budgets if b):
+            key = f"worst_case_robust_accuracy.{budget[0]}.{budget_label(*budget)}"
+            parts.append(f"worst-case robust accuracy {_share(*counts[key])} at {_budget_name(budget)}")
+        tail = ("; gradient masking suspected (" + ", ".join(raised) + ")." if raised
+                else "; no warning sign of gradient masking was raised.")
         return ", ".join(parts) + tail
+
+
+def smallest_budget(worst) -> tuple[str, float] | None:
+    """The smallest nonzero L-inf budget attacked, else the smallest nonzero L2 one."""
+    for norm in ("linf", "l2"):
+        budgets = sorted(e for nm, e in worst if nm == norm and e > 0)
+        if budgets:
+            return norm, budgets[0]
+    return None
+
+
+def _largest_budget(worst) -> tuple[str, float] | None:
+    for norm in ("linf", "l2"):
+        budgets = sorted(e for nm, e in worst if nm == norm and e > 0)
+        if budgets:
+            return norm, budgets[-1]
+    return None
+
+
+def _budget_name(budget: tuple[str, float] | None) -> str | None:
+    return None if budget is None else f"{_norm_name(budget[0])} {budget_label(*budget)}"
+
+
+def _share(k: int, n: int) -> str:
+    """ "50.0% (8 of 16, 95% CI 24.7% to 75.3%)": a proportion with its count and exact interval."""
+    if not n:
+        return "undefined (0 images)"
+    lo, hi = clopper_pearson_interval(k, n)
+    return f"{k / n:.1%} ({k} of {n}, 95% CI {lo:.1%} to {hi:.1%})"
+
+
+def _with_interval(k: int, n: int) -> list[Any]:
+    """Table cells: the proportion and its exact 95% interval."""
+    if not n:
+        return [None, None]
+    lo, hi = clopper_pearson_interval(k, n)
+    return [k / n, f"{lo:.3f} to {hi:.3f}"]
 
 
 def _norm_name(norm: str) -> str:

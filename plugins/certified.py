@@ -23,7 +23,7 @@ from torch import nn
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
 from mcaudit.batching import in_batches
-from mcaudit.metrics import accuracy
+from mcaudit.metrics import accuracy, clopper_pearson_interval
 
 
 def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
@@ -78,10 +78,34 @@ def certify(
     }
 
 
+def certified_count(prediction: np.ndarray, radius: np.ndarray, labels: np.ndarray, r: float) -> int:
+    """Images certified with the correct class at L2 radius ``r`` or more."""
+    return int(((prediction == labels) & (np.nan_to_num(radius, nan=-1.0) >= r)).sum())
+
+
 def certified_accuracy(prediction: np.ndarray, radius: np.ndarray, labels: np.ndarray, r: float) -> float:
     """Share of images certified with the correct class at L2 radius ``r`` or more."""
-    ok = (prediction == labels) & (np.nan_to_num(radius, nan=-1.0) >= r)
-    return float(ok.mean()) if len(labels) else float("nan")
+    return certified_count(prediction, radius, labels, r) / len(labels) if len(labels) else float("nan")
+
+
+def best_of_interval(counts: list[tuple[int, int]], level: float = 0.95) -> tuple[float, float]:
+    """A 95% interval for the largest of several proportions measured on the same images.
+
+    Each proportion gets a Bonferroni-adjusted exact interval, so with probability at least
+    ``level`` all of them cover their true values at once, and then the largest true value
+    lies between the largest lower and the largest upper bound. Picking the best noise level
+    and quoting its plain interval would overstate it.
+    """
+    each = 1 - (1 - level) / len(counts)
+    bounds = [clopper_pearson_interval(k, n, each) for k, n in counts]
+    return max(lo for lo, _ in bounds), max(hi for _, hi in bounds)
+
+
+def _share(k: int, n: int, interval) -> str:
+    if not n:
+        return "undefined (0 images)"
+    ci = f", 95% CI {interval[0]:.1%} to {interval[1]:.1%}" if interval else ""
+    return f"{k / n:.1%} ({k} of {n}{ci})"
 
 
 def _key(value: float) -> str:
@@ -92,29 +116,49 @@ class CertifiedCheck(Check):
     name = "certified"
     description = (
         "Certified L2 robustness by randomized smoothing (Cohen et al. 2019): certified accuracy at a list of "
-        "L2 radii and the abstention rate for each noise level sigma, on a stratified subsample. Defaults are "
-        "sized for a quick audit; Cohen et al. use n0=100, n=100000, alpha=0.001 on 500 images."
+        "L2 radii and the abstention rate for each noise level sigma, on a stratified subsample, with exact "
+        "(Clopper-Pearson) 95% intervals. The standard profile certifies 400 images with n=1000 noise samples; "
+        "Cohen et al. use n0=100, n=100000, alpha=0.001 on 500 images."
     )
     params = {
         "sigmas": Param([0.12, 0.25, 0.5], "standard deviations of the Gaussian noise, in pixel units of [0, 1]"),
-        "n0": Param(8, "noisy samples that select the top class"),
-        "n": Param(32, "noisy samples that bound its probability (the largest radius grows with n)"),
+        "n0": Param(64, "noisy samples that select the top class"),
+        "n": Param(1000, "noisy samples that bound its probability (the largest radius grows with n)"),
         "alpha": Param(0.001, "failure probability of each certificate"),
         "radii": Param([0.0, 0.05, 0.1, 0.25, 0.5], "L2 radii at which certified accuracy is reported"),
-        "n_images": Param(16, "images certified: a stratified, seeded subsample (0: all)"),
+        "gate_radius": Param(0.25, "L2 radius of the gated certified accuracy (certified_accuracy_at_radius)"),
+        "n_images": Param(400, "images certified: a stratified, seeded subsample (0: all)"),
         "noise_batch": Param(256, "noisy images per forward batch"),
+    }
+    # standard: 400 images give a proportion near 0.5 a Clopper-Pearson half-width of about
+    # 0.05, and n = 1000 samples certify radii up to 2.5 sigma; quick (n = 32) certifies at most
+    # 0.86 sigma, so its gated radius is often out of reach and then reads not evaluated.
+    profiles = {
+        "quick": {"n_images": 16, "n0": 8, "n": 32},
+        "standard": {"n_images": 400, "n0": 64, "n": 1000},
+        "thorough": {"n_images": 1000, "n0": 100, "n": 10000},
     }
     metrics = {
         "clean_accuracy": "accuracy of the plain classifier on the subsample",
+        "chance_level": "accuracy of always answering the subsample's most common class (a constant classifier "
+                        "is certified at every radius)",
         "certified_accuracy.sigma=<s>.r=<r>": "share of images certified with the correct class at L2 radius r or more",
-        "certified_accuracy.best.r=<r>": "the best certified accuracy at radius r over the noise levels",
+        "certified_accuracy.best.r=<r>": "the best certified accuracy at radius r over the noise levels (its interval "
+                                         "covers all noise levels at once)",
+        "certified_accuracy_at_radius": "certified_accuracy.best at gate_radius: the gated number",
         "abstention_rate.sigma=<s>": "share of images where the smoothed classifier abstains (pA lower bound < 1/2)",
         "smoothed_accuracy.sigma=<s>": "accuracy of the smoothed classifier's majority vote over the n samples",
         "noisy_accuracy.sigma=<s>": "accuracy of the plain classifier on single noisy copies",
         "average_certified_radius.sigma=<s>": "mean certified radius, counting wrong or abstained images as 0",
         "n_images": "images certified",
     }
-    default_thresholds: dict[str, str] = {}
+    default_thresholds = {"certified_accuracy_at_radius": "> chance_level"}
+    threshold_reasons = {
+        "certified_accuracy_at_radius":
+            "a constant classifier is certified at every radius and scores the most common class's share, so a "
+            "certified accuracy that cannot be shown above it certifies nothing useful; 0.25 is the smallest L2 "
+            "radius reported by Cohen et al. (2019) and Salman et al. (2019) on [0, 1] pixels",
+    }
     uses_model = True
 
     def run(self, ctx, params):
@@ -127,6 +171,9 @@ class CertifiedCheck(Check):
                 raise InputError(f"certified.{key}: must be at least 1, got {params[key]}")
         if not 0 < params["alpha"] < 0.5:
             raise InputError(f"certified.alpha: must be between 0 and 0.5, got {params['alpha']}")
+        if not (np.isfinite(params["gate_radius"]) and params["gate_radius"] >= 0):
+            raise InputError(f"certified.gate_radius: must be a number >= 0, got {params['gate_radius']}")
+        radii = sorted(set(radii) | {float(params["gate_radius"])})
         if params["n_images"] < 0:
             raise InputError(f"certified.n_images: must be 0 (all) or positive, got {params['n_images']}")
 
@@ -173,24 +220,31 @@ class CertifiedCheck(Check):
 
     def _result(self, ctx, rows, labels, clean_pred, outcome, sigmas, radii, params) -> CheckResult:
         n = len(rows)
-        metrics: dict[str, float] = {"clean_accuracy": accuracy(labels, clean_pred), "n_images": float(n)}
+        n_clean = int((clean_pred == labels).sum())
+        metrics: dict[str, float] = {"clean_accuracy": accuracy(labels, clean_pred), "n_images": float(n),
+                                     "chance_level": float(np.bincount(labels).max() / n) if n else float("nan")}
+        counts: dict[str, tuple[int, int]] = {"clean_accuracy": (n_clean, n)}
         table_rows, per_image = [], {}
         for s in sigmas:
             o = outcome[s]
-            pred, radius, counts = o["prediction"], o["radius"], o["counts"]
-            abstain = float((pred < 0).mean()) if n else float("nan")
-            smoothed = accuracy(labels, counts.argmax(axis=1))
-            noisy = float(counts[np.arange(n), labels].sum() / max(1, counts.sum()))
+            pred, radius, votes = o["prediction"], o["radius"], o["counts"]
+            abstained = int((pred < 0).sum())
+            smoothed = int((votes.argmax(axis=1) == labels).sum())
             acr = float(np.where(pred == labels, np.nan_to_num(radius, nan=0.0), 0.0).mean()) if n else float("nan")
-            metrics[f"abstention_rate.sigma={_key(s)}"] = abstain
-            metrics[f"smoothed_accuracy.sigma={_key(s)}"] = smoothed
-            metrics[f"noisy_accuracy.sigma={_key(s)}"] = noisy
+            metrics[f"abstention_rate.sigma={_key(s)}"] = abstained / n if n else float("nan")
+            metrics[f"smoothed_accuracy.sigma={_key(s)}"] = accuracy(labels, votes.argmax(axis=1))
+            # noisy copies of one image are not independent, so this one has no binomial count
+            metrics[f"noisy_accuracy.sigma={_key(s)}"] = float(votes[np.arange(n), labels].sum() / max(1, votes.sum()))
             metrics[f"average_certified_radius.sigma={_key(s)}"] = acr
-            row = [_key(s), noisy, smoothed, abstain, acr]
+            counts[f"abstention_rate.sigma={_key(s)}"] = (abstained, n)
+            counts[f"smoothed_accuracy.sigma={_key(s)}"] = (smoothed, n)
+            row = [_key(s), metrics[f"noisy_accuracy.sigma={_key(s)}"], smoothed / n if n else None,
+                   abstained / n if n else None, acr]
             for r in radii:
-                ca = certified_accuracy(pred, radius, labels, r)
-                metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = ca
-                row.append(ca)
+                k = certified_count(pred, radius, labels, r)
+                metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = k / n if n else float("nan")
+                counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = (k, n)
+                row.append(k / n if n else None)
             table_rows.append(row)
             col_r, col_ok = [None] * len(ctx.forward), [None] * len(ctx.forward)
             for i, rr in enumerate(rows):
@@ -198,12 +252,30 @@ class CertifiedCheck(Check):
                 col_ok[int(rr)] = int(pred[i] == labels[i])
             per_image[f"certified_radius.sigma={_key(s)}"] = col_r
             per_image[f"certified_correct.sigma={_key(s)}"] = col_ok
+        intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items() if kn[1] > 0}
+        best_sigma: dict[float, float] = {}
         for r in radii:
-            metrics[f"certified_accuracy.best.r={_key(r)}"] = max(
-                metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] for s in sigmas)
+            best_sigma[r] = max(sigmas, key=lambda s: metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"])
+            key = f"certified_accuracy.best.r={_key(r)}"
+            metrics[key] = metrics[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
+            counts[key] = counts[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
+            if n:
+                intervals[key] = best_of_interval([counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] for s in sigmas])
 
         max_radius = {s: s * norm.ppf(float(clopper_pearson_lower(np.array([params["n"]]), params["n"], params["alpha"])[0]))
                       for s in sigmas}
+        gate_r = float(params["gate_radius"])
+        not_evaluated = {}
+        if gate_r > max(max_radius.values()):
+            not_evaluated["certified_accuracy_at_radius"] = (
+                f"with n={params['n']} noise samples no certificate can reach radius {_key(gate_r)} (the largest "
+                f"certifiable radius is {max(max_radius.values()):.3g}); raise certified.n or the largest sigma")
+        else:
+            src = f"certified_accuracy.best.r={_key(gate_r)}"
+            metrics["certified_accuracy_at_radius"] = metrics[src]
+            counts["certified_accuracy_at_radius"] = counts[src]
+            if src in intervals:
+                intervals["certified_accuracy_at_radius"] = intervals[src]
         table = Table(
             "Certified accuracy by noise level and L2 radius",
             ["noise sigma", "accuracy on noisy copies", "smoothed accuracy", "abstention rate", "average certified radius"]
@@ -212,7 +284,9 @@ class CertifiedCheck(Check):
             note=(f"{n} images; n0={params['n0']} selection and n={params['n']} estimation samples per image, "
                   f"each certificate holds with probability {1 - params['alpha']:.3g}. With n={params['n']} the largest "
                   "certifiable radius is " + ", ".join(f"{m:.3g} at sigma {_key(s)}" for s, m in max_radius.items())
-                  + "; raise n for larger radii. Radii are L2 norms on the three-channel [0, 1] input."),
+                  + "; raise n for larger radii. Radii are L2 norms on the three-channel [0, 1] input. Intervals in "
+                  "results.json are exact (Clopper-Pearson) 95% intervals over the images; the best over the noise "
+                  f"levels uses a level of {1 - 0.05 / len(sigmas):.4g} per noise level so that it covers all at once."),
         )
         figures = [self._curve(outcome, labels, sigmas, radii, max_radius)]
         warnings = []
@@ -221,18 +295,13 @@ class CertifiedCheck(Check):
             warnings.append(
                 f"Noise destroys most predictions: certified accuracy at r={_key(radii[0])} is {best_r0:.1%} against "
                 f"{metrics['clean_accuracy']:.1%} clean; the model is not robust to Gaussian noise at these sigmas.")
-        mid = radii[len(radii) // 2]
-        best_sigma = max(sigmas, key=lambda s: metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(mid)}"])
-        summary = (
-            f"Certified accuracy (randomized smoothing, {n} images): "
-            f"{metrics[f'certified_accuracy.best.r={_key(mid)}']:.1%} provably unchanged by any L2 perturbation "
-            f"up to {_key(mid)} (best sigma {_key(best_sigma)}), against {metrics['clean_accuracy']:.1%} clean accuracy; "
-            f"abstains on {metrics[f'abstention_rate.sigma={_key(best_sigma)}']:.1%}."
-        )
+        summary = self._summary(metrics, counts, intervals, gate_r, best_sigma[gate_r], not_evaluated, n)
         details = {
             "rows": [int(r) for r in rows],
             "sigmas": sigmas,
             "radii": radii,
+            "gate_radius": gate_r,
+            "gate_sigma": best_sigma[gate_r],
             "n0": params["n0"],
             "n": params["n"],
             "alpha": params["alpha"],
@@ -243,8 +312,28 @@ class CertifiedCheck(Check):
                 for s in sigmas
             },
         }
-        return CheckResult(metrics=metrics, summary=summary, tables=[table], figures=figures,
+        methods = {k: ("Bonferroni-adjusted exact (Clopper-Pearson), best of the noise levels"
+                       if k.startswith("certified_accuracy.best") or k == "certified_accuracy_at_radius"
+                       else "exact (Clopper-Pearson)") for k in intervals}
+        return CheckResult(metrics=metrics, intervals=intervals, counts=counts, sample_size=n,
+                           interval_methods=methods, not_evaluated=not_evaluated, summary=summary, tables=[table], figures=figures,
                            warnings=warnings, details=details, per_image=per_image)
+
+    @staticmethod
+    def _summary(metrics, counts, intervals, gate_r, sigma, not_evaluated, n) -> str:
+        k_clean = counts["clean_accuracy"][0]
+        head = f"Randomized smoothing on {n} images (clean accuracy {_share(k_clean, n, intervals.get('clean_accuracy'))})"
+        if "certified_accuracy_at_radius" in not_evaluated:
+            r0 = f"certified_accuracy.best.r={_key(0.0)}"
+            tail = (f"; radius {_key(gate_r)} is beyond what this many noise samples can certify"
+                    + (f", and {_share(counts[r0][0], n, intervals.get(r0))} are certified correct at radius 0"
+                       if r0 in counts else "") + ".")
+            return head + tail
+        k = counts["certified_accuracy_at_radius"][0]
+        abstain = metrics[f"abstention_rate.sigma={_key(sigma)}"]
+        return (head + f": certified accuracy at L2 radius {_key(gate_r)} is "
+                f"{_share(k, n, intervals.get('certified_accuracy_at_radius'))} with the best noise level "
+                f"(sigma {_key(sigma)}), which abstains on {abstain:.1%} of the images.")
 
     @staticmethod
     def _curve(outcome, labels, sigmas, radii, max_radius):

@@ -27,12 +27,14 @@ from mcaudit.plugins.anomaly import (
 from mcaudit.context import AuditContext
 from mcaudit.registry import DataRequest
 from mcaudit.testing import load_adapter, make_context, phantom_dataset
+from status_helpers import host_status
 
 PLUGIN = "mcaudit.plugins.anomaly"
 
 
 def params(**given):
-    return AnomalyCheck.resolve_params({"n_bootstrap": 0} | given)
+    # the quick profile, as the demo runs it, without the per-score bootstrap unless asked for
+    return AnomalyCheck.resolve_params(AnomalyCheck.profile_params("quick") | {"n_bootstrap": 0} | given)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,14 @@ def test_trivially_separable_ood_gives_auroc_near_one(tmp_path):
     assert not any(k.startswith("zero_shot") for k in r.metrics) and not r.warnings
     assert r.metrics["ood.n_images"] == 40
     assert "near_ood.best_auroc" not in r.metrics  # a given OOD set replaces the generated ones
+    assert r.not_evaluated["near_ood.best_auroc"] == "a given --ood set replaces the generated near- and far-OOD sets"
+    # perfect separation of 30 held-out audited against 20 OOD images: the interval does not
+    # collapse to a point but is the exact one of 20 independent pairs
+    assert r.metrics["ood.best_auroc"] == 1.0 and r.n["ood.best_auroc"] == 30 + 20
+    from scipy.stats import binomtest
+
+    assert r.intervals["ood.best_auroc"] == pytest.approx(
+        tuple(binomtest(20, 20).proportion_ci(method="exact")), abs=1e-9)
     for score in ("mahalanobis", "knn"):
         assert r.metrics[f"ood.{score}.auroc"] == 1.0
         assert r.metrics[f"ood.{score}.fpr95"] == 0.0
@@ -274,7 +284,7 @@ def test_cli_ood_csv_manifest(tmp_path, mcaudit_run, monkeypatch, mcaudit_encode
     assert out.exit_code == 0, out.output
     assert sum(mcaudit_encoder_calls) == 120 + 24  # one shared pass plus the OOD images, once
     check = out.results["checks"]["anomaly"]
-    assert check["status"] == "ok"
+    assert check["execution"] == "completed"
     assert check["metrics"]["ood.n_images"] == 24
     assert check["metrics"]["ood.best_auroc"] >= 0.95
     assert "ood.knn.auroc" in check["intervals"]
@@ -287,11 +297,20 @@ def test_cli_ood_medmnist_npz_and_default_gate(tmp_path, mcaudit_run):
     spec = write_noise_npz(tmp_path / "othermnist.npz", 30)
     out = mcaudit_run("-p", PLUGIN, "--checks", "anomaly", "--data", "phantom:n=80", "--model", "demo",
                       "--ood", str(spec), "--set", "anomaly.n_bootstrap=0", "--gate")
-    assert out.exit_code == 0, out.output
     gate = out.results["gate"]
-    # near/far-OOD thresholds are skipped: a given OOD set replaces the generated ones.
-    assert sorted(g["name"] for g in gate["results"]) == ["anomaly.ood.best_auroc", "anomaly.zero_shot.auroc"]
-    assert gate["passed"]
+    outcomes = {g["name"]: g for g in gate["results"]}
+    assert sorted(outcomes) == ["anomaly.far_ood.best_auroc", "anomaly.near_ood.best_auroc",
+                                "anomaly.ood.best_auroc", "anomaly.zero_shot.auroc"]
+    # near/far-OOD thresholds are not evaluated, with the reason: a given OOD set replaces them
+    for name in ("anomaly.far_ood.best_auroc", "anomaly.near_ood.best_auroc"):
+        assert outcomes[name]["status"] == "not_evaluated"
+        assert "replaces the generated" in outcomes[name]["sentence"]
+    ood = outcomes["anomaly.ood.best_auroc"]
+    assert ood["interval"] is not None and ood["n"] == 40 // 2 + 30 - 30 // 2  # the measured halves
+    # AUROC 0.94 on 35 held-out images: the interval reaches below 0.90, so the data cannot
+    # show the bound is met, and a gated run does not pass on it
+    assert ood["status"] == "inconclusive" and ood["interval"][0] < 0.9 <= ood["value"], ood["sentence"]
+    assert gate["passed"] is False and out.exit_code == 1
 
 
 def test_cli_bad_parameter_is_an_input_error(tmp_path, mcaudit_run):
@@ -332,10 +351,11 @@ def test_best_score_is_chosen_on_one_half_and_measured_on_the_other():
     ood_scores = {name: rng.normal(0, 1, n_ood) for name in SCORES}
     id_scores["msp"][id_a] += 10.0
     id_scores["knn"] += 1.2
-    name, measured, halves = _choose_then_measure(context, "ood", id_scores, ood_scores)
+    name, measured, halves, (id_measured, ood_measured) = _choose_then_measure(context, "ood", id_scores, ood_scores)
     assert name == "msp"
     assert halves == {"choose_id": 100, "choose_ood": 80, "measure_id": 100, "measure_ood": 80}
     id_b, ood_b = id_perm[n_id // 2 :], ood_perm[n_ood // 2 :]
+    assert np.array_equal(id_measured, id_b) and np.array_equal(ood_measured, ood_b)
     truth = np.r_[np.ones(100), np.zeros(80)]
     expected = roc_auc_score(truth, np.r_[id_scores["msp"][id_b], ood_scores["msp"][ood_b]])
     assert measured["auroc"] == pytest.approx(expected, abs=1e-12)
@@ -349,3 +369,76 @@ def test_identically_distributed_ood_is_not_flagged_by_the_best_score(ctx):
     assert r.details["ood.best_score_halves"] == {"choose_id": 75, "choose_ood": 100, "measure_id": 75, "measure_ood": 100}
     # about 0.044 standard error on the measured half: 0.15 is over three of them
     assert abs(r.metrics["ood.best_auroc"] - 0.5) <= 0.15
+
+
+# -- honest numbers: not evaluated with a reason, intervals, findings -----------------------
+
+
+def test_without_ood_the_ood_thresholds_are_not_evaluated_with_the_reason(generated):
+    assert generated.not_evaluated["ood.best_auroc"] == "no --ood set was given"
+    assert "near_ood.best_auroc" not in generated.not_evaluated
+    status, outcomes = host_status(AnomalyCheck, generated)
+    ood = outcomes["anomaly.ood.best_auroc"]
+    assert ood["status"] == "not_evaluated" and "no --ood set was given" in ood["sentence"]
+    for name in ("anomaly.near_ood.best_auroc", "anomaly.far_ood.best_auroc", "anomaly.zero_shot.auroc"):
+        o = outcomes[name]
+        assert o["status"] != "not_evaluated" and o["interval"] is not None and o["n"], o
+        assert o["interval"][0] <= o["value"] <= o["interval"][1]
+    assert status != "pass" or all(o["status"] in ("pass", "not_evaluated") for o in outcomes.values())
+
+
+def test_delong_interval_agrees_with_the_pairwise_definition():
+    from scipy.stats import norm
+
+    from mcaudit.plugins.anomaly import delong_interval
+
+    rng = np.random.default_rng(4)
+    for m, k in [(12, 30), (80, 50)]:
+        x = np.round(rng.normal(0.8, 1, m), 1)  # rounding makes ties, which count one half
+        y = np.round(rng.normal(0, 1, k), 1)
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        auc = psi.mean()
+        var = psi.mean(axis=1).var(ddof=1) / m + psi.mean(axis=0).var(ddof=1) / k
+        half = norm.ppf(0.975) * np.sqrt(var)
+        positive = np.r_[np.ones(m, bool), np.zeros(k, bool)]
+        assert delong_interval(positive, np.r_[x, y]) == pytest.approx((auc - half, min(1.0, auc + half)), abs=1e-12)
+        assert auc == pytest.approx(roc_auc_score(positive, np.r_[x, y]), abs=1e-12)
+
+
+def test_delong_interval_covers_the_true_auroc():
+    """Two normal samples whose true AUROC is Phi(d / sqrt(2)): 1,000 simulated studies of
+    60 and 40 images, and at least 93% of the 95% intervals contain the truth."""
+    from scipy.stats import norm
+
+    from mcaudit.plugins.anomaly import delong_interval
+
+    rng = np.random.default_rng(5)
+    d = 1.0
+    truth = norm.cdf(d / np.sqrt(2))
+    positive = np.r_[np.ones(60, bool), np.zeros(40, bool)]
+    hits = [lo <= truth <= hi for lo, hi in (
+        delong_interval(positive, np.r_[rng.normal(d, 1, 60), rng.normal(0, 1, 40)]) for _ in range(1000))]
+    assert np.mean(hits) >= 0.93, np.mean(hits)
+
+
+def test_overconfidence_on_a_corruption_is_a_warn_finding(generated):
+    # the demo model is more confident on contrast-collapsed images than on its own data
+    messages = [f.message for f in generated.findings]
+    assert any("'contrast collapse'" in msg and "95% CI" in msg for msg in messages), messages
+    assert all(f.status == "warn" for f in generated.findings)
+    status, outcomes = host_status(AnomalyCheck, generated)
+    assert status != "pass"
+
+
+def test_zero_shot_not_run_reads_not_evaluated(ctx):
+    r = AnomalyCheck().run(ctx, params(n_generated=8, zero_shot=False))
+    assert "turned off" in r.not_evaluated["zero_shot.auroc"]
+    _, outcomes = host_status(AnomalyCheck, r)
+    assert outcomes["anomaly.zero_shot.auroc"]["status"] == "not_evaluated"
+
+
+def test_profiles_and_threshold_reasons():
+    standard = AnomalyCheck.resolve_params(AnomalyCheck.profile_params("standard"))
+    assert standard == AnomalyCheck.resolve_params({})
+    assert AnomalyCheck.profiles["quick"]["n_generated"] < standard["n_generated"] < AnomalyCheck.profiles["thorough"]["n_generated"]
+    assert set(AnomalyCheck.threshold_reasons) == set(AnomalyCheck.default_thresholds)

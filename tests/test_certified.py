@@ -12,10 +12,12 @@ from mcaudit import InputError, ModelAdapter
 from mcaudit.plugins.certified import CertifiedCheck, certified_accuracy, clopper_pearson_lower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
+from status_helpers import host_status
 
 
 def run_check(ctx, **given):
-    return CertifiedCheck().run(ctx, CertifiedCheck.resolve_params(given))
+    # the quick profile, as the demo runs it
+    return CertifiedCheck().run(ctx, CertifiedCheck.resolve_params(CertifiedCheck.profile_params("quick") | given))
 
 
 def test_clopper_pearson_matches_the_binomial_tail():
@@ -135,9 +137,74 @@ def test_same_seed_same_result_bad_parameters_and_report(tmp_path):
         with pytest.raises(InputError, match="certified"):
             run_check(ctx, **given)
     out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.certified", "--checks", "certified", "--model", "demo",
-                   "--data", "phantom:n=40", "--set", "certified.n_images=6", "--set", "certified.n=16"], tmp_path / "out")
+                   "--data", "phantom:n=40", "--profile", "quick", "--set", "certified.n_images=6",
+                   "--set", "certified.n=16"], tmp_path / "out")
     assert out.exit_code == 0, out.output
     check = out.results["checks"]["certified"]
-    assert check["status"] == "ok" and "Certified accuracy" in check["summary"]
+    # n = 16 noise samples cannot certify radius 0.25 at any of the sigmas: not evaluated, never pass
+    assert check["execution"] == "completed" and check["status"] == "not_evaluated"
+    assert "no certificate can reach radius 0.25" in check["status_reason"]
+    assert "Randomized smoothing on 6 images" in check["summary"]
     assert "Certified accuracy against the L2 radius" in out.html
     assert "certified.certified_radius.sigma=0.25" in (out.out_dir / "samples.csv").read_text().splitlines()[0]
+
+
+def test_counts_intervals_and_the_gated_radius(tmp_path):
+    from scipy.stats import binomtest
+
+    ctx = make_context(load_adapter("demo"), phantom_dataset(60, seed=2))
+    result = run_check(ctx, sigmas=[0.12, 0.25], n=100, n_images=24, radii=[0.0, 0.1])
+    m, counts = result.metrics, result.counts
+    assert result.details["radii"] == [0.0, 0.1, 0.25]  # the gated radius is always reported
+    for key, (k, n) in counts.items():
+        assert n == 24 and m[key] == pytest.approx(k / n, abs=1e-12), key
+        if ".best." in key or key == "certified_accuracy_at_radius":
+            continue
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert result.intervals[key] == pytest.approx((ci.low, ci.high), abs=1e-9), key
+    # the best over two noise levels: each level's exact interval at 97.5%, the largest of each end
+    per = [counts[f"certified_accuracy.sigma={s}.r=0.25"] for s in ("0.12", "0.25")]
+    bounds = [binomtest(k, n).proportion_ci(confidence_level=0.975, method="exact") for k, n in per]
+    expected = (max(b.low for b in bounds), max(b.high for b in bounds))
+    assert result.intervals["certified_accuracy_at_radius"] == pytest.approx(expected, abs=1e-9)
+    assert m["certified_accuracy_at_radius"] == max(k for k, _ in per) / 24
+    assert f"{max(k for k, _ in per)} of 24" in result.summary
+    status, outcomes = host_status(CertifiedCheck, result)
+    assert outcomes["certified.certified_accuracy_at_radius"]["status"] == status != "not_evaluated"
+
+
+def test_best_of_interval_covers_the_best_noise_level():
+    """Simulated: three noise levels certified on the same 50 images; the interval of the best
+    observed one must contain the best true certified accuracy at least 95% of the time."""
+    from mcaudit.plugins.certified import best_of_interval
+
+    rng = np.random.default_rng(0)
+    truth = np.array([0.55, 0.6, 0.62])
+    hits = []
+    for _ in range(500):
+        u = rng.random(50)  # one latent robustness per image: the levels are strongly correlated
+        k = [int((u < p).sum()) for p in truth]
+        lo, hi = best_of_interval([(v, 50) for v in k])
+        hits.append(lo <= truth.max() <= hi)
+    assert np.mean(hits) >= 0.95
+
+
+def test_a_model_at_chance_does_not_pass():
+    import dataclasses
+
+    ctx = make_context(load_adapter("demo"), phantom_dataset(60, seed=2))
+    shuffled = np.random.default_rng(1).permutation(ctx.forward.labels)
+    ctx = dataclasses.replace(ctx, forward=dataclasses.replace(ctx.forward, labels=shuffled))
+    result = run_check(ctx, sigmas=[0.25, 0.5], n=100, n_images=40)
+    status, outcomes = host_status(CertifiedCheck, result)
+    assert outcomes["certified.certified_accuracy_at_radius"]["status"] in ("fail", "inconclusive")
+    assert status in ("fail", "inconclusive")
+
+
+def test_profiles_and_threshold_reasons():
+    quick, standard = (CertifiedCheck.resolve_params(CertifiedCheck.profile_params(p)) for p in ("quick", "standard"))
+    assert standard == CertifiedCheck.resolve_params({})
+    assert quick["n_images"] < standard["n_images"] < CertifiedCheck.profiles["thorough"]["n_images"]
+    assert set(CertifiedCheck.threshold_reasons) == set(CertifiedCheck.default_thresholds)
+    with pytest.raises(InputError, match="certified.gate_radius"):
+        CertifiedCheck.resolve_params({"gate_radius": -1.0}) and run_check(half_space_context(8)[0], gate_radius=-1.0)
