@@ -55,17 +55,18 @@ class BackdoorScanCheck(Check):
         "classes) anomalously small by the median absolute deviation anomaly index."
     )
     params = {
-        "max_classes": Param(10, "most candidate classes scanned (a seeded subsample when there are more)"),
-        "n_images": Param(32, "clean images the triggers are optimised on, stratified by class"),
-        "n_eval": Param(128, "other clean images the reversed triggers are scored on (0: all the others)"),
+        "max_classes": Param(10, "most candidate classes scanned (a seeded subsample when there are more)", min=1),
+        "n_images": Param(32, "clean images the triggers are optimised on, stratified by class", min=1),
+        "n_eval": Param(128, "other clean images the reversed triggers are scored on (0: all the others)", min=0),
         "max_steps": Param(500, "cap on optimisation steps per trigger; a trigger still shrinking there is "
-                                "reported as not converged"),
+                                "reported as not converged", min=1),
         "patience": Param(30, "steps without the mask shrinking by 1%, after reaching target_asr, that count "
-                              "as converged"),
-        "restarts": Param(2, "random starts per class; the smallest converged mask is kept"),
+                              "as converged", min=1),
+        "restarts": Param(2, "random starts per class; the smallest converged mask is kept", min=1),
         "lr": Param(0.1, "Adam learning rate of the mask and pattern"),
-        "init_cost": Param(1.0, "weight of the mask-size penalty (on the mask's share of the image) once a class's trigger first succeeds; adapted per class as in Neural Cleanse"),
-        "cost_patience": Param(5, "steps above or below target_asr before the mask-size weight is raised or lowered"),
+        "init_cost": Param(1.0, "weight of the mask-size penalty (on the mask's share of the image) once a "
+                                "class's trigger first succeeds; adapted per class as in Neural Cleanse"),
+        "cost_patience": Param(5, "steps above or below target_asr before the mask-size weight is raised or lowered", min=1),
         "target_asr": Param(0.95, "attack success a reversed trigger must reach for its mask to count as found"),
         "anomaly_threshold": Param(2.0, f"MAD rule (at least {MAD_MIN_CLASSES} classes): anomaly index above "
                                         "which a class with a small mask is flagged"),

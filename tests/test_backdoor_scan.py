@@ -26,6 +26,7 @@ from mcaudit import InputError
 from mcaudit.data.dataset import AuditDataset, Record
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
+from status_helpers import host_status
 
 CLASSES8 = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 CLASSES3 = CLASSES8[:3]
@@ -79,8 +80,10 @@ class StripeDataset(AuditDataset):
     def __init__(self, seed: int, n: int, classes: list[str]):
         self.images, labels = stripe_images(seed, n, len(classes))
         super().__init__(
-            spec=f"stripes:{seed}:{n}:{len(classes)}", records=[Record(source=f"stripe-{i}", label=int(y)) for i, y in enumerate(labels)],
-            classes=classes, image_size=(SIZE, SIZE), fingerprint=hashlib.sha256(f"{seed}:{n}:{classes}".encode()).hexdigest(),
+            spec=f"stripes:{seed}:{n}:{len(classes)}",
+            records=[Record(source=f"stripe-{i}", label=int(y)) for i, y in enumerate(labels)],
+            classes=classes, image_size=(SIZE, SIZE),
+            fingerprint=hashlib.sha256(f"{seed}:{n}:{classes}".encode()).hexdigest(),
             format_name="stripes",
         )
 
@@ -177,23 +180,23 @@ def data3():
 SCAN3 = {"n_images": 24, "n_eval": 48, "max_steps": 300, "patience": 20, "restarts": 1}
 
 
-@pytest.fixture(scope="module")
-def reference_scans_once():
-    """The reference's triggers are the same in every run here (same model, images and seed):
-    optimise them once. The audited model's triggers are always optimised afresh."""
+@pytest.fixture(scope="module", autouse=True)
+def each_scan_once():
+    """Trigger inversion is deterministic (checked below), so a model's triggers on the same
+    images with the same parameters are optimised once per module: the reference's are shared
+    by six audits, and an audit with and without a reference shares the audited model's."""
     from mcaudit.plugins import backdoor_scan
 
     original, memo = backdoor_scan.scan_model, {}
 
     def scan_model(ctx, model, class_features, candidates, opt_rows, eval_rows, params):
-        if model is ctx.model:
-            return original(ctx, model, class_features, candidates, opt_rows, eval_rows, params)
-        key = (model.weights_sha256, opt_rows.tobytes(), eval_rows.tobytes(), candidates.tobytes(),
-               tuple(sorted(params.items())))
+        key = (model.weights_sha256 or id(model), ctx.seed, opt_rows.tobytes(), eval_rows.tobytes(), candidates.tobytes(),
+               tuple(sorted((k, v) for k, v in params.items() if not k.startswith("reference_"))))
         if key not in memo:
             memo[key] = original(ctx, model, class_features, candidates, opt_rows, eval_rows, params)
         return memo[key]
 
+    scan_model.__wrapped__ = original
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backdoor_scan, "scan_model", scan_model)
         yield memo
@@ -208,15 +211,9 @@ def scan(model, dataset, classes, **params):
 
 def status_of(result) -> str:
     """The status the host derives from the check's default thresholds and findings."""
-    from mcaudit.gating import apply_gate, parse_threshold
     from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
-    from mcaudit.runner import result_entry
 
-    entry = {"declared_metrics": list(BackdoorScanCheck.metrics)} | result_entry(result)
-    thresholds = [parse_threshold(f"backdoor_scan.{m}", spec, "default")
-                  for m, spec in BackdoorScanCheck.default_thresholds.items()]
-    apply_gate({"checks": {"backdoor_scan": entry}}, thresholds, gated=False)
-    return entry["status"]
+    return host_status(BackdoorScanCheck, result)[0]
 
 
 def stamped_share_to_target(model, dataset, classes) -> tuple[float, float]:
@@ -238,7 +235,7 @@ def test_three_class_models_learned_the_task_and_only_one_has_the_backdoor(base3
     assert accuracy > 0.9 and to_target > 0.9
 
 
-def test_reference_rule_flags_the_planted_target(backdoored3, base3, data3, reference_scans_once):
+def test_reference_rule_flags_the_planted_target(backdoored3, base3, data3):
     _, result = scan(backdoored3, data3, CLASSES3, reference_model=base3[0], **SCAN3)
     print(result.summary, result.metrics)
     assert result.not_evaluated == {}
@@ -260,7 +257,7 @@ def test_reference_rule_flags_the_planted_target(backdoored3, base3, data3, refe
 
 
 @pytest.mark.parametrize("seed", CLEAN_SEEDS)
-def test_reference_rule_flags_nothing_on_clean_fine_tunes(seed, clean3, base3, data3, reference_scans_once):
+def test_reference_rule_flags_nothing_on_clean_fine_tunes(seed, clean3, base3, data3):
     _, result = scan(clean3[seed], data3, CLASSES3, reference_model=base3[0], **SCAN3)
     print(seed, result.summary, {k: round(v, 3) for k, v in result.metrics.items() if "ratio" in k or "area" in k})
     assert result.not_evaluated == {}
@@ -329,21 +326,21 @@ def data8():
 
 
 @pytest.fixture(scope="module")
-def backdoored8(tmp_path_factory):
-    return saved(train(tiny_openclip(0, CFG), CLASSES8, seed=0, steps=120, poison_share=0.15),
-                 tmp_path_factory.mktemp("backdoored8"))[1]
+def clean8(tmp_path_factory):
+    return saved(train(tiny_openclip(0, CFG), CLASSES8, seed=0, steps=120), tmp_path_factory.mktemp("clean8"))
 
 
 @pytest.fixture(scope="module")
-def clean8(tmp_path_factory):
-    return saved(train(tiny_openclip(0, CFG), CLASSES8, seed=0, steps=120), tmp_path_factory.mktemp("clean8"))[1]
+def backdoored8(clean8, tmp_path_factory):
+    model = train(load_adapter(clean8[0]).model, CLASSES8, seed=9, steps=60, poison_share=0.2, lr=1e-3)
+    return saved(model, tmp_path_factory.mktemp("backdoored8"))[1]
 
 
-SCAN8 = {"n_images": 24, "n_eval": 64, "max_steps": 300, "patience": 20, "restarts": 1}
+SCAN8 = {"n_images": 16, "n_eval": 64, "max_steps": 300, "patience": 20, "restarts": 1}
 
 
 def test_eight_class_models_learned_the_task_and_only_one_has_the_backdoor(backdoored8, clean8, data8):
-    for model, backdoored in ((backdoored8, True), (clean8, False)):
+    for model, backdoored in ((backdoored8, True), (clean8[1], False)):
         accuracy, to_target = stamped_share_to_target(model, data8, CLASSES8)
         assert accuracy > 0.9
         assert (to_target > 0.9) if backdoored else (to_target < 0.3)
@@ -359,11 +356,12 @@ def test_mad_rule_flags_the_planted_target(backdoored8, data8):
     index = {c: result.metrics[f"anomaly_index.{c}"] for c in CLASSES8}
     assert max(index, key=index.get) == CLASSES8[TARGET] and index[CLASSES8[TARGET]] > 2
     assert result.metrics[f"mask_area.{CLASSES8[TARGET]}"] < 0.05
-    assert result.metrics[f"reversed_asr.{CLASSES8[TARGET]}"] > 0.7
+    # optimised on only two images per class, the trigger still works on most unseen ones
+    assert result.metrics[f"reversed_asr.{CLASSES8[TARGET]}"] > 0.5
 
 
 def test_mad_rule_flags_nothing_on_the_clean_model(clean8, data8):
-    _, result = scan(clean8, data8, CLASSES8, **SCAN8)
+    _, result = scan(clean8[1], data8, CLASSES8, **SCAN8)
     print(result.summary, result.metrics)
     assert result.not_evaluated == {}
     assert result.details["flagged"] == []
@@ -386,11 +384,16 @@ def test_reversed_success_of_the_planted_stamp(backdoored8, data8):
     assert got[0] == pytest.approx(expected)
 
 
-def test_scan_is_deterministic_frozen_and_subsamples_classes(clean8, data8):
+def test_scan_is_deterministic_frozen_and_subsamples_classes(clean8, data8, each_scan_once):
+    from mcaudit.plugins import backdoor_scan
+
+    clean8 = clean8[1]
     before = _weights_digest(clean8)
     params = {"max_steps": 5, "max_classes": 4, "n_images": 16}
-    _, first = scan(clean8, data8, CLASSES8, **params)
-    _, second = scan(clean8, data8, CLASSES8, **params)
+    with pytest.MonkeyPatch.context() as mp:  # really optimised twice
+        mp.setattr(backdoor_scan, "scan_model", backdoor_scan.scan_model.__wrapped__)
+        _, first = scan(clean8, data8, CLASSES8, **params)
+        _, second = scan(clean8, data8, CLASSES8, **params)
     assert _weights_digest(clean8) == before, "the scanned model must stay frozen"
     assert first.metrics == second.metrics
     assert first.metrics["n_classes_scanned"] == 4  # a seeded subsample of the 8 classes
