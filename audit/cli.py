@@ -74,6 +74,8 @@ def cli():
 @click.option("--profile", type=click.Choice(["quick", "standard", "thorough"]),
               help="Sample sizes, steps and restarts of every check together (default standard; quick for the demo).")
 @click.option("--ood", help="Out-of-distribution data for the anomaly check (any data format).")
+@click.option("--reference-model", help="The public model the audited one was fine-tuned from (any --model spec), for checks that compare against it.")
+@click.option("--reference-checkpoint", type=click.Path(dir_okay=False), help="Weights for --reference-model.")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Format option, e.g. dicom_frame=middle.")
 @click.option("--set", "set_params", multiple=True, metavar="CHECK.PARAM=VALUE", help="Check parameter.")
 @click.option("--strict", is_flag=True, default=None,

@@ -53,6 +53,8 @@ class RunConfig:
     strict: bool = False
     allow_network: bool = False
     ood: str | None = None
+    reference_model: str | None = None
+    reference_checkpoint: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
     check_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)

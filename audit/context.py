@@ -36,6 +36,21 @@ class AuditContext:
     options: dict[str, Any] = field(default_factory=dict)
     open_dataset: Callable[[str], AuditDataset] | None = None
     world: World = SINGLE
+    model_loader: Callable[[str, str | None], ModelAdapter] | None = None
+
+    def load_model(self, spec: str, checkpoint: str | None = None) -> ModelAdapter:
+        """Another model (a reference checkpoint) through the same loader hooks, plugins and
+        network setting as ``--model``, on the run's device, in eval mode."""
+        if self.model_loader is None:
+            raise RuntimeError("this context was built without a model loader")
+        return self.model_loader(spec, checkpoint)
+
+    @property
+    def reference(self) -> tuple[str, str | None] | None:
+        """The ``--reference-model`` (and its ``--reference-checkpoint``), or None: the public
+        checkpoint the audited model was fine-tuned from, for checks that compare against it."""
+        spec = self.options.get("reference_model")
+        return (spec, self.options.get("reference_checkpoint")) if spec else None
 
     def shard_rows(self, rows: np.ndarray) -> np.ndarray:
         """This process's part of ``rows`` under torchrun (all of them otherwise).

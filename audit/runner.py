@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def select_checks(catalog: Catalog, cfg: RunConfig) -> dict[str, tuple[type[Chec
     return selected
 
 
-def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> ModelAdapter:
+def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device, flags=("--model", "--checkpoint")) -> ModelAdapter:
     request = ModelRequest(
         checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
         device=str(device),
@@ -106,10 +106,10 @@ def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device) -> 
         allow_network=cfg.allow_network,
     )
     if request.checkpoint is not None and not request.checkpoint.is_file():
-        raise InputError(f"--checkpoint {cfg.checkpoint}: no such file")
+        raise InputError(f"{flags[1]} {cfg.checkpoint}: no such file")
     adapter = manager.hook.mcaudit_load_model(spec=cfg.model, request=request)
     if adapter is None:
-        raise InputError(f"--model {cfg.model}: no loader claims this spec (see `mcaudit plugins` for the spec forms)")
+        raise InputError(f"{flags[0]} {cfg.model}: no loader claims this spec (see `mcaudit plugins` for the spec forms)")
     return adapter.to(device).eval()
 
 
@@ -263,6 +263,14 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size {cfg.batch_size}: must be at least 1")
     catalog = build_catalog(manager)
+    if cfg.reference_checkpoint and not cfg.reference_model:
+        raise InputError("--reference-checkpoint needs --reference-model")
+    if cfg.reference_checkpoint and not Path(cfg.reference_checkpoint).is_file():
+        raise InputError(f"--reference-checkpoint {cfg.reference_checkpoint}: no such file")
+    if cfg.reference_model and "backdoor_scan" in catalog.checks:
+        scan = cfg.check_params.setdefault("backdoor_scan", {})
+        scan.setdefault("reference_model", cfg.reference_model)
+        scan.setdefault("reference_checkpoint", cfg.reference_checkpoint or "")
     selected = select_checks(catalog, cfg)
     defaults = {f"{n}.{m}": v for n, (cls, _) in selected.items() for m, v in cls.default_thresholds.items()}
     # Thresholds decide every check's status on every run; --gate only makes them the exit code.
@@ -306,13 +314,20 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         strict=cfg.strict, show_progress=show and world.is_main, world=world,
     )
     check_finite(forward, dataset, class_features)
+
+    def load_other(spec: str, checkpoint: str | None = None) -> ModelAdapter:
+        return load_model(manager, replace(cfg, model=spec, checkpoint=checkpoint), device,
+                          ("--reference-model", "--reference-checkpoint"))
+
     ctx = AuditContext(
         model=model, dataset=dataset, prompts=prompts, class_features=class_features,
         forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,
         seed=cfg.seed, workers=cfg.workers, show_progress=show,
-        options={"ood": cfg.ood},
+        options={"ood": cfg.ood, "reference_model": cfg.reference_model,
+                 "reference_checkpoint": cfg.reference_checkpoint, "allow_network": cfg.allow_network,
+                 "load_model": load_other},
         open_dataset=lambda spec: opened_ood.get(spec) or open_dataset(spec, "ood", ()),
-        world=world,
+        world=world, model_loader=load_other,
     )
     entries, check_results = run_checks(ctx, selected, show)
     finished = dt.datetime.now(dt.timezone.utc)

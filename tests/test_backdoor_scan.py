@@ -504,3 +504,20 @@ def test_reference_of_another_image_size_is_an_input_error(backdoored3, data3, m
     ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": lambda s, c: mcaudit_demo_model})
     with pytest.raises(InputError, match="image size"):
         BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params({"reference_model": "demo", "max_steps": 1}))
+
+
+def test_reference_model_flag_reaches_the_scan_through_the_hosts_loader(tmp_path):
+    from mcaudit.testing import run_cli
+
+    out = run_cli(["run", "--quiet", "--model", "demo", "--data", "phantom:n=24", "--checks", "backdoor_scan",
+                   "--reference-model", "demo"], tmp_path / "o")
+    assert out.exit_code == 0, out.output
+    scan = out.results["checks"]["backdoor_scan"]
+    assert scan["params"]["reference_model"] == "demo"
+    assert out.results["config"]["reference_model"] == "demo"
+    bad = run_cli(["run", "--quiet", "--model", "demo", "--data", "phantom:n=24", "--checks", "backdoor_scan",
+                   "--reference-model", "no-such-arch-xyz"], tmp_path / "o2")
+    assert bad.exit_code == 2 and "reference" in bad.output, bad.output
+    missing = run_cli(["run", "--quiet", "--model", "demo", "--data", "phantom:n=24", "--checks", "backdoor_scan",
+                       "--reference-model", "demo", "--reference-checkpoint", tmp_path / "nope.safetensors"], tmp_path / "o3")
+    assert missing.exit_code == 2 and "--reference-checkpoint" in missing.output
