@@ -9,7 +9,7 @@ from mcaudit.checks import Check, CheckResult, Figure, Param, Table  # noqa: E40
 from mcaudit.errors import InputError  # noqa: E402
 from mcaudit.verdict import Finding  # noqa: E402
 from mcaudit.hookimpl import hookimpl  # noqa: E402
-from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, ReportSection  # noqa: E402
+from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -31,6 +31,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__", "hookimpl", "Check", "CheckResult", "Finding", "Param", "Table", "Figure", "InputError",
-    "LoaderInfo", "FormatInfo", "ModelRequest", "DataRequest", "ReportSection",
+    "LoaderInfo", "FormatInfo", "ModelRequest", "DataRequest", "ReportSection", "OutputFormat",
     "AuditContext", "ModelAdapter", "ZeroShotClassifier", "AuditDataset", "Record",
 ]

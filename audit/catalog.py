@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mcaudit.checks import Check
 from mcaudit.errors import PluginError
 from mcaudit.plugin_manager import PluginManager
-from mcaudit.registry import FormatInfo, LoaderInfo
+from mcaudit.registry import FormatInfo, LoaderInfo, OutputFormat
 
 
 @dataclass
@@ -16,6 +16,7 @@ class Catalog:
     check_plugins: dict[str, str]
     loaders: list[tuple[str, LoaderInfo]]
     formats: list[tuple[str, FormatInfo]]
+    outputs: dict[str, tuple[str, OutputFormat]] = field(default_factory=dict)
 
 
 def build_catalog(manager: PluginManager) -> Catalog:
@@ -23,6 +24,7 @@ def build_catalog(manager: PluginManager) -> Catalog:
     owners: dict[str, str] = {}
     loaders: list[tuple[str, LoaderInfo]] = []
     formats: list[tuple[str, FormatInfo]] = []
+    outputs: dict[str, tuple[str, OutputFormat]] = {}
     pm = manager.pm
     for plugin_name, plugin in pm.list_name_plugin():
         if plugin is None:  # blocked with -p no:NAME
@@ -46,10 +48,20 @@ def build_catalog(manager: PluginManager) -> Catalog:
         if "mcaudit_register_model_loaders" in hooks:
             _call_one(pm, plugin, "mcaudit_register_model_loaders",
                       register=lambda info, _o=plugin_name: loaders.append((_o, info)))
+        if "mcaudit_register_output_formats" in hooks:
+
+            def add_output(fmt: OutputFormat, _owner=plugin_name) -> None:
+                if not isinstance(fmt, OutputFormat):
+                    raise PluginError(f"plugin {_owner!r} registered {fmt!r}, which is not a mcaudit.OutputFormat")
+                if fmt.name in outputs:
+                    raise PluginError(f"output format {fmt.name!r} is registered twice (by {outputs[fmt.name][0]!r} and {_owner!r})")
+                outputs[fmt.name] = (_owner, fmt)
+
+            _call_one(pm, plugin, "mcaudit_register_output_formats", register=add_output)
         if "mcaudit_register_data_formats" in hooks:
             _call_one(pm, plugin, "mcaudit_register_data_formats",
                       register=lambda info, _o=plugin_name: formats.append((_o, info)))
-    return Catalog(checks, owners, loaders, formats)
+    return Catalog(checks, owners, loaders, formats, outputs)
 
 
 def _call_one(pm, plugin, hook_name: str, **kwargs) -> None:

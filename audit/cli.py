@@ -81,12 +81,14 @@ def cli():
 @click.option("--strict", is_flag=True, default=None,
               help="Nothing passes unseen: stop at the first unreadable image, and under --gate fail on any threshold or check not evaluated.")
 @click.option("--allow-network", is_flag=True, default=None, help="Allow downloading model files.")
-@click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML (one test per threshold).")
-@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary (appended to $GITHUB_STEP_SUMMARY when set).")
+@click.option("--output", "output_args", multiple=True, metavar="FORMAT=PATH",
+              help="Also write an output format (junit, markdown, or a plugin's; see `mcaudit plugins`).")
+@click.option("--junit-xml", "junit_file", type=click.Path(), help="Same as --output junit=FILE (one test per threshold and finding).")
+@click.option("--markdown", "markdown_file", type=click.Path(), help="Same as --output markdown=FILE (also appended to $GITHUB_STEP_SUMMARY when set).")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars or summary.")
 @plugin_option
 @click.pass_context
-def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_file, markdown_file, **options):
+def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_file, markdown_file, output_args, **options):
     """Audit a model on a labelled image set; with no --model and --data, run the demo."""
     from mcaudit.config import RunConfig, apply_config_file, default_config_file, parse_data_options, parse_set
     from mcaudit.plugin_manager import make_plugin_manager
@@ -120,29 +122,20 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
         if demo:
             click.echo("mcaudit: no --model/--data given: auditing the embedded demo model on synthetic phantoms", err=True)
     from mcaudit.distributed import barrier, shutdown
-    from mcaudit.reports.atomic import check_file_writable, check_writable, output_lock
+    from mcaudit.reports.atomic import check_writable, output_lock
 
     out = Path(cfg.out)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
     # Outputs that cannot be written are found now, not after the audit has run.
+    extra_outputs = requested_outputs(manager, output_args, junit_file, markdown_file)
     if is_main:
         check_writable(out)
-        if junit_file:
-            check_file_writable(Path(junit_file), "--junit-xml")
-        if markdown_file:
-            check_file_writable(Path(markdown_file), "--markdown")
-        if os.environ.get("GITHUB_STEP_SUMMARY"):
-            summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
-            try:
-                with open(summary, "a", encoding="utf-8"):
-                    pass
-            except OSError as exc:
-                raise InputError(f"$GITHUB_STEP_SUMMARY {summary}: cannot append to it ({exc.strerror or exc})") from None
+        check_outputs_writable(extra_outputs)
     with output_lock(out) if is_main else contextlib.nullcontext():
         audit = run_audit(cfg, manager)
         if audit.world.is_main:
             write_outputs(audit, out, manager)
-            write_ci_outputs(audit.results, junit_file, markdown_file)
+            write_extra_outputs(audit.results, extra_outputs)
             if not quiet:
                 print_summary(audit.results)
             click.echo(f"report: {out / 'index.html'}")
@@ -151,25 +144,58 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     ctx.exit(audit.exit_code)
 
 
-def write_ci_outputs(results, junit_file: str | None, markdown_file: str | None) -> None:
-    import os
+def requested_outputs(manager, output_args, junit_file: str | None, markdown_file: str | None) -> list[tuple[str, Path | None, object]]:
+    """(option, path, OutputFormat) for each ``--output NAME=PATH`` (``--junit-xml`` and
+    ``--markdown`` are ``--output junit=`` and ``--output markdown=``), plus the Markdown
+    summary appended to ``$GITHUB_STEP_SUMMARY`` when that is set (path None)."""
+    from mcaudit.catalog import build_catalog
 
-    from mcaudit.reports.atomic import write_files_atomically
-    from mcaudit.reports.junit import junit_xml
-    from mcaudit.reports.markdown import markdown_summary
-
+    formats = {name: fmt for name, (_, fmt) in build_catalog(manager).outputs.items()}
+    wanted: list[tuple[str, str, str]] = []
+    for item in output_args:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"--output {item}: expected FORMAT=PATH (formats: {', '.join(sorted(formats)) or 'none'})")
+        wanted.append((f"--output {name.strip()}", name.strip(), path.strip()))
     if junit_file:
-        target = Path(junit_file)
-        write_files_atomically(target.parent, {target.name: junit_xml(results)})
-    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
-    if markdown_file or summary_file:
-        text = markdown_summary(results)
-        if markdown_file:
-            target = Path(markdown_file)
-            write_files_atomically(target.parent, {target.name: text})
-        if summary_file:
-            with open(summary_file, "a", encoding="utf-8") as fh:
-                fh.write(text)
+        wanted.append(("--junit-xml", "junit", junit_file))
+    if markdown_file:
+        wanted.append(("--markdown", "markdown", markdown_file))
+    out = []
+    for option, name, path in wanted:
+        if name not in formats:
+            raise InputError(f"{option}: no output format {name!r} (formats: {', '.join(sorted(formats)) or 'none'})")
+        out.append((option, Path(path), formats[name]))
+    if os.environ.get("GITHUB_STEP_SUMMARY") and "markdown" in formats:
+        out.append(("$GITHUB_STEP_SUMMARY", None, formats["markdown"]))
+    return out
+
+
+def check_outputs_writable(outputs) -> None:
+    from mcaudit.reports.atomic import check_file_writable
+
+    for option, path, _ in outputs:
+        if path is not None:
+            check_file_writable(path, option)
+            continue
+        summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
+        try:
+            with open(summary, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise InputError(f"$GITHUB_STEP_SUMMARY {summary}: cannot append to it ({exc.strerror or exc})") from None
+
+
+def write_extra_outputs(results, outputs) -> None:
+    from mcaudit.reports.atomic import write_files_atomically
+
+    for option, path, fmt in outputs:
+        content = fmt.render(results)
+        if path is None:  # GitHub's job summary collects every step's text: append
+            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as fh:
+                fh.write(content if isinstance(content, str) else content.decode("utf-8"))
+        else:
+            write_files_atomically(path.parent, {path.name: content})
 
 
 def print_summary(results) -> None:
@@ -233,6 +259,7 @@ def plugins(as_json, plugin_args):
         "checks": [cls.describe() | {"plugin": catalog.check_plugins[name]} for name, cls in catalog.checks.items()],
         "loaders": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.loaders],
         "formats": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.formats],
+        "outputs": [{"plugin": p, "name": f.name, "description": f.description} for p, f in catalog.outputs.values()],
     }
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -264,6 +291,9 @@ def plugins(as_json, plugin_args):
     click.echo("\nData formats:")
     for fm in info["formats"]:
         click.echo(f"  {fm['name']} ({fm['plugin']}): {fm['description']}")
+    click.echo("\nOutput formats (--output NAME=PATH):")
+    for of in info["outputs"]:
+        click.echo(f"  {of['name']} ({of['plugin']}): {of['description']}")
 
 
 def read_results(path: str) -> dict:
@@ -283,11 +313,12 @@ def read_results(path: str) -> dict:
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="Threshold TOML (default: mcaudit.toml / pyproject.toml).")
 @click.option("--no-defaults", is_flag=True, help="Ignore the checks' default thresholds.")
 @click.option("--strict", is_flag=True, help="Fail on any threshold or check not evaluated.")
-@click.option("--junit-xml", "junit_file", type=click.Path(dir_okay=False), help="Also write JUnit XML.")
-@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write a Markdown summary.")
+@click.option("--output", "output_args", multiple=True, metavar="FORMAT=PATH", help="Also write an output format (junit, markdown, a plugin's).")
+@click.option("--junit-xml", "junit_file", type=click.Path(), help="Same as --output junit=FILE.")
+@click.option("--markdown", "markdown_file", type=click.Path(), help="Same as --output markdown=FILE.")
 @plugin_option
 @click.pass_context
-def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdown_file, plugin_args):
+def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdown_file, output_args, plugin_args):
     """Re-apply thresholds to a results.json without running anything."""
     from mcaudit.catalog import build_catalog
     from mcaudit.gating import apply_gate, collect_thresholds, gate_policy, recorded_defaults
@@ -295,13 +326,16 @@ def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdow
     from mcaudit.runner import exit_code
 
     results = read_results(results_file)
+    load, block = split_plugin_args(plugin_args)
+    manager = make_plugin_manager(load=load, block=block)
+    extra_outputs = requested_outputs(manager, output_args, junit_file, markdown_file)
+    check_outputs_writable(extra_outputs)
     defaults = {}
     recorded = None if no_defaults else recorded_defaults(results)
     if recorded is not None:
         defaults = recorded  # the defaults the run was judged by, whatever plugins are installed now
     elif not no_defaults:
-        load, block = split_plugin_args(plugin_args)
-        catalog = build_catalog(make_plugin_manager(load=load, block=block))
+        catalog = build_catalog(manager)
         for name in results["checks"]:
             cls = catalog.checks.get(name)
             if cls is not None:
@@ -311,7 +345,7 @@ def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdow
     if not found:
         raise InputError("no thresholds: pass --thresholds FILE or add [thresholds] to mcaudit.toml")
     apply_gate(results, found, gated=True, policy=gate_policy(policy_table, strict=strict))
-    write_ci_outputs(results, junit_file, markdown_file)
+    write_extra_outputs(results, extra_outputs)
     print_summary(results)
     ctx.exit(exit_code(results))
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mcaudit.checks import Check
     from mcaudit.data.dataset import AuditDataset
     from mcaudit.models.adapter import ModelAdapter
-    from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, ReportSection
+    from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection
 
 hookspec = pluggy.HookspecMarker("mcaudit")
 
@@ -83,4 +83,15 @@ def mcaudit_report_sections(results: dict[str, Any]) -> list[ReportSection] | No
     :param results: the parsed ``results.json`` of the run being rendered.
     :return: a list of :class:`mcaudit.ReportSection` (a title and trusted HTML that the
         plugin must escape itself), or ``None``. Sections appear after the checks.
+    """
+
+
+@hookspec
+def mcaudit_register_output_formats(register: Callable[[OutputFormat], None]) -> None:
+    """Add output formats a run can write besides results.json, samples.csv and the report.
+
+    :param register: call ``register(OutputFormat(name, description, render))``; the user
+        asks for one with ``--output NAME=PATH`` (JUnit and Markdown are registered this way,
+        as ``junit`` and ``markdown``). ``render(results)`` gets the run's results (what
+        results.json holds, verdict included) and returns the file's text or bytes.
     """

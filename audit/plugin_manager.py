@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("openclip", "mcaudit.models.openclip_loader"),
     ("hf-clip", "mcaudit.models.hf_clip_loader"),
     ("formats", "mcaudit.data.formats"),
+    ("outputs", "mcaudit.reports.outputs"),
     ("performance", "mcaudit.plugins.performance"),
     ("calibration", "mcaudit.plugins.calibration"),
     ("fairness", "mcaudit.plugins.fairness"),

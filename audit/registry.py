@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,17 @@ class DataRequest:
     groups: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     role: str = "audit"  # "audit" for the audited set, "ood" for an out-of-distribution set
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """An extra output a run can write (``--output NAME=PATH``): JUnit, Markdown, SARIF, a
+    model card. ``render`` turns the run's results (the content of results.json) into the
+    file's text or bytes; the host writes it atomically."""
+
+    name: str
+    description: str
+    render: Callable[[dict[str, Any]], str | bytes]
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 @pytest.mark.parametrize("make_bad,option,message", [
     (lambda t: (t / "file").write_text("x") and ["--out", t / "file"], "--out", "is a file"),
     (lambda t: (t / "file").write_text("x") and ["--out", t / "file" / "sub"], "--out", "is a file"),
-    (lambda t: (t / "d").mkdir() or ["--junit-xml", t / "d"], "--junit-xml", "is a directory"),
+    (lambda t: (t / "d").mkdir() or ["--junit-xml", t / "d"], "--junit-xml", "is a folder"),
     (lambda t: ["--markdown", "/proc/mcaudit-no-such/summary.md"], "--markdown", "cannot write there"),
     (lambda t: ["--out", "/proc/mcaudit-no-such/report"], "--out", "cannot write there"),
     (lambda t: (t / "full").mkdir() or (t / "full" / "notes.txt").write_text("mine") and ["--out", t / "full"],
@@ -92,3 +92,43 @@ def test_a_failing_report_section_costs_only_that_section(tmp_path, monkeypatch)
     html = out.html
     assert "Section of plugin bad_section (failed)" in html and "planted section failure" in html
     assert "Section of plugin wrong_type_section (failed)" in html and "not a list of ReportSection" in html
+
+
+SARIF_PLUGIN = """
+import json
+from mcaudit import OutputFormat, hookimpl
+
+def sarif(results):
+    findings = results["verdict"]["findings"]
+    return json.dumps({"version": "2.1.0", "runs": [{"results": [
+        {"level": "error" if f["status"] in ("fail", "error") else "warning", "message": {"text": f["text"]}}
+        for f in findings]}]})
+
+@hookimpl
+def mcaudit_register_output_formats(register):
+    register(OutputFormat("sarif", "SARIF for code-scanning dashboards", sarif))
+"""
+
+
+def test_output_format_plugin_writes_through_the_hook(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "sarif_output.py").write_text(SARIF_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = tmp_path / "ci" / "audit.sarif"
+    gate = tmp_path / "g.toml"
+    gate.write_text('"performance.accuracy" = { rule = "<= 0.01", on = "value" }\n')
+    out = run_cli(["run", "--quiet", *SMALL, "-p", "sarif_output", "--output", f"sarif={target}",
+                   "--output", f"junit={tmp_path / 'j.xml'}", "--gate", gate], tmp_path / "o")
+    assert out.exit_code == 1, out.output
+    sarif = json.loads(target.read_text())
+    first = sarif["runs"][0]["results"][0]
+    assert first["level"] == "error" and first["message"]["text"] == out.results["verdict"]["findings"][0]["text"]
+    assert (tmp_path / "j.xml").read_text().startswith("<?xml")
+    unknown = run_cli(["run", "--quiet", *SMALL, "--output", f"sarif={target}"], tmp_path / "o2")
+    assert unknown.exit_code == 2 and "--output sarif: no output format 'sarif' (formats: junit, markdown)" in unknown.output
+    listed = run_cli(["plugins", "-p", "sarif_output"])
+    assert "sarif (sarif_output): SARIF for code-scanning dashboards" in listed.output
+    regate = run_cli(["gate", str(tmp_path / "o" / "results.json"), "--thresholds", str(gate), "-p", "sarif_output",
+                      "--output", f"sarif={tmp_path / 'again.sarif'}"])
+    assert regate.exit_code == 1 and json.loads((tmp_path / "again.sarif").read_text())["runs"][0]["results"]
