@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mcaudit import __version__
-from mcaudit.errors import InputError
+from mcaudit.errors import ExitCode, InputError
 
 
 class McauditGroup(click.Group):
@@ -23,16 +23,16 @@ class McauditGroup(click.Group):
             return super().invoke(ctx)
         except InputError as exc:
             click.echo(f"mcaudit: error: {exc}", err=True)
-            ctx.exit(2)
+            ctx.exit(exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
             click.echo("mcaudit: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(ExitCode.INTERRUPTED)
         except Exception as exc:  # noqa: BLE001 - anything else is a bug worth a traceback
             click.echo(traceback.format_exc(), err=True)
             click.echo(f"mcaudit: internal error: {type(exc).__name__}: {exc}", err=True)
-            ctx.exit(3)
+            ctx.exit(ExitCode.INTERNAL)
 
 
 plugin_option = click.option(
@@ -400,7 +400,7 @@ def compare(ctx, base_file, new_file, max_drop, html_file):
     if max_drop is not None:
         bad = regressions(deltas, max_drop)
         click.echo(f"{len(bad)} regression(s) beyond {max_drop:g}")
-        ctx.exit(1 if bad else 0)
+        ctx.exit(ExitCode.FAILED if bad else ExitCode.OK)
 
 
 def main() -> None:

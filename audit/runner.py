@@ -25,7 +25,7 @@ from mcaudit.context import AuditContext
 from mcaudit.data.dataset import AuditDataset
 from mcaudit.devices import PRECISIONS, resolve_device
 from mcaudit.distributed import SINGLE, World, init_from_env, local_device
-from mcaudit.errors import InputError
+from mcaudit.errors import ExitCode, InputError
 from mcaudit.forward import run_forward
 from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
 from mcaudit.models.adapter import ModelAdapter
@@ -56,7 +56,7 @@ def exit_code(results: dict[str, Any]) -> int:
     errored = any(c.get("execution") == "error" for c in results["checks"].values())
     gate = results.get("gate") or {}
     failed = gate.get("applied") and not gate.get("passed")
-    return 1 if errored or failed else 0
+    return ExitCode.FAILED if errored or failed else ExitCode.OK
 
 
 def apply_demo_defaults(cfg: RunConfig) -> bool:
