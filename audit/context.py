@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -37,6 +38,7 @@ class AuditContext:
     open_dataset: Callable[[str], AuditDataset] | None = None
     world: World = SINGLE
     model_loader: Callable[[str, str | None], ModelAdapter] | None = None
+    strict: bool = False
 
     def load_model(self, spec: str, checkpoint: str | None = None) -> ModelAdapter:
         """Another model (a reference checkpoint) through the same loader hooks, plugins and
@@ -94,6 +96,49 @@ class AuditContext:
             return None
         return np.array([s if s else f"\0row{i}" for i, s in zip(indices, subjects)], dtype=object)
 
+    @property
+    def ood(self) -> str | None:
+        """The ``--ood`` data spec, or None when the user gave no out-of-distribution set."""
+        return self.options.get("ood") or None
+
+    def encode(self, dataset: AuditDataset) -> ForwardOutputs:
+        """Encode another data set (an OOD set, a corrupted copy) through the shared forward
+        path: the model's own preprocessing, batching with out-of-memory halving, ``--strict``,
+        and torchrun sharding (each rank encodes its part, every rank gets all rows)."""
+        from mcaudit.forward import run_forward
+
+        return run_forward(self.model, dataset, self.class_features, batch_size=self.batch_size,
+                           precision=self.precision, workers=self.workers, strict=self.strict,
+                           show_progress=self.show_progress and self.world.is_main, world=self.world)
+
+    def per_image(self, rows: np.ndarray, values, fill: Any = None) -> list[Any]:
+        """A samples.csv column for ``CheckResult.per_image``: ``values[i]`` at forward row
+        ``rows[i]``, ``fill`` (None: an empty cell) for the rows the check did not look at."""
+        column: list[Any] = [fill] * len(self.forward)
+        for r, v in zip(np.asarray(rows).tolist(), values):
+            column[int(r)] = v.item() if hasattr(v, "item") else v
+        return column
+
+    @contextlib.contextmanager
+    def frozen_model(self):
+        """The model with every parameter's ``requires_grad`` off (restored after), so attacks
+        and attributions take gradients with respect to pixels only."""
+        params = list(self.model.parameters())
+        before = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield self.model
+        finally:
+            for p, flag in zip(params, before):
+                p.requires_grad_(flag)
+
+    def image_rng(self, name: str, row: int) -> np.random.Generator:
+        """A generator for one image, seeded from the run seed, ``name`` and the image's place
+        in the data set: its draws do not depend on batch size, shard or which other images
+        were chosen."""
+        return self.rng(f"{name}:image:{int(self.forward.indices[int(row)])}")
+
     def rng(self, name: str) -> np.random.Generator:
         """A generator seeded from the run seed and ``name``, stable across runs and checks."""
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
@@ -111,12 +156,15 @@ class AuditContext:
         """pixels in [0, 1] -> class logits, differentiable, on the run's device."""
         return self.model.zero_shot_classifier(self.class_features).to(self.device).eval()
 
-    def stratified_rows(self, n: int, name: str) -> np.ndarray:
-        """Up to ``n`` rows, classes in proportion to the data (at least one each), seeded."""
-        labels = self.forward.labels
+    def stratified_rows(self, n: int, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Up to ``n`` rows (of ``rows``, else of all), classes in proportion to the data (at
+        least one each), seeded by ``name``; ``n <= 0`` means all of them."""
+        pool = np.arange(len(self.forward)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        labels_all = self.forward.labels
+        labels = labels_all[pool]
         total = len(labels)
         if n <= 0 or n >= total:
-            return np.arange(total)
+            return pool
         rng = self.rng(name)
         chosen = []
         classes, counts = np.unique(labels, return_counts=True)
@@ -128,8 +176,8 @@ class AuditContext:
         for k in order[:leftover]:
             quotas[k] += 1
         for cls, quota in zip(classes, quotas):
-            rows = np.flatnonzero(labels == cls)
-            chosen.append(rng.choice(rows, size=min(quota, len(rows)), replace=False))
+            members = pool[labels == cls]
+            chosen.append(rng.choice(members, size=min(quota, len(members)), replace=False))
         return np.sort(np.concatenate(chosen))
 
     pixel_cache_bytes: int = 256 * 2**20

@@ -327,7 +327,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
                  "reference_checkpoint": cfg.reference_checkpoint, "allow_network": cfg.allow_network,
                  "load_model": load_other},
         open_dataset=lambda spec: opened_ood.get(spec) or open_dataset(spec, "ood", ()),
-        world=world, model_loader=load_other,
+        world=world, model_loader=load_other, strict=cfg.strict,
     )
     entries, check_results = run_checks(ctx, selected, show)
     finished = dt.datetime.now(dt.timezone.utc)

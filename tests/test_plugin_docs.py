@@ -30,3 +30,15 @@ def test_every_hook_has_a_test():
     sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py") if p.name != Path(__file__).name)
     untested = [h for h in HOOKS if h not in sources]
     assert not untested, f"hooks without a test: {untested}"
+
+
+def test_every_public_audit_context_member_is_documented():
+    import dataclasses
+
+    from mcaudit.context import AuditContext
+
+    doc = (REPO / "docs" / "writing-plugins.md").read_text()
+    members = {n for n in dir(AuditContext) if not n.startswith("_")}
+    members |= {f.name for f in dataclasses.fields(AuditContext) if not f.name.startswith("_")}
+    undocumented = sorted(m for m in members if f"ctx.{m}" not in doc)
+    assert not undocumented, f"AuditContext members missing from docs/writing-plugins.md: {undocumented}"
