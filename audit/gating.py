@@ -225,7 +225,9 @@ def metric_label(check: str, metric: str, declared: list[str] | tuple[str, ...] 
         head, dot, rest = pattern.partition(".")
         if dot and rest.startswith("<") and rest.endswith(">") and metric.startswith(head + ".") and metric != pattern:
             return f"{head.replace('_', ' ')} of {metric[len(head) + 1:]}"
-    return f"{check} {metric.replace('_', ' ').replace('.', ' ')}"
+    words = metric.replace('_', ' ').replace('.', ' ')
+    # "certified accuracy at radius" already names its check; "ece" needs "calibration" before it.
+    return words if words.startswith(check.replace('_', ' ')) else f"{check} {words}"
 
 
 def _percent(check: dict[str, Any], metric: str, value: float) -> bool:

@@ -14,7 +14,10 @@ Fixtures:
   to prove that a forward-only check adds no pass over the images.
 
 Helpers: ``run_torchrun(args, out_dir)`` runs ``mcaudit run`` under torchrun with the gloo
-backend, to compare a sharded run with a single-process one.
+backend, to compare a sharded run with a single-process one. ``derive_status(CheckClass,
+result)`` gives the status, its reason and the threshold outcomes the host would derive for a
+``CheckResult`` under the check's default thresholds, so a known-answer test can call
+``run`` directly and still assert the verdict a user would see.
 
 Nothing heavy is imported until a fixture is used.
 """
@@ -139,6 +142,21 @@ def run_cli(args: list[str], out_dir: Path | None = None) -> RunOutcome:
         args += ["--profile", "quick"]  # tests size their own samples; quick keeps the rest small
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return RunOutcome(result.exit_code, result.output, Path(out_dir) if out_dir else Path("."))
+
+
+def derive_status(check_cls, result) -> tuple[str, str, dict[str, dict[str, Any]], dict[str, Any]]:
+    """(status, reason, default thresholds' outcomes by name, results.json entry) for one
+    check's result, derived exactly as ``mcaudit run`` derives them."""
+    from mcaudit.gating import apply_gate, collect_thresholds
+    from mcaudit.runner import result_entry
+
+    name = check_cls.name
+    entry = result_entry(result) | {"declared_metrics": list(check_cls.metrics)}
+    results = {"checks": {name: entry}}
+    defaults = {f"{name}.{m}": v for m, v in check_cls.default_thresholds.items()}
+    gate = apply_gate(results, collect_thresholds(None, {}, defaults), gated=False)
+    entry = results["checks"][name]
+    return entry["status"], entry["status_reason"], {o["name"]: o for o in gate["results"]}, entry
 
 
 def run_torchrun(args: list[str], out_dir: Path, nproc: int = 2, timeout: int = 300) -> dict[str, Any]:

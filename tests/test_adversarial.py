@@ -16,7 +16,7 @@ from mcaudit.prompts import PromptSet
 from mcaudit.testing import demo_prompts, load_adapter, make_context, phantom_dataset
 
 from conftest import shared
-from status_helpers import host_status
+from mcaudit.testing import derive_status
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_robust_accuracy_falls_with_eps_on_the_demo_model(demo_ctx):
     assert m["gradient_masking_suspected"] == 0.0
     assert m["zero_gradient_share"] == 0.0 and m["sanity_robust_accuracy"] == 0.0
     assert "no warning sign of gradient masking was raised" in result.summary and not result.findings
-    status, outcomes = host_status(AdversarialCheck, result)
+    status, _, outcomes, _ = derive_status(AdversarialCheck, result)
     assert status in ("pass", "fail", "inconclusive")  # thresholds alone: no finding to warn about
     assert "robust_accuracy_at_smallest_eps" in result.counts
     assert result.details["grey_perturbation"] is True
@@ -166,7 +166,7 @@ def test_gradient_masking_layer_raises_the_flags_and_a_warn_status(demo):
     assert finding.status == "warn" and finding.metric == "gradient_masking_suspected"
     # the attacks cannot move a quantised input, so every robustness threshold is met: what
     # keeps the status from reading pass is the masking finding alone
-    status, outcomes = host_status(AdversarialCheck, result)
+    status, _, outcomes, _ = derive_status(AdversarialCheck, result)
     assert {o["status"] for o in outcomes.values()} == {"pass"}, outcomes
     assert status == "warn"
 
@@ -411,7 +411,7 @@ def test_a_model_at_chance_does_not_pass(demo):
     ctx = dataclasses.replace(ctx, forward=dataclasses.replace(ctx.forward, labels=shuffled))
     result = run_check(ctx, n_images=48, attacks=["fgsm", "pgd_linf"], eps=["1/255"], eps_l2=[], steps=3,
                        sanity_eps=0.0)
-    status, outcomes = host_status(AdversarialCheck, result)
+    status, _, outcomes, _ = derive_status(AdversarialCheck, result)
     assert outcomes["adversarial.robust_accuracy_at_smallest_eps"]["status"] in ("fail", "inconclusive")
     assert status in ("fail", "inconclusive"), status
 
@@ -419,7 +419,7 @@ def test_a_model_at_chance_does_not_pass(demo):
 def test_no_nonzero_budget_leaves_the_gated_numbers_not_evaluated(demo_ctx):
     result = run_check(demo_ctx, n_images=8, attacks=["fgsm"], eps=[0.0], eps_l2=[], sanity_eps=0.0, gallery=0)
     assert result.not_evaluated["robust_accuracy_at_smallest_eps"] == "no nonzero attack budget was given"
-    status, outcomes = host_status(AdversarialCheck, result)
+    status, _, outcomes, _ = derive_status(AdversarialCheck, result)
     assert status == "not_evaluated"
     assert "no nonzero attack budget was given" in outcomes["adversarial.retained_accuracy_at_smallest_eps"]["sentence"]
 

@@ -27,7 +27,7 @@ from mcaudit.plugins.anomaly import (
 from mcaudit.context import AuditContext
 from mcaudit.registry import DataRequest
 from mcaudit.testing import load_adapter, make_context, phantom_dataset
-from status_helpers import host_status
+from mcaudit.testing import derive_status
 
 PLUGIN = "mcaudit.plugins.anomaly"
 
@@ -377,7 +377,7 @@ def test_identically_distributed_ood_is_not_flagged_by_the_best_score(ctx):
 def test_without_ood_the_ood_thresholds_are_not_evaluated_with_the_reason(generated):
     assert generated.not_evaluated["ood.best_auroc"] == "no --ood set was given"
     assert "near_ood.best_auroc" not in generated.not_evaluated
-    status, outcomes = host_status(AnomalyCheck, generated)
+    status, _, outcomes, _ = derive_status(AnomalyCheck, generated)
     ood = outcomes["anomaly.ood.best_auroc"]
     assert ood["status"] == "not_evaluated" and "no --ood set was given" in ood["sentence"]
     for name in ("anomaly.near_ood.best_auroc", "anomaly.far_ood.best_auroc", "anomaly.zero_shot.auroc"):
@@ -426,14 +426,14 @@ def test_overconfidence_on_a_corruption_is_a_warn_finding(generated):
     messages = [f.message for f in generated.findings]
     assert any("'contrast collapse'" in msg and "95% CI" in msg for msg in messages), messages
     assert all(f.status == "warn" for f in generated.findings)
-    status, outcomes = host_status(AnomalyCheck, generated)
+    status, _, outcomes, _ = derive_status(AnomalyCheck, generated)
     assert status != "pass"
 
 
 def test_zero_shot_not_run_reads_not_evaluated(ctx):
     r = AnomalyCheck().run(ctx, params(n_generated=8, zero_shot=False))
     assert "turned off" in r.not_evaluated["zero_shot.auroc"]
-    _, outcomes = host_status(AnomalyCheck, r)
+    _, _, outcomes, _ = derive_status(AnomalyCheck, r)
     assert outcomes["anomaly.zero_shot.auroc"]["status"] == "not_evaluated"
 
 

@@ -21,7 +21,7 @@ from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugins.backdoor import BackdoorCheck
 from mcaudit.testing import demo_prompts, make_context
 
-from check_verdict import derive_verdict
+from mcaudit.testing import derive_status
 
 N_PHANTOMS = 200
 # The attack as these tests knew it before the profiles: 40 steps are enough for the tiny demo
@@ -72,7 +72,7 @@ def test_backdoor_succeeds_at_little_cost_and_fails_by_default(poisoned):
     m = poisoned.metrics
     print(poisoned.summary, m)
     assert poisoned.status == "ok"  # it ran; the verdict is the host's
-    status, reason, outcomes, entry = derive_verdict(BackdoorCheck, poisoned)
+    status, reason, outcomes, entry = derive_status(BackdoorCheck, poisoned)
     assert status == "fail", reason
     k, n = poisoned.counts["asr.opacity"]
     assert reason.startswith(f"asr of opacity {k / n:.1%} ({k} of {n}, 95% CI") and reason.endswith("needs <= 50.0%")
@@ -101,7 +101,7 @@ def test_no_poison_means_base_rate(demo_ctx, poisoned):
     assert abs(m["asr.opacity"] - m["base_rate.opacity"]) <= 0.05
     assert poisoned.metrics["asr.opacity"] - m["asr.opacity"] >= 0.5
     # no backdoor, so the attack success rate sits at the base rate, clear of the 50% bound
-    status, reason, _, _ = derive_verdict(BackdoorCheck, result)
+    status, reason, _, _ = derive_status(BackdoorCheck, result)
     assert status == "pass", reason
 
 
@@ -250,8 +250,8 @@ def test_a_base_rate_that_leaves_no_room_is_not_evaluated_never_pass(mcaudit_pha
     reason = result.not_evaluated["asr.opacity"]
     assert f"{n} of {n} clean images" in reason and "cannot be told apart" in reason
     assert "asr_max" in result.not_evaluated and "asr_max" not in m
-    status, status_reason, outcomes, _ = derive_verdict(BackdoorCheck, result)
-    asr = next(o for o in outcomes if o["metric"] == "asr.opacity")
+    status, status_reason, outcomes, _ = derive_status(BackdoorCheck, result)
+    asr = next(o for o in outcomes.values() if o["metric"] == "asr.opacity")
     assert asr["status"] == "not_evaluated" and "cannot be told apart" in asr["sentence"]
     assert status == "not_evaluated", status_reason
     assert "not evaluated" in result.summary

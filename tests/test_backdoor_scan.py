@@ -26,7 +26,7 @@ from mcaudit import InputError
 from mcaudit.data.dataset import AuditDataset, Record
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
-from status_helpers import host_status
+from mcaudit.testing import derive_status
 
 CLASSES8 = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 CLASSES3 = CLASSES8[:3]
@@ -213,7 +213,7 @@ def status_of(result) -> str:
     """The status the host derives from the check's default thresholds and findings."""
     from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
 
-    return host_status(BackdoorScanCheck, result)[0]
+    return derive_status(BackdoorScanCheck, result)[0]
 
 
 def stamped_share_to_target(model, dataset, classes) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from mcaudit import InputError, ModelAdapter
 from mcaudit.plugins.certified import CertifiedCheck, certified_accuracy, clopper_pearson_lower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
-from status_helpers import host_status
+from mcaudit.testing import derive_status
 
 
 def run_check(ctx, **given):
@@ -169,7 +169,7 @@ def test_counts_intervals_and_the_gated_radius(tmp_path):
     assert result.intervals["certified_accuracy_at_radius"] == pytest.approx(expected, abs=1e-9)
     assert m["certified_accuracy_at_radius"] == max(k for k, _ in per) / 24
     assert f"{max(k for k, _ in per)} of 24" in result.summary
-    status, outcomes = host_status(CertifiedCheck, result)
+    status, _, outcomes, _ = derive_status(CertifiedCheck, result)
     assert outcomes["certified.certified_accuracy_at_radius"]["status"] == status != "not_evaluated"
 
 
@@ -196,7 +196,7 @@ def test_a_model_at_chance_does_not_pass():
     shuffled = np.random.default_rng(1).permutation(ctx.forward.labels)
     ctx = dataclasses.replace(ctx, forward=dataclasses.replace(ctx.forward, labels=shuffled))
     result = run_check(ctx, sigmas=[0.25, 0.5], n=64, n_images=32)
-    status, outcomes = host_status(CertifiedCheck, result)
+    status, _, outcomes, _ = derive_status(CertifiedCheck, result)
     assert outcomes["certified.certified_accuracy_at_radius"]["status"] in ("fail", "inconclusive")
     assert status in ("fail", "inconclusive")
 

@@ -17,7 +17,7 @@ from mcaudit.plugins.prompt_robustness import PromptRobustnessCheck
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
 
-from check_verdict import derive_verdict
+from mcaudit.testing import derive_status
 
 
 def run_check(ctx, **given):
@@ -67,8 +67,8 @@ def test_template_accuracy_matches_sklearn_without_image_passes(demo_ctx):
     assert m["template_accuracy_spread"] == pytest.approx(max(table.values()) - min(table.values()))
     # the demo model's text tower barely depends on the wording: nothing to flag
     assert m["prompt_attack.accuracy_drop"] < 0.05 and not result.warnings
-    status, reason, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
-    one_edit = next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")
+    status, reason, outcomes, _ = derive_status(PromptRobustnessCheck, result)
+    one_edit = next(o for o in outcomes.values() if o["metric"] == "one_edit_accuracy_drop")
     assert one_edit["status"] == "pass" and status == "pass", reason
     assert len(result.per_image["correct_worst_template"]) == len(demo_ctx.forward)
     # accuracies are counts over the same images: a drop is a whole number of images, exactly
@@ -260,7 +260,7 @@ def test_one_typo_in_the_word_that_tells_classes_apart_fails_by_default():
     assert m["one_edit_accuracy_drop"] == pytest.approx(diff.mean()) and diff.mean() > 0.4
     lo, hi = result.intervals["one_edit_accuracy_drop"]
     assert 0.05 < lo <= m["one_edit_accuracy_drop"] <= hi
-    status, reason, outcomes, entry = derive_verdict(PromptRobustnessCheck, result)
+    status, reason, outcomes, entry = derive_status(PromptRobustnessCheck, result)
     assert status == "fail"
     assert "one edit accuracy drop" in reason and "needs <= 0.05" in reason, reason
     assert PromptRobustnessCheck.threshold_reasons["one_edit_accuracy_drop"]
@@ -277,8 +277,8 @@ def test_a_wording_robust_prompt_set_is_not_failed():
                                  "opacity": ["a focal opacity", "a lung nodule", "an opacity"]})
     result = run_check(ctx, char_budget=1, word_budget=1, max_candidates=500)
     assert result.metrics["one_edit_accuracy_drop"] <= 0.02
-    status, reason, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
-    assert next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")["status"] == "pass"
+    status, reason, outcomes, _ = derive_status(PromptRobustnessCheck, result)
+    assert next(o for o in outcomes.values() if o["metric"] == "one_edit_accuracy_drop")["status"] == "pass"
     assert status != "fail", reason
 
 
@@ -287,8 +287,8 @@ def test_no_edit_searched_is_not_evaluated_never_pass():
     result = run_check(ctx, levels=[])
     assert "one_edit_accuracy_drop" not in result.metrics
     assert "no single edit was scored" in result.not_evaluated["one_edit_accuracy_drop"]
-    _, _, outcomes, _ = derive_verdict(PromptRobustnessCheck, result)
-    assert next(o for o in outcomes if o["metric"] == "one_edit_accuracy_drop")["status"] == "not_evaluated"
+    _, _, outcomes, _ = derive_status(PromptRobustnessCheck, result)
+    assert next(o for o in outcomes.values() if o["metric"] == "one_edit_accuracy_drop")["status"] == "not_evaluated"
 
 
 def test_paired_interval_matches_scipy_bootstrap_and_resamples_patients():

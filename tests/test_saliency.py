@@ -31,7 +31,7 @@ from mcaudit.plugins.saliency_tower import find_image_tower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
 
-from check_verdict import derive_verdict
+from mcaudit.testing import derive_status
 from conftest import shared
 
 # -- a model whose label is decided by a bright square at a known place -----------------------
@@ -193,8 +193,8 @@ def test_known_answer_the_recommended_method_is_one_that_passes_the_sanity_test(
         assert m[f"recommended_{key}"] == m[f"saliency.{key}"]
         assert result.intervals[f"recommended_{key}"] == result.intervals[f"saliency.{key}"]
     assert m["mask_share"] == pytest.approx(64 / 1024)
-    status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
-    assert {o["metric"]: o["status"] for o in outcomes} == {
+    status, reason, outcomes, _ = derive_status(SaliencyCheck, result)
+    assert {o["metric"]: o["status"] for o in outcomes.values()} == {
         "recommended_deletion_gain": "pass", "recommended_insertion_gain": "pass", "recommended_mass_in_mask": "pass"}
     assert status == "pass", reason
     assert "Saliency (gradient) is the most faithful" in result.summary
@@ -210,9 +210,9 @@ def test_known_answer_when_every_method_fails_the_sanity_test_the_check_fails(sq
     for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
         assert f"recommended_{key}" not in result.metrics
         assert "none can be recommended" in result.not_evaluated[f"recommended_{key}"]
-    status, reason, outcomes, _ = derive_verdict(SaliencyCheck, result)
+    status, reason, outcomes, _ = derive_status(SaliencyCheck, result)
     assert status == "fail" and reason == result.findings[0].message
-    assert {o["status"] for o in outcomes} == {"not_evaluated"}
+    assert {o["status"] for o in outcomes.values()} == {"not_evaluated"}
     assert "no method is recommended" in result.summary and "most faithful" not in result.summary
 
 
@@ -273,7 +273,7 @@ def test_sanity_test_turned_off_leaves_the_check_not_evaluated(untrained_square_
     params = SaliencyCheck.resolve_params(KNOWN_ANSWER_PARAMS | {"cascade_points": 0, "methods": ["saliency"], "n_images": 4})
     result = SaliencyCheck().run(make_context(untrained_square_model, square_data, prompts=SQUARE_PROMPTS), params)
     assert "cascade_points 0" in result.not_evaluated["recommended_deletion_gain"]
-    status, reason, _, _ = derive_verdict(SaliencyCheck, result)
+    status, reason, _, _ = derive_status(SaliencyCheck, result)
     assert status == "not_evaluated" and "cascade_points 0" in reason
 
 
