@@ -202,7 +202,8 @@ def print_summary(results) -> None:
     from mcaudit.reports.verdicts import caveats, policy_words, status_word
 
     d = results["dataset"]
-    click.echo(f"{results['model']['spec']} on {d['spec']}: {d['images']} images scored, {d['skipped']} skipped")
+    click.echo(f"{results['model']['spec']} on {d['spec']}: {d['images']} images scored, {d['skipped']} skipped "
+               f"(profile {results.get('config', {}).get('profile') or 'standard'})")
     for name, check in results["checks"].items():
         click.echo(f"  {name:<20} {status_word(check['status']):<14} {check.get('status_reason', '')}")
     verdict = results.get("verdict") or {}
