@@ -67,6 +67,18 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quiet",)}
 
 
+# Seeds go to torch and numpy as signed 64-bit integers.
+MAX_SEED = 2**63 - 1
+
+
+def check_run_settings(cfg: RunConfig) -> None:
+    """Numeric settings a library would otherwise reject deep inside the run, with a traceback."""
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise InputError(f"--seed {cfg.seed}: must be from 0 to {MAX_SEED}")
+    if cfg.workers < 0:
+        raise InputError(f"--workers {cfg.workers}: must be 0 (load images in the main process) or more")
+
+
 RUN_KEYS = {f.name for f in fields(RunConfig)} - {"check_params", "thresholds", "config_file", "gate", "gate_policy"}
 
 
@@ -155,6 +167,8 @@ def _coerce(key: str, value: Any, path: Path) -> Any:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise InputError(f"{path}: [run] {key} must be a table")
+        if key == "data_options":
+            check_data_options(value, f"{path}: [run] data_options")
         return value
     if not isinstance(value, str):
         raise InputError(f"{path}: [run] {key} must be a string")
@@ -219,4 +233,19 @@ def parse_data_options(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             value = raw.strip()
         out[key.strip()] = value
+    check_data_options(out, "--data-option")
     return out
+
+
+def check_data_options(options: dict[str, Any], where: str) -> None:
+    """The built-in formats' options; a plugin's own options pass through unchecked."""
+    frame = options.get("dicom_frame")
+    if frame is not None and frame != "middle" and not _natural_number(frame, minimum=0):
+        raise InputError(f"{where} dicom_frame={frame}: expected a frame index (0, 1, ...) or 'middle'")
+    limit = options.get("max_image_pixels")
+    if limit is not None and not _natural_number(limit, minimum=1):
+        raise InputError(f"{where} max_image_pixels={limit}: expected a whole number of pixels, at least 1")
+
+
+def _natural_number(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

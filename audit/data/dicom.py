@@ -8,6 +8,9 @@ every grey image reads the same way.
 Multi-frame files are refused unless a frame is chosen with the data option
 ``dicom_frame`` (an index, or ``middle``), because auditing every frame as a separate image
 would silently weight one study many times.
+
+A frame over the pixel limit of :mod:`mcaudit.data.images` is refused from the header,
+before its pixel data are decoded.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mcaudit.data.images import UnreadableImage
+from mcaudit.data.images import MAX_IMAGE_PIXELS, UnreadableImage, check_pixel_count
 
 
-def read_dicom(path: Path, frame: int | str | None = None) -> np.ndarray:
+def read_dicom(path: Path, frame: int | str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(str(path))
+        check_pixel_count(path, int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), max_pixels)
         arr = ds.pixel_array
     except (InvalidDicomError, AttributeError, OSError, ValueError, RuntimeError, NotImplementedError) as exc:
         raise UnreadableImage(f"{path}: cannot decode DICOM pixel data ({_short(exc)})") from exc
@@ -37,7 +41,7 @@ def read_dicom(path: Path, frame: int | str | None = None) -> np.ndarray:
                 f"{path}: multi-frame DICOM ({frames} frames); choose one with "
                 f"--data-option dicom_frame=N or dicom_frame=middle"
             )
-        index = frames // 2 if frame == "middle" else int(frame)
+        index = frames // 2 if frame == "middle" else _frame_index(frame)
         if not 0 <= index < frames:
             raise UnreadableImage(f"{path}: dicom_frame={frame} is outside 0..{frames - 1}")
         arr = arr[index]
@@ -60,6 +64,14 @@ def read_dicom(path: Path, frame: int | str | None = None) -> np.ndarray:
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 1.0 - out
     return out
+
+
+def _frame_index(frame) -> int:
+    # The command line validates dicom_frame; a plugin may pass anything.
+    try:
+        return int(frame)
+    except (TypeError, ValueError):
+        raise UnreadableImage(f"dicom_frame={frame!r}: expected a frame index or 'middle'") from None
 
 
 def _first(value):

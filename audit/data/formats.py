@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def mcaudit_load_dataset(spec: str, request: DataRequest) -> AuditDataset | None
     if ":" in spec.split("/")[0] and not path.exists():
         return None
     if not path.exists():
-        raise InputError(f"--data {spec}: no such file or folder")
+        raise InputError(f"{_flag(request)} {spec}: no such file or folder")
     if path.is_dir():
         return load_image_folder(path, request)
     suffix = path.suffix.lower()
@@ -53,8 +54,13 @@ def mcaudit_load_dataset(spec: str, request: DataRequest) -> AuditDataset | None
     if suffix == ".npz":
         return load_medmnist(path, request)
     if suffix in IMAGE_SUFFIXES or is_dicom(path):
-        raise InputError(f"--data {spec}: a single image has no label; list it in a CSV manifest with path,label")
+        raise InputError(f"{_flag(request)} {spec}: a single image has no label; list it in a CSV manifest with path,label")
     return None
+
+
+def _flag(request: DataRequest) -> str:
+    """The option that named the data, for messages: --ood for an out-of-distribution set."""
+    return "--ood" if request.role == "ood" else "--data"
 
 
 def _known_classes(request: DataRequest) -> list[str] | None:
@@ -83,7 +89,10 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     reader = csv.DictReader(text.splitlines())
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise InputError(f"{path} line {reader.reader.line_num}: {exc}") from None
     # An out-of-distribution set is never scored against labels, so it may have none.
     needed_columns = ("path",) if request.role == "ood" else ("path", "label")
     for needed in needed_columns:
@@ -96,7 +105,7 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
             choices = group_columns + [subject_column] if subject_column and subject_column not in group_columns else group_columns
             raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(choices) or 'none'})")
     rows = []
-    for line_no, row in enumerate(reader, start=2):
+    for line_no, row in _csv_rows(reader, path):
         if None in row:  # csv's place for fields beyond the header's
             raise InputError(
                 f"{path} line {line_no}: {len(columns) + len(row[None])} fields for {len(columns)} columns; "
@@ -147,7 +156,53 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         format_name="csv",
         group_columns=tuple(request.groups),
         options=request.options,
+        warnings=_duplicate_warnings(rows, path) + _class_warnings(records, classes, request),
     )
+
+
+def _duplicate_warnings(rows: list[tuple[int, dict[str, str]]], path: Path) -> list[str]:
+    """Rows that list the same image again: each copy is scored as another image, which weights
+    it twice and narrows every interval as if it were new evidence."""
+    first: dict[str, int] = {}
+    repeats: list[tuple[str, int, int]] = []
+    for line_no, row in rows:
+        key = str(Path(row["path"]))
+        if key in first:
+            repeats.append((row["path"], first[key], line_no))
+        else:
+            first[key] = line_no
+    if not repeats:
+        return []
+    name, a, b = repeats[0]
+    return [f"{path}: {len(repeats)} row(s) repeat an image already listed (first: {name} on lines {a} and {b}); "
+            "each copy is scored as another image, so it counts twice and the intervals are too narrow"]
+
+
+def _class_warnings(records: list[Record], classes: list[str], request: DataRequest) -> list[str]:
+    """Data with images of one class only: nothing that compares classes can be measured."""
+    if request.role != "audit":
+        return []  # an out-of-distribution set's labels are never used
+    present = sorted({r.label for r in records})
+    if len(present) != 1:
+        return []
+    others = f" of the {len(classes)} classes" if len(classes) > 1 else ""
+    return [f"only class {classes[present[0]]!r}{others} has images: accuracy cannot be told from "
+            "always predicting it, and AUROC, balanced accuracy and per-group gaps are undefined"]
+
+
+def _csv_rows(reader: csv.DictReader, path: Path):
+    """(line number, row) pairs; csv's own errors (a field over csv.field_size_limit(), 128 KiB,
+    which no path, label or subgroup value needs) become one line naming the line."""
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # DictReader counts a line only once it parses; its inner reader counts it as read.
+            raise InputError(f"{path} line {reader.reader.line_num}: {exc}") from None
+        yield reader.line_num, row
 
 
 def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
@@ -155,7 +210,7 @@ def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
         raise InputError(f"--group {request.groups[0]}: an image folder has no subgroup columns; use a CSV manifest")
     class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: _natural(d.name))
     if not class_dirs:
-        raise InputError(f"--data {path}: expected one sub-folder per class (FOLDER/CLASS/IMAGE), found none")
+        raise InputError(f"{_flag(request)} {path}: expected one sub-folder per class (FOLDER/CLASS/IMAGE), found none")
     known = _known_classes(request)
     classes = known or [d.name for d in class_dirs]
     index = {c: i for i, c in enumerate(classes)}
@@ -163,7 +218,7 @@ def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
     listing = hashlib.sha256()
     for d in class_dirs:
         if d.name not in index:
-            raise InputError(f"--data {path}: folder {d.name!r} is not a known class (known: {', '.join(classes)})")
+            raise InputError(f"{_flag(request)} {path}: folder {d.name!r} is not a known class (known: {', '.join(classes)})")
         for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
             if f.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(f):
                 continue
@@ -171,7 +226,7 @@ def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
             listing.update(rel.encode() + b"\0" + str(f.stat().st_size).encode() + b"\n")
             records.append(Record(source=rel, label=index[d.name], path=f))
     if not records:
-        raise InputError(f"--data {path}: no images found in the class folders")
+        raise InputError(f"{_flag(request)} {path}: no images found in the class folders")
     return AuditDataset(
         spec=str(path),
         records=records,
@@ -180,6 +235,7 @@ def load_image_folder(path: Path, request: DataRequest) -> AuditDataset:
         fingerprint=listing.hexdigest(),
         format_name="imagefolder",
         options=request.options,
+        warnings=_class_warnings(records, classes, request),
     )
 
 
@@ -216,10 +272,18 @@ def load_medmnist(path: Path, request: DataRequest) -> AuditDataset:
         if key_img not in npz.files or key_lab not in npz.files:
             splits = sorted({k.rsplit("_", 1)[0] for k in npz.files if k.endswith("_images")})
             raise InputError(f"{path}: no split {split!r} (splits: {', '.join(splits) or 'none'}); choose one with --split")
-        images = npz[key_img]
-        labels = np.asarray(npz[key_lab])
+        images = _npz_array(npz, key_img, path)
+        labels = _npz_array(npz, key_lab, path)
     if labels.ndim == 2 and labels.shape[1] > 1:
         raise InputError(f"{path}: multi-label MedMNIST sets are not supported (labels have {labels.shape[1]} columns)")
+    if labels.size == 0 or len(images) == 0:
+        raise InputError(f"{path}: split {split!r} is empty ({key_img} has shape {images.shape}, "
+                         f"{key_lab} has shape {labels.shape}); choose another with --split")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+            raise InputError(f"{path}: {key_lab} holds {labels.dtype} values, expected whole class indices")
+    if images.dtype.kind not in "uif":
+        raise InputError(f"{path}: {key_img} holds {images.dtype} values, expected uint8, uint16 or float pixels")
     labels = labels.reshape(-1).astype(np.int64)
     if images.ndim not in (3, 4) or len(images) != len(labels):
         raise InputError(f"{path}: {key_img} has shape {images.shape}, expected N x H x W (x C) with N = {len(labels)}")
@@ -234,6 +298,7 @@ def load_medmnist(path: Path, request: DataRequest) -> AuditDataset:
             + ", ".join(f"{k}={c}" for k, c in enumerate(classes)) + ")"
         )
     records = [Record(source=f"{path.name}#{split}/{i}", label=int(lab)) for i, lab in enumerate(labels)]
+    warnings = _class_warnings(records, classes, request)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return NpzDataset(
         images,
@@ -244,7 +309,16 @@ def load_medmnist(path: Path, request: DataRequest) -> AuditDataset:
         fingerprint=digest,
         format_name="medmnist",
         options=request.options,
+        warnings=warnings,
     )
+
+
+def _npz_array(npz, key: str, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(npz[key])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # ValueError includes object arrays, which need pickle: untrusted files never get it.
+        raise InputError(f"{path}: {key} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _natural(text: str):

@@ -39,6 +39,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"checkpoint {path}: not a readable safetensors file ({exc})") from exc
     else:
+        _check_torch_file(path)
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -48,8 +49,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"and plain containers (loaded with weights_only=True; convert it to "
                 f"safetensors from a trusted environment). {first}"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise InputError(f"checkpoint {path}: not a readable torch checkpoint ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged pickle can fail in any way; the file is the user's to fix
+            raise InputError(f"checkpoint {path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     state = raw
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -65,6 +66,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
+
+
+# torch.save writes a zip archive (since torch 1.6) or, before that, a pickle (protocol 2+).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse what cannot be a torch checkpoint (a text file named .bin) before unpickling it."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        what = "an empty file" if not head else "neither a zip archive nor a pickle"
+        raise InputError(f"checkpoint {path}: not a torch checkpoint ({what}); "
+                         f"expected a file written by torch.save or a .safetensors file")
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
