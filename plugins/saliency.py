@@ -181,9 +181,10 @@ class SaliencyCheck(Check):
                 # (images, cascade points): one column per point of the cascade
                 per_row[f"spearman:{m}"] = np.stack(cascade["spearman"][m], axis=1)
                 per_row[f"ssim:{m}"] = np.stack(cascade["ssim"][m], axis=1)
-        masks = [ctx.load_mask(int(r)) for r in local]
+        masks, unreadable = _load_masks(ctx, local)
         has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks], dtype=bool)
         per_row["has_mask"] = has_mask
+        per_row["mask_unreadable"] = unreadable
         if ctx.world.active or has_mask.any():
             # Under torchrun every process reports localisation columns (NaN without a mask),
             # since whether any image has a mask is only known once they are gathered.
@@ -193,6 +194,11 @@ class SaliencyCheck(Check):
         deletion = {n: merged[f"deletion:{n}"] for n in deletion}
         insertion = {n: merged[f"insertion:{n}"] for n in insertion}
         has_mask_all = merged["has_mask"].astype(bool)
+        unreadable_all = np.flatnonzero(merged["mask_unreadable"].astype(bool))
+        if unreadable_all.size:
+            first = ctx.dataset.records[int(ctx.forward.indices[rows[unreadable_all[0]]])].mask
+            warnings.append(f"{unreadable_all.size} of {len(rows)} images had a mask that could not be read "
+                            f"(first: {first}); they were explained without a region")
 
         metrics: dict[str, float] = {"n_images": float(len(rows))}
         per_image_values: dict[str, np.ndarray] = {}
@@ -312,6 +318,21 @@ def _validate(params: dict[str, Any]) -> list[str]:
     if not -1 <= params["sanity_max_spearman"] <= 1:
         raise InputError(f"saliency.sanity_max_spearman: must be in [-1, 1], got {params['sanity_max_spearman']}")
     return methods
+
+
+def _load_masks(ctx, rows) -> tuple[list, np.ndarray]:
+    """Each row's region, or None; a mask file that cannot be read costs that image its region,
+    not the check (the rows it costs are counted in a warning)."""
+    from mcaudit.data.images import UnreadableImage
+
+    masks, unreadable = [], np.zeros(len(rows), dtype=bool)
+    for i, r in enumerate(rows):
+        try:
+            masks.append(ctx.load_mask(int(r)))
+        except UnreadableImage:
+            masks.append(None)
+            unreadable[i] = True
+    return masks, unreadable
 
 
 def _choose_rows(ctx, params) -> np.ndarray:

@@ -33,6 +33,40 @@ class Delta:
         return c if self.lower_is_better else -c
 
 
+def check_numbers(results: dict[str, Any], source: str) -> None:
+    """Refuse a results.json whose metrics, intervals or counts are not numbers.
+
+    mcaudit writes only numbers there (null for an undefined metric); anything else was edited
+    by hand or by another tool, and gating it would silently read the metric as undefined.
+    """
+    from mcaudit.errors import InputError
+
+    if not isinstance(results.get("checks"), dict):
+        raise InputError(f"{source}: 'checks' must be an object of checks")
+    for check, entry in results["checks"].items():
+        if not isinstance(entry, dict):
+            raise InputError(f"{source}: check {check!r} is {type(entry).__name__}, not an object")
+        for field in ("metrics", "intervals", "counts"):
+            if not isinstance(entry.get(field) or {}, dict):
+                raise InputError(f"{source}: {check}.{field} must be an object of metrics")
+        for metric, value in (entry.get("metrics") or {}).items():
+            if value is not None and not _number(value):
+                raise InputError(f"{source}: metric {check}.{metric} is {_show(value)}, not a number")
+        for field in ("intervals", "counts"):
+            for metric, pair in (entry.get(field) or {}).items():
+                if not (isinstance(pair, list) and len(pair) == 2 and all(_number(v) for v in pair)):
+                    raise InputError(f"{source}: {field} of metric {check}.{metric} is {_show(pair)}, not two numbers")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def lower_is_better(metric: str) -> bool:
     leaf = metric.lower()
     return any(h in leaf for h in LOWER_IS_BETTER_HINTS)

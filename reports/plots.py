@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import matplotlib
+import matplotlib.text
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,10 +22,28 @@ def new_figure(width: float = 5.0, height: float = 3.6):
 
 def to_figure(fig, title: str, caption: str = "") -> Figure:
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
+    try:
+        with literal_text(fig):
+            fig.tight_layout()
+            fig.savefig(buf, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
     return Figure(title=title, png=buf.getvalue(), caption=caption)
+
+
+@contextlib.contextmanager
+def literal_text(fig):
+    """Draw every text of ``fig`` as written, without matplotlib's mathtext.
+
+    Labels, titles, legends and ticks carry class names, subgroup values and prompts from the
+    user's data; a value such as ``$x^{$`` would otherwise be parsed as TeX and fail the whole
+    figure (and its check). No mcaudit figure uses mathtext on purpose. Tick labels are made
+    while drawing, so the setting also applies until the figure is saved.
+    """
+    with matplotlib.rc_context({"text.parse_math": False}):
+        for text in fig.findobj(matplotlib.text.Text):
+            text.set_parse_math(False)
+        yield
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str = "Confusion matrix") -> Figure:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from typing import Any
+
+import numpy as np
 
 
 def samples_csv(run) -> str:
@@ -24,14 +27,16 @@ def samples_csv(run) -> str:
             extra.append((f"{check_name}.{col}", values))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "prediction", "correct"] + [f"p_{c}" for c in classes] + group_cols + [n for n, _ in extra])
+    writer.writerow(["path", "label", "prediction", "correct"] + [f"p_{c}" for c in classes]
+                    + [text_cell(g) for g in group_cols] + [text_cell(n) for n, _ in extra])
     records = ctx.dataset.records
     for row, index in enumerate(fwd.indices):
         rec = records[index]
         writer.writerow(
-            [rec.source, classes[fwd.labels[row]], classes[preds[row]], int(preds[row] == fwd.labels[row])]
+            [text_cell(rec.source), text_cell(classes[fwd.labels[row]]), text_cell(classes[preds[row]]),
+             int(preds[row] == fwd.labels[row])]
             + [f"{p:.8g}" for p in probs[row]]
-            + [rec.groups.get(g, "") for g in group_cols]
+            + [text_cell(rec.groups.get(g, "")) for g in group_cols]
             + [_cell(values[row]) for _, values in extra]
         )
     return buf.getvalue()
@@ -40,6 +45,22 @@ def samples_csv(run) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.8g}"
-    return str(value)
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else f"{float(value):.8g}"
+    return text_cell(str(value))
+
+
+# What a spreadsheet reads as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def text_cell(text: str) -> str:
+    """A text cell from the user's data (a path, label or subgroup value), safe to open in a
+    spreadsheet: one that would start a formula gets a leading single quote, as OWASP
+    recommends for CSV exports. A plain number such as -3 or +1.5e2 stays as it is; it
+    computes nothing."""
+    text = str(text)
+    if text.startswith(FORMULA_STARTS) and not NUMBER.fullmatch(text):
+        return "'" + text
+    return text
