@@ -116,9 +116,12 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     demo = apply_demo_defaults(cfg)
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
+    manager.quiet = quiet
     if not quiet:
         for failed in manager.failed:
             click.echo(f"mcaudit: warning: plugin {failed.name} failed to load and was skipped: {failed.error}", err=True)
+        for note in manager.warnings:
+            click.echo(f"mcaudit: warning: {note}", err=True)
         if demo:
             click.echo("mcaudit: no --model/--data given: auditing the embedded demo model on synthetic phantoms", err=True)
     from mcaudit.distributed import barrier, shutdown
@@ -244,6 +247,7 @@ def plugins(as_json, plugin_args):
 
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
+    manager.quiet = True  # the listing shows the plugins that failed
     catalog = build_catalog(manager)
     pm = manager.pm
     info = {
@@ -257,6 +261,7 @@ def plugins(as_json, plugin_args):
             if plugin is not None
         ],
         "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
+        "warnings": list(manager.warnings),
         "checks": [cls.describe() | {"plugin": catalog.check_plugins[name]} for name, cls in catalog.checks.items()],
         "loaders": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.loaders],
         "formats": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.formats],
@@ -270,6 +275,8 @@ def plugins(as_json, plugin_args):
         click.echo(f"  {p['name']:<22} {p['source']}")
     for f in info["failed"]:
         click.echo(f"  {f['name']:<22} FAILED to load: {f['error']}")
+    for note in info["warnings"]:
+        click.echo(f"  warning: {note}")
     click.echo("\nChecks:")
     for c in info["checks"]:
         click.echo(f"  {c['name']} ({c['plugin']}): {c['description']}")
@@ -306,6 +313,9 @@ def read_results(path: str) -> dict:
         raise InputError(f"{path}: not a results.json file ({exc})") from exc
     if not isinstance(results, dict) or "checks" not in results:
         raise InputError(f"{path}: not a mcaudit results.json (no 'checks')")
+    from mcaudit.reports.compare import check_numbers
+
+    check_numbers(results, path)
     return results
 
 

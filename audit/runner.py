@@ -20,7 +20,7 @@ import torch
 from mcaudit import __version__
 from mcaudit.catalog import Catalog, build_catalog
 from mcaudit.checks import Check, CheckResult
-from mcaudit.config import RunConfig
+from mcaudit.config import RunConfig, check_run_settings
 from mcaudit.context import AuditContext
 from mcaudit.data.dataset import AuditDataset
 from mcaudit.devices import PRECISIONS, resolve_device
@@ -107,9 +107,10 @@ def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device, fla
     )
     if request.checkpoint is not None and not request.checkpoint.is_file():
         raise InputError(f"{flags[1]} {cfg.checkpoint}: no such file")
-    adapter = manager.hook.mcaudit_load_model(spec=cfg.model, request=request)
+    adapter = manager.first_result("mcaudit_load_model", spec=cfg.model, request=request)
     if adapter is None:
-        raise InputError(f"{flags[0]} {cfg.model}: no loader claims this spec (see `mcaudit plugins` for the spec forms)")
+        raise InputError(f"{flags[0]} {cfg.model}: no loader claims this spec{manager.skipped_from('mcaudit_load_model')} "
+                         "(see `mcaudit plugins` for the spec forms)")
     return adapter.to(device).eval()
 
 
@@ -120,10 +121,11 @@ def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: 
             # An OOD set's labels are never used, so they need not be the audited classes.
             options["classes"] = classes
         request = DataRequest(image_size=tuple(image_size), split=cfg.split, groups=groups, options=options, role=role)
-        dataset = manager.hook.mcaudit_load_dataset(spec=spec, request=request)
+        dataset = manager.first_result("mcaudit_load_dataset", spec=spec, request=request)
         if dataset is None:
             flag = "--ood" if role == "ood" else "--data"
-            raise InputError(f"{flag} {spec}: no data format claims this (see `mcaudit plugins` for the formats)")
+            raise InputError(f"{flag} {spec}: no data format claims this{manager.skipped_from('mcaudit_load_dataset')} "
+                             "(see `mcaudit plugins` for the formats)")
         # The model sees every image through its own preprocessing, whatever reads it first.
         dataset.use_preprocessing(pixel_transform)
         return dataset
@@ -262,6 +264,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         raise InputError(f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    check_run_settings(cfg)
     catalog = build_catalog(manager)
     if cfg.reference_checkpoint and not cfg.reference_model:
         raise InputError("--reference-checkpoint needs --reference-model")
