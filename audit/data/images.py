@@ -19,9 +19,10 @@ class UnreadableImage(Exception):
     """An image that cannot be decoded; the run counts it and goes on unless --strict."""
 
 
-# 64 megapixels (8000 x 8000): above mammograms (about 30 MP) and 48-MP camera photos; an
-# RGB image at the limit peaks at about 1 GB while it is decoded and resized. PIL's own
-# bound (Image.MAX_IMAGE_PIXELS, 89 MP, refused at twice that) is only a last resort.
+# 64 megapixels (8000 x 8000): above mammograms (about 30 MP) and 48-MP camera photos. An
+# image at the limit adds 1.0 GB (grey) to 1.2 GB (RGB) to peak memory while it is decoded
+# and resized (measured), per DataLoader worker. PIL's own bound (Image.MAX_IMAGE_PIXELS,
+# 89 MP, refused at twice that) is only a last resort.
 MAX_IMAGE_PIXELS = 64_000_000
 
 
