@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mcaudit.data.dataset import AuditDataset, Record
-from mcaudit.data.images import UnreadableImage, is_dicom
+from mcaudit.data.images import MAX_IMAGE_PIXELS, UnreadableImage, is_dicom
 from mcaudit.data.medmnist_names import MEDMNIST_CLASSES
 from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
@@ -28,8 +28,8 @@ SUBJECT_COLUMNS = ("subject", "subject_id", "patient", "patient_id")
 
 @hookimpl
 def mcaudit_register_data_formats(register):
-    register(FormatInfo("csv", ("manifest.csv",), "CSV manifest: path (relative to the CSV), label, optional mask, boxes (x,y,w,h;... in pixels), subject (or subject_id, patient, patient_id: the patient id, so that one patient's images count as one unit in the 95% intervals; a subgroup only when named with --group) and subgroup columns; images may be PNG, JPEG, TIFF or DICOM; an image over 64 megapixels is skipped and counted (--data-option max_image_pixels=N)"))
-    register(FormatInfo("imagefolder", ("FOLDER/CLASS/IMAGE",), "a folder with one sub-folder of images per class; an image over 64 megapixels is skipped and counted (--data-option max_image_pixels=N)"))
+    register(FormatInfo("csv", ("manifest.csv",), f"CSV manifest: path (relative to the CSV), label, optional mask, boxes (x,y,w,h;... in pixels), subject (or subject_id, patient, patient_id: the patient id, so that one patient's images count as one unit in the 95% intervals; a subgroup only when named with --group) and subgroup columns; images may be PNG, JPEG, TIFF or DICOM; an image over {MAX_IMAGE_PIXELS // 10**6} megapixels is skipped and counted (--data-option max_image_pixels=N)"))
+    register(FormatInfo("imagefolder", ("FOLDER/CLASS/IMAGE",), f"a folder with one sub-folder of images per class; an image over {MAX_IMAGE_PIXELS // 10**6} megapixels is skipped and counted (--data-option max_image_pixels=N)"))
     register(FormatInfo("medmnist", ("FILE.npz",), "MedMNIST .npz; pick the split with --split (train, val, test)"))
     register(FormatInfo("dicom", ("FILE.dcm in a manifest or folder",), "DICOM via pydicom: rescale slope/intercept, VOI window, MONOCHROME1 inverted; multi-frame needs --data-option dicom_frame=N|middle"))
     register(FormatInfo("phantom", ("phantom:", "phantom:n=400,seed=0"), "synthetic chest-radiograph phantoms with and without focal opacities, with site and sex attributes (the demo data)"))
