@@ -45,13 +45,15 @@ class Param:
     min: float | None = None
     max: float | None = None
     validate: Callable[[Any], Any] | None = None
+    split_commas: bool | None = None  # None: split "a,b" for a list whose default has elements
 
     def coerce(self, value: Any, where: str) -> Any:
         from mcaudit.errors import InputError
 
         default = self.default
         if isinstance(default, (list, tuple)):
-            if isinstance(value, str) and "," in value:
+            split = self.split_commas if self.split_commas is not None else bool(default)
+            if isinstance(value, str) and "," in value and split:
                 value = [_literal(v) for v in value.split(",") if v.strip()]  # --set x.sigmas=0.1,0.2
             elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 value = [value]

@@ -147,15 +147,15 @@ def test_report_rerenders_from_results(tmp_path):
 
 def test_config_file_and_set(tmp_path):
     cfg = tmp_path / "audit.toml"
-    cfg.write_text('[run]\nmodel = "demo"\ndata = "phantom:n=30"\nchecks = ["performance"]\n[checks.performance]\nn_bootstrap = 0\n')
+    cfg.write_text('[run]\nmodel = "demo"\ndata = "phantom:n=30"\nchecks = ["performance"]\n[checks.performance]\nn_bootstrap = 300\n')
     out = run_cli(["run", "--quiet", "--config", str(cfg)], tmp_path / "o")
     assert out.exit_code == 0, out.output
-    assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 0}
-    # No bootstrap: the bootstrap intervals are absent, the closed-form (Wilson) ones remain.
-    intervals = out.results["checks"]["performance"]["intervals"]
-    assert "balanced_accuracy" not in intervals and "auroc_macro" not in intervals and "accuracy" in intervals
+    assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 300}
+    out = run_cli(["run", "--quiet", "--config", str(cfg), "--set", "performance.n_bootstrap=500"], tmp_path / "o")
+    assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 500}
+    # The check's own bound is checked before anything runs.
     out = run_cli(["run", "--quiet", "--config", str(cfg), "--set", "performance.n_bootstrap=50"], tmp_path / "o")
-    assert out.results["checks"]["performance"]["params"] == {"n_bootstrap": 50}
+    assert out.exit_code == 2 and "performance.n_bootstrap" in out.output
 
 
 def test_python_dash_m(tmp_path):

@@ -223,7 +223,7 @@ def test_chance_level_model_fails_pneumoniamnist_by_default_and_all_outputs_agre
     out_dir = tmp_path / "out"
     out = run_cli(["run", "--model", "demo", "--data", npz, "--split", "test",
                    "--checks", "performance,calibration,fairness,backdoor_scan", "--set", "backdoor_scan.n_images=4",
-                   "--set", "backdoor_scan.steps=2", "--gate", "--junit-xml", out_dir / "junit.xml",
+                   "--set", "backdoor_scan.max_steps=2", "--gate", "--junit-xml", out_dir / "junit.xml",
                    "--markdown", out_dir / "summary.md"], out_dir)
     assert out.exit_code == 1, out.output
     results, from_json, terminal, html, md, junit = _statuses_everywhere(out_dir, out.output)
