@@ -34,20 +34,20 @@ DISABLE_AUTOLOAD_ENV = "MCAUDIT_DISABLE_PLUGIN_AUTOLOAD"
 # Short name -> module. Every built-in feature is registered through these, with the same
 # hooks a third-party plugin uses.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("openclip", "mcaudit.models.openclip_loader"),
-    ("hf-clip", "mcaudit.models.hf_clip_loader"),
-    ("formats", "mcaudit.data.formats"),
-    ("outputs", "mcaudit.reports.outputs"),
-    ("performance", "mcaudit.plugins.performance"),
-    ("calibration", "mcaudit.plugins.calibration"),
-    ("fairness", "mcaudit.plugins.fairness"),
-    ("anomaly", "mcaudit.plugins.anomaly"),
-    ("adversarial", "mcaudit.plugins.adversarial"),
-    ("prompt_robustness", "mcaudit.plugins.prompt_robustness"),
-    ("certified", "mcaudit.plugins.certified"),
-    ("backdoor", "mcaudit.plugins.backdoor"),
-    ("backdoor_scan", "mcaudit.plugins.backdoor_scan"),
-    ("saliency", "mcaudit.plugins.saliency"),
+    ("openclip", "mcaudit.plugins.loaders.openclip"),
+    ("hf-clip", "mcaudit.plugins.loaders.hf_clip"),
+    ("formats", "mcaudit.plugins.formats.image_sets"),
+    ("outputs", "mcaudit.plugins.outputs"),
+    ("performance", "mcaudit.plugins.checks.performance"),
+    ("calibration", "mcaudit.plugins.checks.calibration"),
+    ("fairness", "mcaudit.plugins.checks.fairness"),
+    ("anomaly", "mcaudit.plugins.checks.anomaly"),
+    ("adversarial", "mcaudit.plugins.checks.adversarial"),
+    ("prompt_robustness", "mcaudit.plugins.checks.prompt_robustness"),
+    ("certified", "mcaudit.plugins.checks.certified"),
+    ("backdoor", "mcaudit.plugins.checks.backdoor"),
+    ("backdoor_scan", "mcaudit.plugins.checks.backdoor_scan"),
+    ("saliency", "mcaudit.plugins.checks.saliency"),
 )
 
 
@@ -192,7 +192,7 @@ def make_plugin_manager(
         except Exception as exc:  # noqa: BLE001
             raise PluginError(f"-p {spec}: could not import plugin: {_one_line(exc)}") from exc
         if pm.is_registered(module):
-            continue  # e.g. -p mcaudit.plugins.performance, already registered as a built-in
+            continue  # e.g. -p mcaudit.plugins.checks.performance, already registered as a built-in
         try:
             pm.register(module, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:

@@ -42,7 +42,7 @@ def tiny_openclip(seed: int = 0, cfg: dict[str, Any] | None = None):
     """A randomly initialised tiny open_clip model (not an adapter) from ``cfg``."""
     import torch
 
-    from mcaudit.models.openclip_loader import build_model
+    from mcaudit.plugins.loaders.openclip import build_model
 
     torch.manual_seed(seed)
     return build_model(cfg or TINY_MODEL_CFG, None).eval()

@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mcaudit.devices import resolve_device
-    from mcaudit.plugins.saliency_metrics import baseline_images, perturbation_curves, pixel_ranks
+    from mcaudit.plugins.checks.saliency.metrics import baseline_images, perturbation_curves, pixel_ranks
     from mcaudit.testing import load_adapter, make_context, phantom_dataset
 
     device = resolve_device(args.device)

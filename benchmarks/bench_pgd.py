@@ -27,7 +27,7 @@ from _common import machine  # noqa: E402
 
 
 def bare_pgd(ctx, rows, eps_list, steps, batch_size) -> tuple[float, dict[float, float]]:
-    from mcaudit.plugins.adversarial import attack_seed
+    from mcaudit.plugins.checks.adversarial import attack_seed
 
     start = time.perf_counter()
     model = ctx.classifier()
@@ -50,7 +50,7 @@ def bare_pgd(ctx, rows, eps_list, steps, batch_size) -> tuple[float, dict[float,
 
 
 def audit_pgd(ctx, n, eps_list, steps) -> tuple[float, dict[float, float]]:
-    from mcaudit.plugins.adversarial import AdversarialCheck, budget_label
+    from mcaudit.plugins.checks.adversarial import AdversarialCheck, budget_label
 
     params = AdversarialCheck.resolve_params({
         "attacks": ["pgd_linf"], "eps": eps_list, "eps_l2": [], "steps": steps, "n_images": n,
@@ -79,7 +79,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from mcaudit.devices import resolve_device
-    from mcaudit.plugins.adversarial import parse_budgets
+    from mcaudit.plugins.checks.adversarial import parse_budgets
     from mcaudit.testing import load_adapter, make_context, phantom_dataset
 
     device = str(resolve_device(args.device))

@@ -26,7 +26,7 @@ import torch
 
 from mcaudit import InputError, LoaderInfo, ModelAdapter, hookimpl
 from mcaudit.models.checkpoints import load_into, read_state_dict, sha256_file
-from mcaudit.models.openclip_loader import cache_entry, cached_snapshot
+from mcaudit.plugins.loaders.openclip import cache_entry, cached_snapshot
 
 VARIANTS = ("vit", "resnet")
 # ITU-R 601 luma, what PIL's convert("L") uses: MedCLIP's processor makes every image grey.

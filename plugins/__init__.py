@@ -1,1 +1,2 @@
-"""Built-in audit plugins, one module each, registered exactly as third-party plugins are."""
+"""Every built-in plugin: checks, model loaders, data formats and output formats, registered
+exactly as third-party plugins are (see docs/architecture.md)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mcaudit.demo.phantoms import render_phantom
-from mcaudit.models.openclip_loader import build_model, make_tokenizer
+from mcaudit.plugins.loaders.openclip import build_model, make_tokenizer
 from mcaudit.prompts import load_prompts
 
 TRAIN_SITE_WEIGHTS = (0.5, 0.45, 0.05)

@@ -10,8 +10,8 @@ import torch
 import torchattacks
 
 from mcaudit import InputError, ModelAdapter
-from mcaudit.plugins import adversarial as adv
-from mcaudit.plugins.adversarial import AdversarialCheck
+from mcaudit.plugins.checks import adversarial as adv
+from mcaudit.plugins.checks.adversarial import AdversarialCheck
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import demo_prompts, load_adapter, make_context, phantom_dataset
 
@@ -275,7 +275,7 @@ pneumonia = ["pneumonia", "lung consolidation"]
 
 def train_tiny_clip_on_pneumoniamnist(npz_path, seconds_steps: int = 160):
     """Fine-tune the tiny open_clip model on the train split with the zero-shot objective."""
-    from mcaudit.models.openclip_loader import make_tokenizer
+    from mcaudit.plugins.loaders.openclip import make_tokenizer
     from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
 
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def pneumonia_model_folder(tmp_path_factory):
 def test_pneumoniamnist_attacks_lower_accuracy_and_report_shows_curves(pneumonia_model_folder, mcaudit_run):
     npz, folder, prompts = pneumonia_model_folder
     out = mcaudit_run("--model", folder, "--data", npz, "--split", "test", "--prompts", prompts,
-                      "-p", "mcaudit.plugins.adversarial", "--checks", "performance,adversarial", "--profile", "quick",
+                      "-p", "mcaudit.plugins.checks.adversarial", "--checks", "performance,adversarial", "--profile", "quick",
                       "--set", "adversarial.n_images=48", "--set", "adversarial.eps=[\"1/255\", \"4/255\", \"16/255\"]",
                       "--set", "adversarial.eps_l2=[0.25, 1.0]")
     assert out.exit_code == 0, out.output
@@ -343,8 +343,8 @@ def test_pneumoniamnist_attacks_lower_accuracy_and_report_shows_curves(pneumonia
 def test_torchrun_two_processes_share_the_attacked_rows(tmp_path):
     from mcaudit.testing import run_cli, run_torchrun
 
-    args = ["--quiet", "--model", "demo", "--data", "phantom:n=50", "--profile", "quick", "-p", "mcaudit.plugins.adversarial",
-            "-p", "mcaudit.plugins.certified", "--checks", "adversarial,certified", "--set", "adversarial.n_images=12",
+    args = ["--quiet", "--model", "demo", "--data", "phantom:n=50", "--profile", "quick", "-p", "mcaudit.plugins.checks.adversarial",
+            "-p", "mcaudit.plugins.checks.certified", "--checks", "adversarial,certified", "--set", "adversarial.n_images=12",
             "--set", "certified.n_images=12", "--set", "certified.n=16"]
     single = run_cli(["run", *args], tmp_path / "single")
     assert single.exit_code == 0, single.output

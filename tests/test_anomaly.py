@@ -12,10 +12,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 
 from mcaudit import InputError
-from mcaudit.data.formats import mcaudit_load_dataset
+from mcaudit.plugins.formats.image_sets import mcaudit_load_dataset
 from mcaudit.metrics import average_precision, fpr_at_tpr, roc_points
 from mcaudit.models.adapter import ModelAdapter
-from mcaudit.plugins.anomaly import (
+from mcaudit.plugins.checks.anomaly import (
     SCORES,
     _choose_then_measure,
     AnomalyCheck,
@@ -29,7 +29,7 @@ from mcaudit.registry import DataRequest
 from mcaudit.testing import load_adapter, make_context, phantom_dataset
 from mcaudit.testing import derive_status
 
-PLUGIN = "mcaudit.plugins.anomaly"
+PLUGIN = "mcaudit.plugins.checks.anomaly"
 
 
 def params(**given):
@@ -390,7 +390,7 @@ def test_without_ood_the_ood_thresholds_are_not_evaluated_with_the_reason(genera
 def test_delong_interval_agrees_with_the_pairwise_definition():
     from scipy.stats import norm
 
-    from mcaudit.plugins.anomaly import delong_interval
+    from mcaudit.plugins.checks.anomaly import delong_interval
 
     rng = np.random.default_rng(4)
     for m, k in [(12, 30), (80, 50)]:
@@ -410,7 +410,7 @@ def test_delong_interval_covers_the_true_auroc():
     60 and 40 images, and at least 93% of the 95% intervals contain the truth."""
     from scipy.stats import norm
 
-    from mcaudit.plugins.anomaly import delong_interval
+    from mcaudit.plugins.checks.anomaly import delong_interval
 
     rng = np.random.default_rng(5)
     d = 1.0

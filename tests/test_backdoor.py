@@ -18,7 +18,7 @@ from sklearn.metrics import accuracy_score
 
 from mcaudit import InputError
 from mcaudit.models.adapter import ModelAdapter
-from mcaudit.plugins.backdoor import BackdoorCheck
+from mcaudit.plugins.checks.backdoor import BackdoorCheck
 from mcaudit.testing import demo_prompts, make_context
 
 from mcaudit.testing import derive_status
@@ -46,7 +46,7 @@ def demo_ctx(mcaudit_demo_model):
 
 
 def run_backdoor(ctx, **params):
-    from mcaudit.plugins.backdoor import BackdoorCheck
+    from mcaudit.plugins.checks.backdoor import BackdoorCheck
 
     return BackdoorCheck().run(ctx, BackdoorCheck.resolve_params(DEMO_ATTACK | params))
 
@@ -200,7 +200,7 @@ def test_bad_parameters_are_input_errors(demo_ctx, param, value):
 
 def test_both_sections_in_the_html_report(mcaudit_run):
     out = mcaudit_run("--checks", "backdoor,backdoor_scan",
-                      "-p", "mcaudit.plugins.backdoor", "-p", "mcaudit.plugins.backdoor_scan")
+                      "-p", "mcaudit.plugins.checks.backdoor", "-p", "mcaudit.plugins.checks.backdoor_scan")
     assert out.exit_code == 0, out.output
     checks = out.results["checks"]
     for name in ("backdoor", "backdoor_scan"):
@@ -266,7 +266,7 @@ def test_a_base_rate_that_leaves_no_room_is_not_evaluated_never_pass(mcaudit_pha
     (0, 0, False),
 ])
 def test_room_for_attack_success(base_hits, n, judged):
-    from mcaudit.plugins.backdoor import no_room_reason
+    from mcaudit.plugins.checks.backdoor import no_room_reason
 
     assert (no_room_reason(base_hits, n, 0.5, "opacity") == "") is judged
 

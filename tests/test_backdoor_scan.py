@@ -93,7 +93,7 @@ class StripeDataset(AuditDataset):
 
 def train(model, classes, seed: int, steps: int, poison_share: float = 0.0, lr: float = 1e-3):
     """Zero-shot objective on stripe images vs one caption per class (as scripts/train_demo.py)."""
-    from mcaudit.models.openclip_loader import make_tokenizer
+    from mcaudit.plugins.loaders.openclip import make_tokenizer
 
     torch.manual_seed(seed)
     model.train().requires_grad_(True)  # a loaded model comes frozen
@@ -185,7 +185,7 @@ def each_scan_once():
     """Trigger inversion is deterministic (checked below), so a model's triggers on the same
     images with the same parameters are optimised once per module: the reference's are shared
     by six audits, and an audit with and without a reference shares the audited model's."""
-    from mcaudit.plugins import backdoor_scan
+    from mcaudit.plugins.checks import backdoor_scan
 
     original, memo = backdoor_scan.scan_model, {}
 
@@ -203,7 +203,7 @@ def each_scan_once():
 
 
 def scan(model, dataset, classes, **params):
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     ctx = make_context(model, dataset, prompts=prompts(classes))
     return ctx, BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params(params))
@@ -211,7 +211,7 @@ def scan(model, dataset, classes, **params):
 
 def status_of(result) -> str:
     """The status the host derives from the check's default thresholds and findings."""
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     return derive_status(BackdoorScanCheck, result)[0]
 
@@ -302,7 +302,7 @@ def test_reference_must_classify_better_than_chance(backdoored3, data3, tmp_path
 
 def test_host_loader_from_the_context_is_used(backdoored3, base3, data3):
     """A host that knows extra loaders (-p plugins) hands its own over in ctx.options."""
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     asked = []
 
@@ -371,7 +371,7 @@ def test_mad_rule_flags_nothing_on_the_clean_model(clean8, data8):
 
 def test_reversed_success_of_the_planted_stamp(backdoored8, data8):
     """Scoring a known trigger (the planted stamp) agrees with stamping the images by hand."""
-    from mcaudit.plugins.backdoor_scan import reversed_attack_success
+    from mcaudit.plugins.checks.backdoor_scan import reversed_attack_success
 
     ctx = make_context(backdoored8, data8, prompts=prompts(CLASSES8))
     mask = torch.zeros(1, 1, SIZE, SIZE)
@@ -385,7 +385,7 @@ def test_reversed_success_of_the_planted_stamp(backdoored8, data8):
 
 
 def test_scan_is_deterministic_frozen_and_subsamples_classes(clean8, data8, each_scan_once):
-    from mcaudit.plugins import backdoor_scan
+    from mcaudit.plugins.checks import backdoor_scan
 
     clean8 = clean8[1]
     before = _weights_digest(clean8)
@@ -418,7 +418,7 @@ def _weights_digest(model) -> str:
 def test_anomaly_index_matches_scipy_mad():
     from scipy.stats import median_abs_deviation
 
-    from mcaudit.plugins.backdoor_scan import anomaly_index
+    from mcaudit.plugins.checks.backdoor_scan import anomaly_index
 
     norms = np.array([410.0, 395.0, 12.0, 388.0, 402.0, 377.0, 420.0])
     expected = (np.median(norms) - norms) / median_abs_deviation(norms, scale="normal")
@@ -432,7 +432,7 @@ def test_anomaly_index_matches_scipy_mad():
 def test_mad_minimum_matches_its_simulated_false_flag_rate():
     """MAD_MIN_CLASSES is the size from which clean classes with normal mask sizes are flagged
     at most 5% of the time, the level Neural Cleanse's 'index > 2' reading promises."""
-    from mcaudit.plugins.backdoor_scan import MAD_MIN_CLASSES, anomaly_index
+    from mcaudit.plugins.checks.backdoor_scan import MAD_MIN_CLASSES, anomaly_index
 
     rng = np.random.default_rng(0)
 
@@ -451,7 +451,7 @@ def test_mad_minimum_matches_its_simulated_false_flag_rate():
 
 
 def test_two_classes_without_reference_are_not_evaluated(mcaudit_demo_model, mcaudit_phantoms):
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     ctx = make_context(mcaudit_demo_model, mcaudit_phantoms(40, seed=3))
     params = BackdoorScanCheck.resolve_params(BackdoorScanCheck.profile_params("quick"))
@@ -463,7 +463,7 @@ def test_two_classes_without_reference_are_not_evaluated(mcaudit_demo_model, mca
 
 
 def test_profiles_set_known_parameters_and_standard_is_the_default():
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     for values in BackdoorScanCheck.profiles.values():
         BackdoorScanCheck.resolve_params(values)
@@ -478,7 +478,7 @@ def test_profiles_set_known_parameters_and_standard_is_the_default():
                                           ("anomaly_threshold", -1.0), ("max_classes", 0), ("n_eval", -1),
                                           ("patience", 0), ("restarts", 0), ("reference_ratio", 1.0)])
 def test_bad_parameters_are_input_errors(param, value):
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     # parameters are checked before the context is touched
     with pytest.raises(InputError, match=f"backdoor_scan.{param}"):
@@ -491,7 +491,7 @@ def test_bad_parameters_are_input_errors(param, value):
     ({"reference_model": "no-loader-knows-this:thing"}, "backdoor_scan.reference_model"),
 ])
 def test_bad_reference_is_an_input_error(mcaudit_demo_model, mcaudit_phantoms, given, message):
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     ctx = make_context(mcaudit_demo_model, mcaudit_phantoms(20, seed=3))
     with pytest.raises(InputError, match=message):
@@ -499,7 +499,7 @@ def test_bad_reference_is_an_input_error(mcaudit_demo_model, mcaudit_phantoms, g
 
 
 def test_reference_of_another_image_size_is_an_input_error(backdoored3, data3, mcaudit_demo_model):
-    from mcaudit.plugins.backdoor_scan import BackdoorScanCheck
+    from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
     ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": lambda s, c: mcaudit_demo_model})
     with pytest.raises(InputError, match="image size"):

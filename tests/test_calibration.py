@@ -9,7 +9,7 @@ import torch
 
 from mcaudit import InputError
 from mcaudit.metrics import equal_width_edges, expected_calibration_error
-from mcaudit.plugins.calibration import CalibrationCheck, debiased_ece_rows, fit_temperature
+from mcaudit.plugins.checks.calibration import CalibrationCheck, debiased_ece_rows, fit_temperature
 from mcaudit.testing import run_cli
 
 SMALL = ["--model", "demo", "--data", "phantom:n=64", "--batch-size", "16", "--group", "site"]
@@ -207,7 +207,7 @@ def test_no_extra_image_encoder_pass_and_report_sections(tmp_path, mcaudit_encod
     assert alone.exit_code == 0, alone.output
     alone_calls = list(calls)
     calls.clear()
-    both = run_cli(["run", "--quiet", *SMALL, "-p", "mcaudit.plugins.calibration", "-p", "mcaudit.plugins.fairness",
+    both = run_cli(["run", "--quiet", *SMALL, "-p", "mcaudit.plugins.checks.calibration", "-p", "mcaudit.plugins.checks.fairness",
                     "--checks", "performance,calibration,fairness", "--set", "fairness.n_permutations=50",
                     "--set", "fairness.n_bootstrap=20", "--set", "calibration.n_bootstrap=20"], tmp_path / "b")
     assert both.exit_code == 0, both.output

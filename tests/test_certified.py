@@ -9,7 +9,7 @@ from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
 from mcaudit import InputError, ModelAdapter
-from mcaudit.plugins.certified import CertifiedCheck, certified_accuracy, clopper_pearson_lower
+from mcaudit.plugins.checks.certified import CertifiedCheck, certified_accuracy, clopper_pearson_lower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
 from mcaudit.testing import derive_status
@@ -136,7 +136,7 @@ def test_same_seed_same_result_bad_parameters_and_report(tmp_path):
                   dict(n_images=-2)):
         with pytest.raises(InputError, match="certified"):
             run_check(ctx, **given)
-    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.certified", "--checks", "certified", "--model", "demo",
+    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.checks.certified", "--checks", "certified", "--model", "demo",
                    "--data", "phantom:n=40", "--profile", "quick", "--set", "certified.n_images=6",
                    "--set", "certified.n=16"], tmp_path / "out")
     assert out.exit_code == 0, out.output
@@ -176,7 +176,7 @@ def test_counts_intervals_and_the_gated_radius(tmp_path):
 def test_best_of_interval_covers_the_best_noise_level():
     """Simulated: three noise levels certified on the same 50 images; the interval of the best
     observed one must contain the best true certified accuracy at least 95% of the time."""
-    from mcaudit.plugins.certified import best_of_interval
+    from mcaudit.plugins.checks.certified import best_of_interval
 
     rng = np.random.default_rng(0)
     truth = np.array([0.55, 0.6, 0.62])

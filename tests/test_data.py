@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score
 
 from mcaudit.data.dicom import read_dicom
-from mcaudit.data.formats import load_image_folder, load_manifest, load_medmnist
+from mcaudit.plugins.formats.image_sets import load_image_folder, load_manifest, load_medmnist
 from mcaudit.data.images import UnreadableImage, read_image
 from mcaudit.errors import InputError
 from mcaudit.registry import DataRequest

@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 from conftest import shared
 from mcaudit import InputError
-from mcaudit.plugins.fairness import FairnessCheck, holm_adjust
+from mcaudit.plugins.checks.fairness import FairnessCheck, holm_adjust
 from mcaudit.testing import make_context, phantom_dataset, run_cli, save_openclip_folder, tiny_openclip
 
 
@@ -319,7 +319,7 @@ def test_demo_model_site_effect_found_and_shuffled_sites_not(demo_context):
 
 
 def test_demo_run_shows_site_effect(tmp_path):
-    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.fairness", "--checks", "fairness",
+    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.checks.fairness", "--checks", "fairness",
                    "--set", "fairness.n_permutations=200", "--set", "fairness.n_bootstrap=50"], tmp_path / "o")
     assert out.exit_code == 0, out.output
     fair = out.results["checks"]["fairness"]
@@ -343,7 +343,7 @@ def tiny_model_folder(tmp_path_factory):
                                               ("ham10000/manifest.csv", ["sex", "age", "site"])])
 def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manifest, columns):
     path = shared(manifest)
-    args = ["run", "--quiet", "--model", str(tiny_model_folder), "--data", str(path), "-p", "mcaudit.plugins.fairness",
+    args = ["run", "--quiet", "--model", str(tiny_model_folder), "--data", str(path), "-p", "mcaudit.plugins.checks.fairness",
             "--checks", "performance,fairness", "--set", "fairness.n_permutations=100", "--set", "fairness.n_bootstrap=60"]
     for c in columns:
         args += ["--group", c]
@@ -364,7 +364,7 @@ def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manife
 
 # -- the chunked permutation test equals the plain per-shuffle loop -----------------------------
 def _outcomes(n=240, k=3, seed=0):
-    from mcaudit.plugins.fairness import Outcomes
+    from mcaudit.plugins.checks.fairness import Outcomes
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(k), size=n)
@@ -375,7 +375,7 @@ def _outcomes(n=240, k=3, seed=0):
 
 
 def test_permuted_auroc_equals_grouped_auroc_permutation_by_permutation():
-    from mcaudit.plugins.fairness import grouped_auroc, permuted_auroc
+    from mcaudit.plugins.checks.fairness import grouped_auroc, permuted_auroc
 
     o = _outcomes()
     rng = np.random.default_rng(1)
@@ -395,7 +395,7 @@ def test_permuted_auroc_equals_grouped_auroc_permutation_by_permutation():
 
 @pytest.mark.parametrize("macro", [False, True])
 def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
-    from mcaudit.plugins.fairness import GROUP_METRICS, Settings, gap_statistics, measure_groups, permutation_test
+    from mcaudit.plugins.checks.fairness import GROUP_METRICS, Settings, gap_statistics, measure_groups, permutation_test
 
     o = _outcomes(seed=2)
     codes = np.random.default_rng(3).integers(0, 4, len(o.labels))
@@ -432,7 +432,7 @@ def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
 
 
 def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
-    from mcaudit.plugins.fairness import batched_auroc, grouped_auroc
+    from mcaudit.plugins.checks.fairness import batched_auroc, grouped_auroc
 
     o = _outcomes(seed=5)
     rng = np.random.default_rng(6)
@@ -447,7 +447,7 @@ def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
 
 
 def test_chunked_bootstrap_equals_the_per_replicate_loop():
-    from mcaudit.plugins.fairness import Grouping, Settings, bootstrap_columns, measure_groups, prepare_column
+    from mcaudit.plugins.checks.fairness import Grouping, Settings, bootstrap_columns, measure_groups, prepare_column
 
     o = _outcomes(seed=7)
     s = Settings(positives=[1], positive_label="", macro=False, min_group_size=10, quantile_bins=4, edges={},
@@ -459,7 +459,7 @@ def test_chunked_bootstrap_equals_the_per_replicate_loop():
         boots = bootstrap_columns(o, audits, s, np.random.default_rng(10), clusters)
         # the loop the chunked version replaced, one replicate and one column at a time
         rng = np.random.default_rng(10)
-        from mcaudit.plugins.fairness import resample_chunks
+        from mcaudit.plugins.checks.fairness import resample_chunks
 
         replicates = [r for chunk in resample_chunks(len(o.labels), clusters, rng, s.n_bootstrap) for r in chunk]
         assert len(replicates) == 90
@@ -475,7 +475,7 @@ def test_chunked_bootstrap_equals_the_per_replicate_loop():
 
 
 def test_max_difference_interval_covers_every_pair():
-    from mcaudit.plugins.fairness import max_difference_interval, min_value_interval
+    from mcaudit.plugins.checks.fairness import max_difference_interval, min_value_interval
 
     rng = np.random.default_rng(0)
     observed = np.array([0.10, -0.02, 0.05])

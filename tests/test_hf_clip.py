@@ -23,7 +23,7 @@ from mcaudit.testing import run_cli
 
 transformers = pytest.importorskip("transformers")
 
-HF_PLUGIN = "mcaudit.models.hf_clip_loader"
+HF_PLUGIN = "mcaudit.plugins.loaders.hf_clip"
 PROMPTS = ["a photo of normal.", "a chest x-ray showing opacity.", "an image"]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 # The adversarial check sized for a plumbing test: the gradients must flow, nothing more.
@@ -259,8 +259,8 @@ def test_audit_end_to_end_from_a_folder_and_from_the_cache(offline, tmp_path, mo
     from importlib.util import find_spec
 
     checks = ["--checks", "performance"]
-    if find_spec("mcaudit.plugins.adversarial") is not None:
-        checks = ["-p", "mcaudit.plugins.adversarial", "--checks", "performance,adversarial", *QUICK_ATTACKS]
+    if find_spec("mcaudit.plugins.checks.adversarial") is not None:
+        checks = ["-p", "mcaudit.plugins.checks.adversarial", "--checks", "performance,adversarial", *QUICK_ATTACKS]
     out = audit(tmp_path, "--model", modern_folder, "--data", "phantom:n=24", *checks)
     assert out.exit_code == 0, out.output
     results = out.results
@@ -348,7 +348,7 @@ def test_sharded_checkpoint_is_read_from_its_index(tmp_path, modern_folder):
 
 # -- claiming specs and the optional dependency ------------------------------------------------
 def test_specs_of_other_loaders_are_left_alone(tmp_path):
-    from mcaudit.models import hf_clip_loader
+    from mcaudit.plugins.loaders import hf_clip as hf_clip_loader
 
     request = ModelRequest()
     for spec in ("demo", "ViT-B-16", "hf-hub:org/name", "medclip:vit", "configs/arch.json"):

@@ -275,7 +275,7 @@ def test_clean_manifest_has_no_data_warnings(tmp_path, tiny_folder):
 
 
 def test_single_class_folder_and_npz_are_warned_about(tmp_path):
-    from mcaudit.data.formats import load_image_folder, load_medmnist
+    from mcaudit.plugins.formats.image_sets import load_image_folder, load_medmnist
     from mcaudit.registry import DataRequest
 
     (tmp_path / "f" / "normal").mkdir(parents=True)
@@ -406,7 +406,7 @@ def test_input_error_from_a_loader_stays_a_usage_error(tmp_path, monkeypatch):
 def test_check_name_conflict_is_still_an_error(tmp_path, monkeypatch):
     name = write_plugin(tmp_path, monkeypatch, "twin_performance", """
         from mcaudit import hookimpl
-        from mcaudit.plugins.performance import PerformanceCheck
+        from mcaudit.plugins.checks.performance import PerformanceCheck
 
         @hookimpl
         def mcaudit_register_checks(register):
@@ -421,7 +421,7 @@ def test_block_by_module_name():
     from mcaudit.catalog import build_catalog
     from mcaudit.plugin_manager import make_plugin_manager
 
-    manager = make_plugin_manager(block=["mcaudit.plugins.performance"], autoload=False)
+    manager = make_plugin_manager(block=["mcaudit.plugins.checks.performance"], autoload=False)
     assert "performance" not in manager.plugin_names()
     assert "performance" not in build_catalog(manager).checks
     assert manager.warnings == []

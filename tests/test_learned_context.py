@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from mcaudit.models.openclip_adapter import OpenClipAdapter
+from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
 from mcaudit.testing import TINY_MODEL_CFG, demo_prompts
 
 CLASS_NAMES = ["clear lungs", "a focal opacity", "a lung nodule"]

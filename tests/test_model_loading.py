@@ -18,8 +18,8 @@ import torch
 from conftest import NETWORK_ATTEMPTS, put_in_hub_cache
 
 from mcaudit.errors import InputError
-from mcaudit.models import openclip_loader
-from mcaudit.models.openclip_loader import build_model
+from mcaudit.plugins.loaders import openclip as openclip_loader
+from mcaudit.plugins.loaders.openclip import build_model
 from mcaudit.plugin_manager import make_plugin_manager
 from mcaudit.registry import ModelRequest
 from mcaudit.testing import TINY_MODEL_CFG, run_cli, save_openclip_folder, tiny_openclip
@@ -140,9 +140,9 @@ def audit(tmp_path, *args, out="out"):
 def checks_to_run():
     from importlib.util import find_spec
 
-    if find_spec("mcaudit.plugins.adversarial") is None:
+    if find_spec("mcaudit.plugins.checks.adversarial") is None:
         return ["--checks", "performance"]
-    return ["-p", "mcaudit.plugins.adversarial", "--checks", "performance,adversarial", *QUICK_ATTACKS]
+    return ["-p", "mcaudit.plugins.checks.adversarial", "--checks", "performance,adversarial", *QUICK_ATTACKS]
 
 
 def assert_audited(outcome, loader="openclip"):
@@ -329,7 +329,7 @@ def test_open_clip_loader_leaves_bare_hub_ids_and_other_schemes_alone():
 
 
 def test_plugins_lists_every_loader_with_its_spec_forms():
-    out = run_cli(["plugins", "-p", "mcaudit.models.hf_clip_loader", "-p", str(MEDCLIP_EXAMPLE)])
+    out = run_cli(["plugins", "-p", "mcaudit.plugins.loaders.hf_clip", "-p", str(MEDCLIP_EXAMPLE)])
     assert out.exit_code == 0, out.output
     section = out.output.split("Model loaders:")[1].split("Data formats:")[0]
     for form in ("--model ARCH --checkpoint FILE", "--model hf-hub:ORG/NAME", "--model demo",

@@ -9,7 +9,7 @@ from mcaudit.metrics import AUROC_CLUSTER_METHOD, AUROC_METHOD, wilson_interval
 
 
 def run_performance(ctx, **given):
-    from mcaudit.plugins.performance import PerformanceCheck
+    from mcaudit.plugins.checks.performance import PerformanceCheck
 
     check = PerformanceCheck()
     return check.run(ctx, check.resolve_params(given))
@@ -77,7 +77,7 @@ def test_pneumoniamnist_accuracy_interval_is_as_wide_as_the_sampling_spread(mcau
     # demo model on the 624 test images, where the sampling spread alone is about 0.076.
     from conftest import shared
 
-    from mcaudit.data.formats import load_medmnist
+    from mcaudit.plugins.formats.image_sets import load_medmnist
     from mcaudit.registry import DataRequest
     from mcaudit.testing import make_context
 
@@ -107,7 +107,7 @@ def write_manifest(folder, header, rows):
 
 @pytest.mark.parametrize("column", ["subject", "subject_id", "patient", "patient_id"])
 def test_manifest_subject_column_fills_record_subject_not_groups(tmp_path, column):
-    from mcaudit.data.formats import load_manifest
+    from mcaudit.plugins.formats.image_sets import load_manifest
     from mcaudit.registry import DataRequest
 
     path = write_manifest(tmp_path, ["path", "label", column, "sex"],
@@ -121,7 +121,7 @@ def test_manifest_subject_column_fills_record_subject_not_groups(tmp_path, colum
 
 
 def test_manifest_without_subject_column_has_no_subjects(tmp_path):
-    from mcaudit.data.formats import load_manifest
+    from mcaudit.plugins.formats.image_sets import load_manifest
     from mcaudit.registry import DataRequest
 
     ds = load_manifest(write_manifest(tmp_path, ["path", "label", "site"], [["a.png", "x", "s1"]]), DataRequest())
@@ -143,7 +143,7 @@ def test_oasis_views_of_one_subject_are_resampled_together(mcaudit_demo_model, t
 
     from conftest import shared
 
-    from mcaudit.data.formats import load_manifest
+    from mcaudit.plugins.formats.image_sets import load_manifest
     from mcaudit.registry import DataRequest
     from mcaudit.testing import make_context
 

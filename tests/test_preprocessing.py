@@ -24,7 +24,7 @@ from conftest import shared
 
 from mcaudit.data.dataset import AuditDataset, to_model_size
 from mcaudit.data.dicom import read_dicom
-from mcaudit.data.formats import load_manifest
+from mcaudit.plugins.formats.image_sets import load_manifest
 from mcaudit.forward import run_forward
 from mcaudit.models.adapter import ModelAdapter, ZeroShotClassifier
 from mcaudit.models.preprocessing import ModelPreprocessing, open_clip_preprocessing
@@ -202,7 +202,7 @@ def load_hf(folder: Path) -> ModelAdapter:
     from mcaudit.plugin_manager import make_plugin_manager
     from mcaudit.registry import ModelRequest
 
-    manager = make_plugin_manager(load=["mcaudit.models.hf_clip_loader"], autoload=False)
+    manager = make_plugin_manager(load=["mcaudit.plugins.loaders.hf_clip"], autoload=False)
     return manager.hook.mcaudit_load_model(spec=str(folder), request=ModelRequest()).eval()
 
 

@@ -12,8 +12,8 @@ from sklearn.metrics import accuracy_score
 from mcaudit import InputError, ModelAdapter
 from mcaudit.context import AuditContext
 from mcaudit.forward import ForwardOutputs
-from mcaudit.plugins import prompt_robustness as pr
-from mcaudit.plugins.prompt_robustness import PromptRobustnessCheck
+from mcaudit.plugins.checks import prompt_robustness as pr
+from mcaudit.plugins.checks.prompt_robustness import PromptRobustnessCheck
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, phantom_dataset, run_cli
 
@@ -224,7 +224,7 @@ def test_same_seed_same_result_and_cli_report(tmp_path):
     ctx = toy_context(n=60)
     a, b = run_check(ctx, max_candidates=8), run_check(ctx, max_candidates=8)
     assert a.metrics == b.metrics and a.details == b.details
-    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.prompt_robustness", "--checks", "prompt_robustness",
+    out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.checks.prompt_robustness", "--checks", "prompt_robustness",
                    "--data", "phantom:n=60", "--model", "demo", "--set", "prompt_robustness.max_candidates=8"],
                   tmp_path / "out")
     assert out.exit_code == 0, out.output

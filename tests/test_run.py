@@ -11,7 +11,7 @@ import torch
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from mcaudit.plugins.performance import PerformanceCheck
+from mcaudit.plugins.checks.performance import PerformanceCheck
 from mcaudit.testing import run_cli
 
 SMALL = ["--model", "demo", "--data", "phantom:n=60", "--checks", "performance"]

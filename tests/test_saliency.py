@@ -1,4 +1,4 @@
-"""Tests of the saliency check (plugins/saliency.py and its helper modules)."""
+"""Tests of the saliency check (plugins/checks/saliency/ and its helper modules)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 from mcaudit import InputError
 from mcaudit.data.dataset import AuditDataset, Record
-from mcaudit.plugins.saliency import SaliencyCheck
-from mcaudit.plugins.saliency_attributions import AttributionSettings, attribution_maps
-from mcaudit.plugins.saliency_metrics import (
+from mcaudit.plugins.checks.saliency import SaliencyCheck
+from mcaudit.plugins.checks.saliency.attributions import AttributionSettings, attribution_maps
+from mcaudit.plugins.checks.saliency.metrics import (
     baseline_images,
     curve_area,
     mass_inside,
@@ -27,7 +27,7 @@ from mcaudit.plugins.saliency_metrics import (
     structural_similarity,
     top_fraction_iou,
 )
-from mcaudit.plugins.saliency_tower import find_image_tower
+from mcaudit.plugins.checks.saliency.tower import find_image_tower
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
 
@@ -234,14 +234,14 @@ def test_bootstrap_intervals_over_images_match_scipy(square_result):
     (0.45, None, "pass"), (float("nan"), None, "no verdict"),
 ])
 def test_sanity_verdict_is_decided_on_the_interval(spearman, interval, verdict):
-    from mcaudit.plugins.saliency import _sanity_verdicts
+    from mcaudit.plugins.checks.saliency import _sanity_verdicts
 
     intervals = {"saliency.randomisation_spearman": interval} if interval else {}
     assert _sanity_verdicts(["saliency"], {"saliency.randomisation_spearman": spearman}, intervals, 0.5) == {"saliency": verdict}
 
 
 def test_no_method_clearly_passing_is_inconclusive_and_none_is_recommended():
-    from mcaudit.plugins.saliency import _recommend
+    from mcaudit.plugins.checks.saliency import _recommend
 
     metrics = {"saliency.deletion_gain": 1.0, "saliency.insertion_gain": 1.0, "grad_cam.deletion_gain": 2.0, "grad_cam.insertion_gain": 2.0}
     recommended, findings, not_evaluated = _recommend(["saliency", "grad_cam"], metrics, {},
@@ -475,7 +475,7 @@ def test_vit_grad_cam_matches_hand_written_hooks(square_model, square_context):
 
 def test_timm_vit_grad_cam_matches_hand_written_hooks():
     """BiomedCLIP's image tower is a timm ViT trunk inside open_clip's TimmModel."""
-    from mcaudit.models.openclip_adapter import OpenClipAdapter
+    from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
 
     cfg = {
         "embed_dim": 16,
@@ -520,7 +520,7 @@ def test_resnet_tower_uses_the_last_conv_stage():
         "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
     }
     model = tiny_openclip(0, cfg)
-    from mcaudit.models.openclip_adapter import OpenClipAdapter
+    from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
 
     adapter = OpenClipAdapter(model, None, spec="resnet", image_size=(64, 64), mean=[0.5] * 3, std=[0.25] * 3).eval()
     classifier = adapter.zero_shot_classifier(torch.nn.functional.normalize(torch.randn(2, 16), dim=-1))
@@ -614,7 +614,7 @@ def audit_saliency_on(manifest: Path, tmp_path: Path, n_images: int):
 
     folder = save_openclip_folder(tiny_openclip(0), tmp_path / "tiny")
     outcome = run_cli([
-        "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.saliency",
+        "run", "--quiet", "--model", folder, "--data", manifest, "--checks", "saliency", "-p", "mcaudit.plugins.checks.saliency",
         "--set", "saliency.methods=saliency,grad_cam", "--set", f"saliency.n_images={n_images}", "--set", "saliency.steps=4",
         "--set", "saliency.cascade_points=1", "--device", "cpu",
     ], tmp_path / "out")
@@ -660,7 +660,7 @@ def test_tbx11k_boxes_from_coco_annotations(tmp_path):
     assert sorted(r["label"] for r in rows) == ["health", "tb", "tb"]
     assert sum(len(r["boxes"].split(";")) for r in rows if r["boxes"]) == len(coco["annotations"])
 
-    from mcaudit.data.formats import load_manifest
+    from mcaudit.plugins.formats.image_sets import load_manifest
     from mcaudit.registry import DataRequest
 
     data = load_manifest(manifest, DataRequest(image_size=(64, 64)))

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcaudit.models.openclip_adapter import OpenClipAdapter
-from mcaudit.models.openclip_loader import make_tokenizer
+from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
+from mcaudit.plugins.loaders.openclip import make_tokenizer
 from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
 
 PROMPTS = [

@@ -262,7 +262,7 @@ pneumonia = ["pneumonia", "lung consolidation"]
 
 def _train_pneumonia_model(npz_path, steps: int = 200):
     """A tiny open_clip model fine-tuned on PneumoniaMNIST's train split with the zero-shot objective."""
-    from mcaudit.models.openclip_loader import make_tokenizer
+    from mcaudit.plugins.loaders.openclip import make_tokenizer
     from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
 
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def test_gate_reapplies_the_defaults_recorded_in_results_not_todays(tmp_path, mo
     recorded = {t["name"]: t for t in out.results["thresholds_in_force"]}
     assert recorded["performance.recall.*"]["rule"] == ">= 0.5" and recorded["performance.recall.*"]["source"] == "default"
     # Tamper with the installed check's defaults: the same results.json must gate as it was judged.
-    from mcaudit.plugins.performance import PerformanceCheck
+    from mcaudit.plugins.checks.performance import PerformanceCheck
 
     monkeypatch.setattr(PerformanceCheck, "default_thresholds", {"accuracy": ">= 0.9999"})
     again = run_cli(["gate", str(results_file)])

@@ -12,7 +12,7 @@ import torch
 from mcaudit.batching import in_batches
 from mcaudit.models.adapter import ZeroShotClassifier
 
-from .saliency_tower import ImageTower
+from .tower import ImageTower
 
 METHOD_LABELS = {
     "integrated_gradients": "Integrated Gradients",

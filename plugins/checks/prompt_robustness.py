@@ -51,7 +51,7 @@ NEIGHBOURS = keyboard_neighbours()
 # -- the synonym list ------------------------------------------------------------------
 def load_synonym_groups(path: str | Path | None = None) -> list[list[str]]:
     """The shipped synonym groups, plus those of ``path`` when given."""
-    shipped = resources.files("mcaudit.plugins") / "medical_synonyms.toml"
+    shipped = resources.files("mcaudit.plugins.checks") / "medical_synonyms.toml"
     groups = _read_groups(shipped.read_text(encoding="utf-8"), "medical_synonyms.toml")
     if path:
         p = Path(path)

@@ -29,7 +29,7 @@ from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
-from mcaudit.models.openclip_loader import HUB_ID, OPENAI_MEAN, OPENAI_STD, cache_entry, cached_snapshot, hub_cache_dir
+from mcaudit.plugins.loaders.openclip import HUB_ID, OPENAI_MEAN, OPENAI_STD, cache_entry, cached_snapshot, hub_cache_dir
 from mcaudit.models.preprocessing import hf_processor_preprocessing, processor_scale
 from mcaudit.registry import LoaderInfo, ModelRequest
 

@@ -33,7 +33,7 @@ import torch
 from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
-from mcaudit.models.openclip_adapter import OpenClipAdapter
+from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
 from mcaudit.models.preprocessing import open_clip_preprocessing
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
 from mcaudit.registry import LoaderInfo, ModelRequest

@@ -14,7 +14,7 @@ import numpy as np
 
 from mcaudit.data.dataset import AuditDataset, Record
 from mcaudit.data.images import MAX_IMAGE_PIXELS, UnreadableImage, is_dicom
-from mcaudit.data.medmnist_names import MEDMNIST_CLASSES
+from mcaudit.plugins.formats.medmnist_names import MEDMNIST_CLASSES
 from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.registry import DataRequest, FormatInfo

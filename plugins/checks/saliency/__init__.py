@@ -30,8 +30,8 @@ import torch
 from mcaudit import Check, CheckResult, Finding, InputError, Param, Table, hookimpl
 from mcaudit.metrics import bootstrap_interval
 
-from .saliency_attributions import METHOD_LABELS, AttributionSettings, attribution_maps
-from .saliency_metrics import (
+from .attributions import METHOD_LABELS, AttributionSettings, attribution_maps
+from .metrics import (
     BASELINES,
     baseline_images,
     curve_area,
@@ -45,7 +45,7 @@ from .saliency_metrics import (
     structural_similarity,
     top_fraction_iou,
 )
-from .saliency_tower import detached_copy, find_image_tower, frozen_parameters, randomise_parameters
+from .tower import detached_copy, find_image_tower, frozen_parameters, randomise_parameters
 
 MAX_OVERLAY_ROWS = 12
 LOCALISATION = ("pointing_game", "mass_in_mask", "top_iou")
@@ -511,7 +511,7 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts) -
 def _figures(ctx, rows, local, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name):
     """The report's figures. ``has_mask``, the curves and the cascade cover all of ``rows``;
     ``pixels``, ``maps`` and ``masks`` only the ``local`` rows this process explained."""
-    from .saliency_figures import cascade_figure, curves_figure, overlay_grid
+    from .figures import cascade_figure, curves_figure, overlay_grid
 
     labels = dict(METHOD_LABELS, random="random order")
     chosen = _overlay_rows(ctx, rows, has_mask, params["overlays_per_class"])

@@ -1,0 +1,1 @@
+"""Built-in data formats: CSV manifests, image folders, MedMNIST, DICOM, phantoms."""
