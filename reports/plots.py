@@ -15,6 +15,46 @@ import numpy as np  # noqa: E402
 from mcaudit.checks import Figure  # noqa: E402
 
 
+def short_label(text: str, width: int = 24) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis, for axis and legend labels."""
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def to_hwc(image) -> np.ndarray:
+    """A C x H x W image (torch tensor or numpy array, 1 or 3 channels) as H x W x 3 numpy
+    floats in [0, 1], which is what ``imshow`` and the image grids take."""
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3):
+        arr = np.transpose(arr, (1, 2, 0))
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def roc_figure(curves, title: str, caption: str = "", xlabel: str = "false positive rate",
+               ylabel: str = "true positive rate", legend_title: str = "(AUROC)", tpr_line: float | None = None) -> Figure:
+    """ROC curves, one per ``(label, positive, scores)``: each labelled with its AUROC, the
+    chance diagonal dotted, and optionally a dashed line at ``tpr_line``."""
+    from mcaudit.metrics import auroc_binary, roc_points
+
+    fig, ax = new_figure(5.2, 4.0)
+    for label, positive, scores in curves:
+        fpr, tpr, _ = roc_points(positive, scores)
+        ax.plot(fpr, tpr, label=f"{short_label(label)} ({auroc_binary(positive, scores):.3f})", lw=1.4)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    if tpr_line is not None:
+        ax.axhline(tpr_line, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right", title=legend_title, title_fontsize=7)
+    return to_figure(fig, title, caption)
+
+
 def new_figure(width: float = 5.0, height: float = 3.6):
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
     return fig, ax
