@@ -256,10 +256,18 @@ def environment(device: torch.device, precision: str) -> dict[str, Any]:
     return env
 
 
-def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
-    started = dt.datetime.now(dt.timezone.utc)
-    t0 = time.perf_counter()
-    show = not cfg.quiet
+@dataclass
+class Plan:
+    """What a run will do, settled before anything loads: checks with their parameters,
+    thresholds and the gate policy."""
+
+    selected: dict[str, tuple[type[Check], dict[str, Any]]]
+    thresholds: list
+    policy: Any
+
+
+def plan_run(cfg: RunConfig, manager: PluginManager) -> Plan:
+    """Every setting, parameter and threshold checked, so bad usage stops before the model loads."""
     if cfg.precision not in PRECISIONS:
         raise InputError(f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}")
     if cfg.batch_size < 1:
@@ -287,30 +295,39 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     if cfg.gate is not None and not thresholds:
         raise InputError("--gate: no thresholds apply (the selected checks have no default thresholds and no "
                          "[thresholds] were found): pass --gate FILE")
+    return Plan(selected, thresholds, policy)
 
+
+def choose_prompts(prompts: PromptSet, model: ModelAdapter, dataset: AuditDataset) -> PromptSet:
+    """--prompts when given (covering every class), else those a model folder ships when they
+    cover the data's classes, else the generic medical templates."""
+    if prompts.classes:
+        missing = [c for c in dataset.classes if c not in prompts.phrasings]
+        if missing:
+            raise InputError(f"{prompts.source}: no prompts for class {missing[0]!r} (classes: {', '.join(dataset.classes)})")
+    elif getattr(model, "default_prompts", None) is not None:
+        shipped = load_prompts(model.default_prompts)
+        if set(dataset.classes) <= set(shipped.phrasings):
+            prompts = shipped
+    return prompts
+
+
+def build_context(cfg: RunConfig, manager: PluginManager, show: bool) -> AuditContext:
+    """Load the model and data, run the shared forward pass, and give checks their context."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     device = local_device(resolve_device(cfg.device))
     world = init_from_env(device)
     model = load_model(manager, cfg, device)
     set_cpu_threads(cfg.threads, model, device)
-    prompts: PromptSet = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
-    open_dataset = dataset_opener(manager, cfg, model.image_size, prompts.classes or None, model.pixel_transform)
+    requested = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
+    open_dataset = dataset_opener(manager, cfg, model.image_size, requested.classes or None, model.pixel_transform)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
     # A bad --ood is a usage error now, not a check error later; the check reuses this one.
     opened_ood = {cfg.ood: open_dataset(cfg.ood, "ood", ())} if cfg.ood else {}
-    if prompts.classes:
-        missing = [c for c in dataset.classes if c not in prompts.phrasings]
-        if missing:
-            raise InputError(f"{prompts.source}: no prompts for class {missing[0]!r} (classes: {', '.join(dataset.classes)})")
-    elif getattr(model, "default_prompts", None) is not None:
-        # The prompts a model folder ships apply only when they cover the data's classes.
-        shipped = load_prompts(model.default_prompts)
-        if set(dataset.classes) <= set(shipped.phrasings):
-            prompts = shipped
+    prompts = choose_prompts(requested, model, dataset)
     with torch.inference_mode():
-        class_prompts = prompts.class_prompts(dataset.classes)
-        class_features = model.class_text_features(class_prompts).float()
+        class_features = model.class_text_features(prompts.class_prompts(dataset.classes)).float()
     forward = run_forward(
         model, dataset, class_features,
         batch_size=cfg.batch_size, precision=cfg.precision, workers=cfg.workers,
@@ -322,7 +339,7 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         return load_model(manager, replace(cfg, model=spec, checkpoint=checkpoint), device,
                           ("--reference-model", "--reference-checkpoint"))
 
-    ctx = AuditContext(
+    return AuditContext(
         model=model, dataset=dataset, prompts=prompts, class_features=class_features,
         forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,
         seed=cfg.seed, workers=cfg.workers, show_progress=show,
@@ -332,14 +349,12 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
         open_dataset=lambda spec: opened_ood.get(spec) or open_dataset(spec, "ood", ()),
         world=world, model_loader=load_other, strict=cfg.strict,
     )
-    entries, check_results = run_checks(ctx, selected, show)
-    finished = dt.datetime.now(dt.timezone.utc)
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "mcaudit_version": __version__,
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": finished.isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - t0, 3),
+
+
+def describe_run(cfg: RunConfig, manager: PluginManager, ctx: AuditContext) -> dict[str, Any]:
+    """results.json's account of what was audited, with what, where."""
+    model, dataset, forward = ctx.model, ctx.dataset, ctx.forward
+    return {
         "model": {
             "spec": cfg.model,
             "checkpoint": cfg.checkpoint,
@@ -365,19 +380,37 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
             "warnings": dataset.warnings,
         },
         "prompts": {
-            "source": prompts.source,
-            "classes": {c: p for c, p in zip(dataset.classes, class_prompts)},
+            "source": ctx.prompts.source,
+            "classes": {c: p for c, p in zip(dataset.classes, ctx.prompts.class_prompts(dataset.classes))},
         },
         "config": _jsonable(cfg.public()),
-        "environment": environment(device, cfg.precision),
+        "environment": environment(ctx.device, cfg.precision),
         "plugins": {
             "loaded": [{"name": n, "source": manager.sources.get(n, "")} for n in manager.plugin_names()],
             "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
         },
+    }
+
+
+def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    show = not cfg.quiet
+    plan = plan_run(cfg, manager)
+    ctx = build_context(cfg, manager, show)
+    entries, check_results = run_checks(ctx, plan.selected, show)
+    finished = dt.datetime.now(dt.timezone.utc)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "mcaudit_version": __version__,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - t0, 3),
+        **describe_run(cfg, manager, ctx),
         "checks": entries,
     }
-    apply_gate(results, thresholds, gated=cfg.gate is not None, policy=policy)
+    apply_gate(results, plan.thresholds, gated=cfg.gate is not None, policy=plan.policy)
     results["environment"]["cpu_threads"] = torch.get_num_threads()
-    if world.active:
-        results["environment"]["world_size"] = world.size
-    return AuditRun(results=results, check_results=check_results, context=ctx, world=world)
+    if ctx.world.active:
+        results["environment"]["world_size"] = ctx.world.size
+    return AuditRun(results=results, check_results=check_results, context=ctx, world=ctx.world)
