@@ -129,7 +129,7 @@ def test_manifest_without_subject_column_has_no_subjects(tmp_path):
 
 
 def test_csv_format_description_names_the_subject_columns():
-    from mcaudit.data import formats
+    from mcaudit.plugins.formats import image_sets as formats
 
     infos = []
     formats.mcaudit_register_data_formats(infos.append)
