@@ -515,11 +515,6 @@ def top_label(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     return probs[np.arange(len(preds)), preds], (preds == labels).astype(np.float64)
 
 
-def top_label_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    confidence, correct = top_label(probs, labels)
-    return expected_calibration_error(confidence, correct, equal_width_edges(n_bins))
-
-
 def classwise_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """Mean over classes of the ECE of each class's probability against "is this class"."""
     edges = equal_width_edges(n_bins)

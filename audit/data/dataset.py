@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +172,3 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "failed": [(it["index"], it["error"]) for it in items if it["pixels"] is None],
     }
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
