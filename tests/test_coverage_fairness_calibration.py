@@ -14,7 +14,7 @@ import pytest
 from scipy import integrate, stats
 
 from mcaudit.plugins.checks.calibration import debiased_ece_rows, symmetric_interval
-from mcaudit.plugins.checks.fairness import max_difference_interval, pairwise
+from mcaudit.plugins.checks.fairness.inference import max_difference_interval, pairwise
 
 N_BOOT = 200
 EDGES = np.linspace(0.0, 1.0, 16)  # the calibration check's default 15 bins

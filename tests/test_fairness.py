@@ -19,7 +19,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 from conftest import shared
 from mcaudit import InputError
-from mcaudit.plugins.checks.fairness import FairnessCheck, holm_adjust
+from mcaudit.plugins.checks.fairness import FairnessCheck
+from mcaudit.plugins.checks.fairness.inference import holm_adjust
 from mcaudit.testing import make_context, phantom_dataset, run_cli, save_openclip_folder, tiny_openclip
 
 
@@ -147,7 +148,11 @@ def test_positive_class_parameter_and_multiclass_worst_class():
     rows = sex == "F"
     assert f["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels[rows], preds[rows]), abs=1e-12)
     assert f["auroc"] == pytest.approx(roc_auc_score(labels[rows], ctx.forward.probs[rows], multi_class="ovr"), abs=1e-12)
-    assert f["selection_rate"] is None  # averaged over all classes it is always 1/K
+    # averaged over all classes it is always 1/K: undefined, said why, and null in results.json
+    from mcaudit.runner import result_entry
+
+    assert np.isnan(f["selection_rate"]) and "1/K" in f["not_evaluated"]["selection_rate"]
+    assert result_entry(macro)["details"]["columns"]["sex"]["groups"]["F"]["selection_rate"] is None
     with pytest.raises(InputError, match="positive_class"):
         run_check(ctx, positive_class="zebra")
 
@@ -190,6 +195,37 @@ def test_numeric_columns_are_binned_by_quantiles_or_given_edges():
     for bad in ("age=65,40", "age=old", "weight=3"):
         with pytest.raises(InputError, match="bin_edges"):
             run_check(ctx, bin_edges=bad)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("min_group_size", 0, "fairness.min_group_size: 0 is below the minimum 1"),
+    ("n_bins", 1, "fairness.n_bins: 1 is below the minimum 2"),
+    ("quantile_bins", 1, "fairness.quantile_bins: 1 is below the minimum 2"),
+    ("n_bootstrap", -1, "fairness.n_bootstrap: -1 is below the minimum 0"),
+    ("n_permutations", -5, "fairness.n_permutations: -5 is below the minimum 0"),
+    ("alpha", 1.0, "fairness.alpha: must be between 0 and 1"),
+    ("alpha", 0.0, "fairness.alpha: must be between 0 and 1"),
+    ("bin_edges", "age=65,40", "fairness.bin_edges 'age=65,40': give one or more increasing numbers"),
+    ("bin_edges", "age", "fairness.bin_edges 'age': expected COLUMN=EDGE"),
+])
+def test_bad_parameters_are_refused_before_any_data(key, value, message):
+    """Declarative bounds: checked when the parameters resolve, before the model loads."""
+    with pytest.raises(InputError) as caught:
+        FairnessCheck.resolve_params({key: value})
+    assert str(caught.value).startswith(message)
+    assert FairnessCheck.resolve_params({"bin_edges": "age=40,65", "alpha": 0.5})["bin_edges"] == ["age=40,65"]
+
+
+def test_a_columns_p_value_does_not_depend_on_the_other_columns():
+    """Each column draws its shuffles from its own stream (fairness:permutation:<column>), so
+    auditing more columns, or their intersections, leaves its p-value as it was."""
+    labels, probs, site = biased_predictions({"A": 90, "B": 90, "C": 60}, {"A": 1.0, "B": 1.0, "C": 2.5}, seed=9)
+    sex = np.random.default_rng(2).choice(["F", "M"], len(labels))
+    alone = run_check(synthetic_context(probs, labels, {"site": site}), n_bootstrap=0, n_permutations=60)
+    more = run_check(synthetic_context(probs, labels, {"sex": sex, "site": site}), n_bootstrap=0, n_permutations=60)
+    assert 0 < alone.metrics["site.p_value"] < 1 and "sex&site.p_value" in more.metrics
+    assert more.metrics["site.p_value"] == alone.metrics["site.p_value"]
+    assert more.details["columns"]["site"]["gap_p_values"] == alone.details["columns"]["site"]["gap_p_values"]
 
 
 def test_intersections_and_holm():
@@ -364,7 +400,7 @@ def test_real_data_every_group_with_interval(tmp_path, tiny_model_folder, manife
 
 # -- the chunked permutation test equals the plain per-shuffle loop -----------------------------
 def _outcomes(n=240, k=3, seed=0):
-    from mcaudit.plugins.checks.fairness import Outcomes
+    from mcaudit.plugins.checks.fairness.engine import Outcomes
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(k), size=n)
@@ -375,7 +411,7 @@ def _outcomes(n=240, k=3, seed=0):
 
 
 def test_permuted_auroc_equals_grouped_auroc_permutation_by_permutation():
-    from mcaudit.plugins.checks.fairness import grouped_auroc, permuted_auroc
+    from mcaudit.plugins.checks.fairness.engine import grouped_auroc, permuted_auroc
 
     o = _outcomes()
     rng = np.random.default_rng(1)
@@ -395,7 +431,9 @@ def test_permuted_auroc_equals_grouped_auroc_permutation_by_permutation():
 
 @pytest.mark.parametrize("macro", [False, True])
 def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
-    from mcaudit.plugins.checks.fairness import GROUP_METRICS, Settings, gap_statistics, measure_groups, permutation_test
+    from mcaudit.plugins.checks.fairness.engine import GROUP_METRICS, gap_statistics, measure_groups
+    from mcaudit.plugins.checks.fairness.inference import permutation_test
+    from mcaudit.plugins.checks.fairness.settings import Settings
 
     o = _outcomes(seed=2)
     codes = np.random.default_rng(3).integers(0, 4, len(o.labels))
@@ -432,7 +470,7 @@ def test_chunked_permutation_test_equals_the_per_shuffle_loop(macro):
 
 
 def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
-    from mcaudit.plugins.checks.fairness import batched_auroc, grouped_auroc
+    from mcaudit.plugins.checks.fairness.engine import batched_auroc, grouped_auroc
 
     o = _outcomes(seed=5)
     rng = np.random.default_rng(6)
@@ -447,25 +485,27 @@ def test_batched_auroc_with_repeated_rows_equals_grouped_auroc():
 
 
 def test_chunked_bootstrap_equals_the_per_replicate_loop():
-    from mcaudit.plugins.checks.fairness import Grouping, Settings, bootstrap_columns, measure_groups, prepare_column
+    from mcaudit.plugins.checks.fairness.columns import measure_column
+    from mcaudit.plugins.checks.fairness.engine import measure_groups
+    from mcaudit.plugins.checks.fairness.grouping import Grouping
+    from mcaudit.plugins.checks.fairness.inference import bootstrap_columns, resample_chunks
+    from mcaudit.plugins.checks.fairness.settings import Settings
 
     o = _outcomes(seed=7)
     s = Settings(positives=[1], positive_label="", macro=False, min_group_size=10, quantile_bins=4, edges={},
                  intersections=False, n_bootstrap=90, n_permutations=0, alpha=0.05, n_bins=10)
     codes = np.random.default_rng(8).integers(-1, 3, len(o.labels))  # -1: missing values stay out
     other = np.random.default_rng(9).integers(0, 2, len(o.labels))
-    audits = [prepare_column(o, "a", Grouping(codes, ["x", "y", "z"]), s), prepare_column(o, "b", Grouping(other, ["u", "v"]), s)]
+    columns = [measure_column(o, "a", Grouping(codes, ["x", "y", "z"]), s), measure_column(o, "b", Grouping(other, ["u", "v"]), s)]
     for clusters in (None, np.arange(len(o.labels)) // 3):
-        boots = bootstrap_columns(o, audits, s, np.random.default_rng(10), clusters)
+        boots = bootstrap_columns(o, columns, s, np.random.default_rng(10), clusters)
         # the loop the chunked version replaced, one replicate and one column at a time
         rng = np.random.default_rng(10)
-        from mcaudit.plugins.checks.fairness import resample_chunks
-
         replicates = [r for chunk in resample_chunks(len(o.labels), clusters, rng, s.n_bootstrap) for r in chunk]
         assert len(replicates) == 90
         if clusters is not None:  # whole subjects: every drawn subject's three images together
             assert all(np.all(np.bincount(clusters[r]) % 3 == 0) for r in replicates[:5])
-        for (values, rates), a in zip(boots, audits):
+        for (values, rates), a in zip(boots, columns):
             for b in (0, 41, 89):
                 rows = replicates[b]
                 c = a.grouping.codes[rows]
@@ -475,7 +515,7 @@ def test_chunked_bootstrap_equals_the_per_replicate_loop():
 
 
 def test_max_difference_interval_covers_every_pair():
-    from mcaudit.plugins.checks.fairness import max_difference_interval, min_value_interval
+    from mcaudit.plugins.checks.fairness.inference import max_difference_interval, min_value_interval
 
     rng = np.random.default_rng(0)
     observed = np.array([0.10, -0.02, 0.05])
