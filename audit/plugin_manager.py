@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("calibration", "mcaudit.plugins.checks.calibration"),
     ("fairness", "mcaudit.plugins.checks.fairness"),
     ("anomaly", "mcaudit.plugins.checks.anomaly"),
+    ("abnormality", "mcaudit.plugins.checks.abnormality"),
     ("adversarial", "mcaudit.plugins.checks.adversarial"),
     ("prompt_robustness", "mcaudit.plugins.checks.prompt_robustness"),
     ("certified", "mcaudit.plugins.checks.certified"),
