@@ -16,7 +16,8 @@ from mcaudit.plugins.formats.image_sets import mcaudit_load_dataset
 from mcaudit.metrics import average_precision, fpr_at_tpr, roc_points
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugins.checks.anomaly import AnomalyCheck
-from mcaudit.plugins.checks.anomaly.evaluation import choose_then_measure, delong_interval
+from mcaudit.metrics import delong_interval
+from mcaudit.plugins.checks.anomaly.evaluation import choose_then_measure
 from mcaudit.plugins.checks.anomaly.scores import SCORES, KnnScorer, MahalanobisScorer, separation
 from mcaudit.context import AuditContext
 from mcaudit.registry import DataRequest

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
-from mcaudit.metrics import auroc_binary, average_precision, bootstrap_interval
-from mcaudit.plugins.checks.anomaly.evaluation import DELONG, PATIENT_BOOTSTRAP, delong_interval, rounded
+from mcaudit.metrics import auroc_binary, average_precision, bootstrap_interval, delong_interval
+
+DELONG = "DeLong (exact pairs bound where the variance is zero)"
+PATIENT_BOOTSTRAP = "percentile bootstrap over patients"
 
 AUTO_NORMAL_NAMES = ("normal", "healthy", "no finding", "no findings", "no dementia", "no disease", "negative")
 NORMAL_STATES = ["no abnormality", "no lesion", "normal findings", "healthy tissue", "no disease"]
@@ -166,10 +168,10 @@ def _table(classes, normal, abnormal, m, normal_prompts, abnormal_prompts) -> Ta
         [["normal classes", ", ".join(normal)],
          ["abnormal classes", ", ".join(c for c in classes if c not in normal)],
          ["images (normal / abnormal)", f"{int((~abnormal).sum())} / {int(abnormal.sum())}"],
-         ["AUROC", rounded(m["auroc"])], ["AUPR (abnormal positive)", rounded(m["aupr"])],
-         ["sensitivity at p(abnormal) >= 0.5", rounded(m["sensitivity"])],
-         ["specificity at p(abnormal) >= 0.5", rounded(m["specificity"])],
-         ["AUROC of the class prompts (for comparison)", rounded(m["class_prompt_auroc"])]],
+         ["AUROC", m["auroc"]], ["AUPR (abnormal positive)", m["aupr"]],
+         ["sensitivity at p(abnormal) >= 0.5", m["sensitivity"]],
+         ["specificity at p(abnormal) >= 0.5", m["specificity"]],
+         ["AUROC of the class prompts (for comparison)", m["class_prompt_auroc"]]],
         note=(f"Each image is scored by the softmax of its similarity to {len(normal_prompts)} normal and "
               f"{len(abnormal_prompts)} abnormal prompts (state phrases x templates), e.g. "
               f"{normal_prompts[0]!r} vs {abnormal_prompts[0]!r}."),

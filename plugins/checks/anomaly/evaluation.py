@@ -4,12 +4,11 @@ generated image, and the thresholds that cannot be evaluated on this run."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from mcaudit import Table
-from mcaudit.metrics import auroc_binary, auroc_of_resamples, bootstrap_interval, clopper_pearson_interval
+from mcaudit.metrics import auroc_binary, auroc_of_resamples, bootstrap_interval, delong_interval
 
 from .scores import SCORES, separation
 
@@ -67,36 +66,6 @@ def choose_then_measure(ctx, set_name, id_eval, scores) -> tuple[str, dict[str, 
     halves = {"choose_id": int(len(id_a)) if halved else 0, "choose_ood": int(len(ood_a)) if halved else 0,
               "measure_id": int(len(id_b)), "measure_ood": int(len(ood_b))}
     return best_name, measured, halves, (id_b, ood_b)
-
-
-def delong_interval(positive: np.ndarray, scores: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """DeLong's 95% interval for the AUROC of ``scores`` with ``positive`` the positive class.
-
-    The variance comes from the structural components (each positive's share of negatives
-    below it, each negative's share of positives above it; DeLong, DeLong and
-    Clarke-Pearson, 1988). Where that variance is zero (perfect separation, all scores tied)
-    the normal interval would collapse to a point, so the exact Clopper-Pearson interval of
-    min(n_pos, n_neg) independent positive-negative pairs stands in: a perfect separation of
-    20 pairs is then 0.84 to 1, not 1 to 1.
-    """
-    from scipy.stats import norm, rankdata
-
-    positive = np.asarray(positive, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    x, y = scores[positive], scores[~positive]
-    m, k = len(x), len(y)
-    if m < 2 or k < 2:
-        return float("nan"), float("nan")
-    ranks = rankdata(np.r_[x, y])
-    below = (ranks[:m] - rankdata(x)) / k  # per positive: share of negatives below it
-    above = 1.0 - (ranks[m:] - rankdata(y)) / m  # per negative: share of positives above it
-    auc = float(below.mean())
-    var = below.var(ddof=1) / m + above.var(ddof=1) / k
-    if not var > 0:
-        pairs = min(m, k)
-        return clopper_pearson_interval(int(round(auc * pairs)), pairs, level)
-    half = float(norm.ppf(0.5 + level / 2)) * math.sqrt(var)
-    return max(0.0, auc - half), min(1.0, auc + half)
 
 
 def auroc_interval(ctx, name, id_scores, ood_scores, id_clusters, n_boot) -> tuple[tuple[float, float], str]:
