@@ -107,6 +107,42 @@ class AttackSettings:
     square_queries: int
 
 
+@dataclass
+class Outcome:
+    """What the attacks did to the attacked subsample, gathered over every process: per attack
+    ``(name, norm, eps)`` which rows are still classified correctly."""
+
+    rows: np.ndarray
+    correct: np.ndarray
+    robust: dict[tuple[str, str, float], np.ndarray]
+    survives: np.ndarray  # rows still correct under the large-budget sanity attack
+    zero: np.ndarray  # rows with an exactly zero input gradient
+    attacks: list[str]
+    eps_linf: list[float]
+    eps_l2: list[float]
+    sanity: float
+    grey: bool
+    notes: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_correct(self) -> int:
+        return int(self.correct.sum())
+
+
+@dataclass
+class GallerySource:
+    """This process's attacked images at the largest L-inf budget, for the gallery."""
+
+    images: torch.Tensor
+    keep: torch.Tensor  # positions of the correctly classified images (the ones attacked)
+    clean_pred: torch.Tensor
+    adversarial: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]]
+
+
 def build_attack(name: str, model: nn.Module, eps: float, settings: AttackSettings, seed: int) -> torchattacks.Attack:
     """The torchattacks object for one attack; PGD step sizes follow Madry et al. (2.5 eps / steps)."""
     steps = settings.steps
@@ -294,9 +330,9 @@ class AdversarialCheck(Check):
         _, merged = ctx.gather_rows(local, per_row)
         all_correct = merged["correct"].astype(bool)
         all_robust = {key: merged[f"robust{i}"].astype(bool) for i, key in enumerate(keys)}
-        return self._result(ctx, rows, all_correct, attacks, eps_linf, eps_l2, all_robust, sanity,
-                            merged["survives_sanity"].astype(bool), merged["zero_gradient"].astype(bool), notes, grey,
-                            images, keep, clean_pred, gallery_src, params)
+        outcome = Outcome(rows, all_correct, all_robust, merged["survives_sanity"].astype(bool),
+                          merged["zero_gradient"].astype(bool), attacks, eps_linf, eps_l2, sanity, grey, notes)
+        return self._result(ctx, outcome, GallerySource(images, keep, clean_pred, gallery_src), params)
 
     @staticmethod
     def _sanity(model, x, y, correct, robust, eps_linf, sanity, settings, seed, bs) -> np.ndarray:
@@ -335,19 +371,50 @@ class AdversarialCheck(Check):
             raise InputError("adversarial.attacks: give at least one attack")
         return out
 
-    def _result(self, ctx, rows, correct, attacks, eps_linf, eps_l2, robust, sanity, survives, zero, notes, grey,
-                images, keep, clean_pred, gallery_src, params) -> CheckResult:
-        n = len(rows)
-        n_correct = int(correct.sum())
-        clean_acc = n_correct / n if n else float("nan")
-        sanity_acc = int(survives.sum()) / n if (sanity > 0 and n) else float("nan")
-        zero_grad = float(zero[correct].mean()) if n_correct else 0.0
-        labels = ctx.forward.labels[rows]
-        metrics: dict[str, float] = {"clean_accuracy": clean_acc, "n_images": float(n),
+    def _result(self, ctx, o: Outcome, gallery: GallerySource, params) -> CheckResult:
+        metrics, counts, table_rows, worst = self._robust_metrics(ctx, o)
+        not_evaluated = self._headline(worst, o.n_correct, metrics, counts)
+        sanity_acc = int(o.survives.sum()) / o.n if (o.sanity > 0 and o.n) else float("nan")
+        zero_grad = float(o.zero[o.correct].mean()) if o.n_correct else 0.0
+        flags, warnings = self._flags(o.robust, worst, o.attacks, o.eps_linf, o.eps_l2, o.sanity, sanity_acc,
+                                      zero_grad, o.n)
+        metrics["sanity_robust_accuracy"] = sanity_acc
+        metrics["zero_gradient_share"] = zero_grad
+        if o.sanity > 0 and o.n:
+            counts["sanity_robust_accuracy"] = (int(o.survives.sum()), o.n)
+        if o.n_correct:
+            counts["zero_gradient_share"] = (int(o.zero[o.correct].sum()), o.n_correct)
+        for key, raised in flags.items():
+            metrics[f"flag.{key}"] = float(raised)
+        metrics["gradient_masking_suspected"] = float(any(flags.values()))
+        raised = [k.replace("_", " ") for k, v in flags.items() if v]
+        findings = []
+        if raised:
+            findings.append(Finding("warn", "gradient masking suspected (" + ", ".join(raised) + "): the attacks may "
+                                    "have failed rather than the model resisted, so robust accuracies may be too high",
+                                    "gradient_masking_suspected", float(len(raised))))
+        summary = self._summary(counts, worst, raised)
+        counts = {k: kn for k, kn in counts.items() if kn[1] > 0}
+        intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items()}
+        return CheckResult(metrics=metrics, intervals=intervals, counts=counts, sample_size=o.n,
+                           interval_methods={k: "exact (Clopper-Pearson)" for k in intervals},
+                           not_evaluated=not_evaluated, findings=findings, summary=summary,
+                           tables=self._tables(o, table_rows), figures=self._figures(ctx, o, gallery, params),
+                           warnings=o.notes + warnings, details=self._details(o, worst, params),
+                           per_image={f"robust.{norm}.{budget_label(norm, eps)}": ctx.per_image(o.rows, w.astype(int))
+                                      for (norm, eps), w in worst.items()})
+
+    @staticmethod
+    def _robust_metrics(ctx, o: Outcome):
+        """Robust accuracy and attack success per attack and budget, and the worst case over the
+        attacks of each budget, with their counts and table rows."""
+        n, n_correct = o.n, o.n_correct
+        labels = ctx.forward.labels[o.rows]
+        metrics: dict[str, float] = {"clean_accuracy": n_correct / n if n else float("nan"), "n_images": float(n),
                                      "chance_level": float(np.bincount(labels).max() / n) if n else float("nan")}
         counts: dict[str, tuple[int, int]] = {"clean_accuracy": (n_correct, n)}
         table_rows = []
-        for (name, norm, eps), ok in robust.items():
+        for (name, norm, eps), ok in o.robust.items():
             label = budget_label(norm, eps)
             flipped = n_correct - int(ok.sum())
             metrics[f"robust_accuracy.{name}.{label}"] = float(ok.mean()) if n else float("nan")
@@ -357,9 +424,9 @@ class AdversarialCheck(Check):
             table_rows.append([name, _norm_name(norm), label] + _with_interval(int(ok.sum()), n)
                               + _with_interval(flipped, n_correct) + [flipped])
         worst: dict[tuple[str, float], np.ndarray] = {}
-        for norm, eps_list in (("linf", eps_linf), ("l2", eps_l2)):
+        for norm, eps_list in (("linf", o.eps_linf), ("l2", o.eps_l2)):
             for eps in eps_list:
-                oks = [ok for (a, nm, e), ok in robust.items() if nm == norm and e == eps]
+                oks = [ok for (a, nm, e), ok in o.robust.items() if nm == norm and e == eps]
                 if oks:
                     worst[(norm, eps)] = w = np.logical_and.reduce(oks)
                     key = f"worst_case_robust_accuracy.{norm}.{budget_label(norm, eps)}"
@@ -368,73 +435,48 @@ class AdversarialCheck(Check):
                     flipped = n_correct - int(w.sum())
                     table_rows.append(["worst case (all attacks)", _norm_name(norm), budget_label(norm, eps)]
                                       + _with_interval(int(w.sum()), n) + _with_interval(flipped, n_correct) + [flipped])
-        not_evaluated = self._headline(worst, n_correct, metrics, counts)
+        return metrics, counts, table_rows, worst
 
-        flags, warnings = self._flags(robust, worst, attacks, eps_linf, eps_l2, sanity, sanity_acc, zero_grad, n)
-        metrics["sanity_robust_accuracy"] = sanity_acc
-        metrics["zero_gradient_share"] = zero_grad
-        if sanity > 0 and n:
-            counts["sanity_robust_accuracy"] = (int(survives.sum()), n)
-        if n_correct:
-            counts["zero_gradient_share"] = (int(zero[correct].sum()), n_correct)
-        for key, raised in flags.items():
-            metrics[f"flag.{key}"] = float(raised)
-        metrics["gradient_masking_suspected"] = float(any(flags.values()))
-
-        per_image: dict[str, list] = {}
-        for (norm, eps), w in worst.items():
-            column = [None] * len(ctx.forward)
-            for r, value in zip(rows, w):
-                column[int(r)] = int(value)
-            per_image[f"robust.{norm}.{budget_label(norm, eps)}"] = column
-
-        from mcaudit.reports import plots
-
-        figures = [fig for fig in (self._curve(plots, robust, clean_acc, attacks, "linf", eps_linf),
-                                   self._curve(plots, robust, clean_acc, attacks, "l2", eps_l2)) if fig is not None]
-        gallery = self._gallery(plots, ctx, keep, images, clean_pred, gallery_src, eps_linf, params["gallery"])
-        if gallery is not None:
-            figures.append(gallery)
-
-        tables = [Table(
+    @staticmethod
+    def _tables(o: Outcome, table_rows) -> list[Table]:
+        return [Table(
             "Robust accuracy per attack and budget",
             ["attack", "norm", "budget (eps)", "robust accuracy", "95% CI", "attack success rate", "95% CI",
              "images flipped"],
             table_rows,
-            note=(f"{n} images, {n_correct} classified correctly before the attack; only those were attacked. "
+            note=(f"{o.n} images, {o.n_correct} classified correctly before the attack; only those were attacked. "
                   f"Success rate is the share of them whose class the attack flipped. Intervals are exact "
                   f"(Clopper-Pearson) 95% intervals for a proportion. "
-                  + ("The perturbation was confined to one grey channel replicated to three. " if grey else "")
-                  + " ".join(notes)).strip(),
+                  + ("The perturbation was confined to one grey channel replicated to three. " if o.grey else "")
+                  + " ".join(o.notes)).strip(),
         ), Table("Attacks", ["attack", "norm", "kind", "what it does"],
-                 [[a, _norm_name(ATTACKS[a][0]), "white-box" if ATTACKS[a][1] else "black-box", ATTACKS[a][2]] for a in attacks])]
-        warnings = notes + warnings
-        findings = []
-        raised = [k.replace("_", " ") for k, v in flags.items() if v]
-        if raised:
-            findings.append(Finding("warn", "gradient masking suspected (" + ", ".join(raised) + "): the attacks may "
-                                    "have failed rather than the model resisted, so robust accuracies may be too high",
-                                    "gradient_masking_suspected", float(len(raised))))
-        summary = self._summary(counts, worst, raised)
-        details = {
-            "rows": [int(r) for r in rows],
-            "attacks": attacks,
-            "eps_linf": eps_linf,
-            "eps_l2": eps_l2,
+                 [[a, _norm_name(ATTACKS[a][0]), "white-box" if ATTACKS[a][1] else "black-box", ATTACKS[a][2]]
+                  for a in o.attacks])]
+
+    def _figures(self, ctx, o: Outcome, gallery: GallerySource, params) -> list:
+        from mcaudit.reports import plots
+
+        clean_acc = o.n_correct / o.n if o.n else float("nan")
+        figures = [fig for fig in (self._curve(plots, o.robust, clean_acc, o.attacks, "linf", o.eps_linf),
+                                   self._curve(plots, o.robust, clean_acc, o.attacks, "l2", o.eps_l2)) if fig is not None]
+        shown = self._gallery(plots, ctx, gallery, o.eps_linf, params["gallery"])
+        return figures + ([shown] if shown is not None else [])
+
+    @staticmethod
+    def _details(o: Outcome, worst, params) -> dict[str, Any]:
+        return {
+            "rows": [int(r) for r in o.rows],
+            "attacks": o.attacks,
+            "eps_linf": o.eps_linf,
+            "eps_l2": o.eps_l2,
             "smallest_eps": _budget_name(smallest_budget(worst)),
-            "grey_perturbation": grey,
+            "grey_perturbation": o.grey,
             "steps": params["steps"],
             "restarts": params["restarts"],
             "square_queries": params["square_queries"],
-            "sanity_eps": sanity,
-            "notes": notes,
+            "sanity_eps": o.sanity,
+            "notes": o.notes,
         }
-        counts = {k: kn for k, kn in counts.items() if kn[1] > 0}
-        intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items()}
-        return CheckResult(metrics=metrics, intervals=intervals, counts=counts, sample_size=n,
-                           interval_methods={k: "exact (Clopper-Pearson)" for k in intervals},
-                           not_evaluated=not_evaluated, findings=findings, summary=summary, tables=tables,
-                           figures=figures, warnings=warnings, details=details, per_image=per_image)
 
     @staticmethod
     def _headline(worst, n_correct, metrics, counts) -> dict[str, str]:
@@ -518,8 +560,9 @@ class AdversarialCheck(Check):
             "eps 0 is the clean accuracy. Curves must fall with eps; a curve that rises hints at gradient masking.")
 
     @staticmethod
-    def _gallery(plots, ctx, keep, images, clean_pred, gallery_src, eps_linf, count):
+    def _gallery(plots, ctx, source: GallerySource, eps_linf, count):
         """Successful attacks at the largest L-inf budget, from this process's rows."""
+        gallery_src, keep, clean_pred = source.adversarial, source.keep, source.clean_pred
         if count <= 0 or not gallery_src or not eps_linf:
             return None
         eps = max(eps_linf)
@@ -527,7 +570,7 @@ class AdversarialCheck(Check):
         if name is None:
             return None
         adv, adv_pred = gallery_src[(name, eps)]
-        clean = images[keep]
+        clean = source.images[keep]
         fooled = torch.nonzero(adv_pred != clean_pred[keep]).flatten()[:count].tolist()
         if not fooled:
             return None

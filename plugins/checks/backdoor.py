@@ -21,6 +21,8 @@ base rate leaves room for it. The ``quick`` profile is a smoke test; ``standard`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -126,119 +128,178 @@ class BackdoorCheck(Check):
 
     def run(self, ctx, params):
         _validate(params, ctx.classes)
-        model = ctx.model
         try:
-            width = model.text_width
+            width = ctx.model.text_width
         except TypeError as exc:
             return CheckResult.skipped(f"backdoor: {exc}, so prompts cannot be learned")
-        classes = ctx.classes
-        if len(classes) < 2:
+        if len(ctx.classes) < 2:
             return CheckResult.skipped("backdoor: needs at least two classes")
-        labels = ctx.forward.labels
         warnings: list[str] = []
-        train_rows, eval_rows = few_shot_split(labels, params["shots"], ctx.rng("backdoor.split"), warnings)
-        if len(eval_rows) == 0 or len(np.unique(labels[train_rows])) < 2:
+        train_rows, eval_rows = _split(ctx, params, warnings)
+        if len(eval_rows) == 0 or len(np.unique(ctx.forward.labels[train_rows])) < 2:
             return CheckResult.skipped("backdoor: too few images for a few-shot split with held-out images")
-        if params["max_eval"] > 0 and len(eval_rows) > params["max_eval"]:
-            eval_rows = _stratified_subset(eval_rows, labels, params["max_eval"], ctx.rng("backdoor.eval"))
-        targets = [classes.index(params["target"])] if params["target"] else list(range(min(len(classes), params["max_targets"])))
+        experiment = Experiment(ctx, params, width, train_rows, eval_rows)
+        targets = experiment.targets()
+        out = experiment.score_honest()
+        attacks = [experiment.attack(t, out) for t in targets]
+        return _result(experiment, out, attacks, targets, warnings)
 
-        names = [_class_phrase(ctx.prompts, c) for c in classes]
-        feats = torch.as_tensor(ctx.forward.image_features, dtype=torch.float32, device=ctx.device)
-        eval_labels = labels[eval_rows]
-        eval_feats = feats[torch.as_tensor(eval_rows, device=ctx.device)]
-        size = tuple(model.image_size)
-        channels = 1 if ctx.is_grey else 3
-        patch_px = int(round(params["patch_fraction"] * min(size)))
-        if params["patch_fraction"] > 0:
-            patch_px = max(1, patch_px)
-        learner = PromptLearner(model, names, width, float(model.logit_scale), params, ctx)
 
-        honest_ctx = learner.fit(feats, train_rows, labels, poison_rows=np.array([], int), target=0, trigger=None)
-        honest_text = learner.text_features(honest_ctx)
-        honest_preds = _predict(eval_feats, honest_text)
-        out = Tally(ctx, params, eval_rows)
-        out.proportion("clean_accuracy_unpoisoned", honest_preds == eval_labels)
-        out.proportion("zero_shot_accuracy", ctx.forward.preds[eval_rows] == eval_labels)
-        out.metrics.update(n_train=float(len(train_rows)), n_eval=float(len(eval_rows)))
-        rows, shown, per_target = [], [], {}
-        n_rows = len(labels)
-        split = [None] * n_rows
-        for r in train_rows:
-            split[r] = "train"
-        for r in eval_rows:
-            split[r] = "held-out"
-        per_image = {"split": split, "honest_pred": _column(n_rows, eval_rows, honest_preds, classes)}
-        n_poison = 0
-        for t in targets:
-            poison_rows = choose_poison(train_rows, labels, t, params["poison_fraction"], ctx.rng(f"backdoor.poison.{t}"))
-            n_poison = len(poison_rows)
-            trigger = Trigger(channels, size, params["epsilon"], patch_px, ctx.torch_generator(f"backdoor.trigger.{t}"),
-                              params["learn_patch"]).to(ctx.device)
-            if n_poison:
-                bd_ctx = learner.fit(feats, train_rows, labels, poison_rows=poison_rows, target=t, trigger=trigger)
-            else:
-                bd_ctx = honest_ctx  # no poison: the same optimisation as the honest prompts
-            bd_text = learner.text_features(bd_ctx)
-            bd_preds = _predict(eval_feats, bd_text)
-            is_other = eval_labels != t
-            others = eval_rows[is_other]
-            trig_feats = _triggered_features(ctx, others, trigger)
-            trig_bd = _predict(trig_feats, bd_text) if len(others) else np.array([], int)
-            trig_honest = _predict(trig_feats, honest_text) if len(others) else np.array([], int)
-            c = classes[t]
-            out.target(c, is_other, trig_bd == t, honest_preds[is_other] == t, trig_honest == t,
-                       bd_preds == eval_labels, honest_preds == eval_labels)
-            if n_poison:
-                fit = _predict(_triggered_features(ctx, poison_rows, trigger), bd_text) == t
-                out.proportion(f"poison_fit.{c}", fit, interval=False)
-                if not fit.all():
-                    out.findings.append(Finding(
-                        "inconclusive",
-                        f"the backdoor for {c!r} did not fit its own poisoned training images ({int(fit.sum())} of "
-                        f"{len(fit)} reach the target after {params['steps']} steps), so a low attack success rate is "
-                        "no evidence that the model resists the attack; raise backdoor.steps", f"asr.{c}"))
-            m = out.metrics
-            rows.append([c, n_poison, len(others), m[f"asr.{c}"], m[f"base_rate.{c}"], m[f"trigger_only_rate.{c}"],
-                         m[f"clean_accuracy.{c}"], m["clean_accuracy_unpoisoned"], m[f"accuracy_drop.{c}"]])
-            per_image[f"backdoored_pred.{c}"] = _column(n_rows, eval_rows, bd_preds, classes)
-            per_image[f"triggered_pred.{c}"] = _column(n_rows, others, trig_bd, classes)
-            per_target[c] = {"poisoned_rows": [int(r) for r in poison_rows],
-                             "noise_linf": float(trigger.noise.detach().abs().max()),
-                             "patch_px": patch_px}
-            example = ctx.load_pixels(others[:1] if len(others) else eval_rows[:1])
-            shown.append((c, trigger, example, m[f"asr.{c}"]))
-        m = out.metrics
-        m["n_poisoned"] = float(n_poison)
-        evaluated = [classes[t] for t in targets if f"asr.{classes[t]}" not in out.not_evaluated]
-        if evaluated:
-            m["asr_max"] = max(m[f"asr.{c}"] for c in evaluated)
+def _split(ctx, params, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Few-shot training rows and the held-out rows scored (a stratified subset above max_eval)."""
+    labels = ctx.forward.labels
+    train_rows, eval_rows = few_shot_split(labels, params["shots"], ctx.rng("backdoor.split"), warnings)
+    if params["max_eval"] > 0 and len(eval_rows) > params["max_eval"]:
+        eval_rows = _stratified_subset(eval_rows, labels, params["max_eval"], ctx.rng("backdoor.eval"))
+    return train_rows, eval_rows
+
+
+@dataclass
+class TargetAttack:
+    """What one target class's backdoor did: its table row, samples.csv columns and figure panel."""
+
+    row: list
+    columns: dict[str, list]
+    details: dict
+    shown: tuple
+    n_poison: int
+
+
+class Experiment:
+    """One split of one data set: the honest prompts learned once, then a backdoor per target
+    class, all scored on the same held-out images."""
+
+    def __init__(self, ctx, params: dict, width: int, train_rows: np.ndarray, eval_rows: np.ndarray):
+        model = ctx.model
+        self.ctx, self.params = ctx, params
+        self.classes = ctx.classes
+        self.labels = ctx.forward.labels
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.names = [_class_phrase(ctx.prompts, c) for c in self.classes]
+        self.feats = torch.as_tensor(ctx.forward.image_features, dtype=torch.float32, device=ctx.device)
+        self.eval_labels = self.labels[eval_rows]
+        self.eval_feats = self.feats[torch.as_tensor(eval_rows, device=ctx.device)]
+        self.size = tuple(model.image_size)
+        self.channels = 1 if ctx.is_grey else 3
+        self.patch_px = _patch_pixels(params["patch_fraction"], self.size)
+        self.learner = PromptLearner(model, self.names, width, float(model.logit_scale), params, ctx)
+        self.columns: dict[str, list] = {}
+
+    def targets(self) -> list[int]:
+        if self.params["target"]:
+            return [self.classes.index(self.params["target"])]
+        return list(range(min(len(self.classes), self.params["max_targets"])))
+
+    def score_honest(self) -> "Tally":
+        """Learn the honest prompts (no poison) and start the tally with their accuracy."""
+        self.honest_ctx = self.learner.fit(self.feats, self.train_rows, self.labels, poison_rows=np.array([], int),
+                                           target=0, trigger=None)
+        self.honest_text = self.learner.text_features(self.honest_ctx)
+        self.honest_preds = _predict(self.eval_feats, self.honest_text)
+        out = Tally(self.ctx, self.params, self.eval_rows)
+        out.proportion("clean_accuracy_unpoisoned", self.honest_preds == self.eval_labels)
+        out.proportion("zero_shot_accuracy", self.ctx.forward.preds[self.eval_rows] == self.eval_labels)
+        out.metrics.update(n_train=float(len(self.train_rows)), n_eval=float(len(self.eval_rows)))
+        split = self.ctx.per_image(np.concatenate([self.train_rows, self.eval_rows]),
+                                   ["train"] * len(self.train_rows) + ["held-out"] * len(self.eval_rows))
+        self.columns = {"split": split, "honest_pred": self._column(self.eval_rows, self.honest_preds)}
+        return out
+
+    def attack(self, t: int, out: "Tally") -> TargetAttack:
+        """Plant a backdoor for class ``t`` and score it against the honest prompts."""
+        ctx, params, c = self.ctx, self.params, self.classes[t]
+        poison_rows = choose_poison(self.train_rows, self.labels, t, params["poison_fraction"],
+                                    ctx.rng(f"backdoor.poison.{t}"))
+        trigger = Trigger(self.channels, self.size, params["epsilon"], self.patch_px,
+                          ctx.torch_generator(f"backdoor.trigger.{t}"), params["learn_patch"]).to(ctx.device)
+        if len(poison_rows):
+            bd_ctx = self.learner.fit(self.feats, self.train_rows, self.labels, poison_rows=poison_rows, target=t,
+                                      trigger=trigger)
         else:
-            out.not_evaluated["asr_max"] = "attack success is not evaluated for any target class tried"
-        m["accuracy_drop_max"] = float(np.nanmax([m[f"accuracy_drop.{classes[t]}"] for t in targets]))
-        if n_poison == 0:
-            warnings.append("no training image was poisoned (poison_fraction 0 or no images of other classes): "
-                            "the backdoored prompts are the honest ones and the trigger was not learned")
-        warnings += [f"{metric}: {reason}" for metric, reason in out.not_evaluated.items() if metric.startswith("asr.")]
-        table = Table(
-            "Backdoor per target class (held-out images)",
-            ["target class", "poisoned training images", "triggered images of other classes",
-             "attack success rate", "base rate (no trigger)", "trigger alone, honest prompts",
-             "clean accuracy, backdoored prompts", "clean accuracy, honest prompts", "accuracy cost"],
-            rows,
-            note=(f"{len(train_rows)} few-shot training images ({params['shots']} per class at most), "
-                  f"{len(eval_rows)} held-out images; {params['n_ctx']} context tokens, {params['steps']} steps; "
-                  f"trigger noise within ±{params['epsilon']:.4f} plus a {patch_px}-pixel patch. Rates are shares "
-                  "of the held-out images of the other classes; attack success is judged only where the base rate "
-                  f"is below {params['max_base_rate']:.0%}."),
-        )
-        figures = [summary_figure(rows), trigger_figure(shown, params["epsilon"], ctx.is_grey)]
-        return CheckResult(
-            metrics=m, intervals=out.finite_intervals(), summary=_summary(out, classes, targets, len(train_rows), n_poison),
-            tables=[table], figures=figures, warnings=warnings, per_image=per_image, findings=out.findings,
-            counts=out.counts, sample_size=len(eval_rows), not_evaluated=out.not_evaluated,
-            details={"targets": per_target, "class_phrases": names, "train_rows": [int(r) for r in train_rows]},
-        )
+            bd_ctx = self.honest_ctx  # no poison: the same optimisation as the honest prompts
+        bd_text = self.learner.text_features(bd_ctx)
+        bd_preds = _predict(self.eval_feats, bd_text)
+        is_other = self.eval_labels != t
+        others = self.eval_rows[is_other]
+        trig_feats = _triggered_features(ctx, others, trigger)
+        trig_bd = _predict(trig_feats, bd_text) if len(others) else np.array([], int)
+        trig_honest = _predict(trig_feats, self.honest_text) if len(others) else np.array([], int)
+        out.target(c, is_other, trig_bd == t, self.honest_preds[is_other] == t, trig_honest == t,
+                   bd_preds == self.eval_labels, self.honest_preds == self.eval_labels)
+        if len(poison_rows):
+            self._poison_fit(out, c, t, poison_rows, trigger, bd_text)
+        m = out.metrics
+        row = [c, len(poison_rows), len(others), m[f"asr.{c}"], m[f"base_rate.{c}"], m[f"trigger_only_rate.{c}"],
+               m[f"clean_accuracy.{c}"], m["clean_accuracy_unpoisoned"], m[f"accuracy_drop.{c}"]]
+        columns = {f"backdoored_pred.{c}": self._column(self.eval_rows, bd_preds),
+                   f"triggered_pred.{c}": self._column(others, trig_bd)}
+        details = {"poisoned_rows": [int(r) for r in poison_rows],
+                   "noise_linf": float(trigger.noise.detach().abs().max()), "patch_px": self.patch_px}
+        example = ctx.load_pixels(others[:1] if len(others) else self.eval_rows[:1])
+        return TargetAttack(row, columns, details, (c, trigger, example, m[f"asr.{c}"]), len(poison_rows))
+
+    def _poison_fit(self, out: "Tally", c: str, t: int, poison_rows, trigger, bd_text) -> None:
+        """Whether the backdoor fits its own poisoned images; if not, a low success rate proves nothing."""
+        fit = _predict(_triggered_features(self.ctx, poison_rows, trigger), bd_text) == t
+        out.proportion(f"poison_fit.{c}", fit, interval=False)
+        if not fit.all():
+            out.findings.append(Finding(
+                "inconclusive",
+                f"the backdoor for {c!r} did not fit its own poisoned training images ({int(fit.sum())} of "
+                f"{len(fit)} reach the target after {self.params['steps']} steps), so a low attack success rate is "
+                "no evidence that the model resists the attack; raise backdoor.steps", f"asr.{c}"))
+
+    def _column(self, rows: np.ndarray, preds: np.ndarray) -> list:
+        """Predicted class names at ``rows`` of the forward pass, empty elsewhere (samples.csv)."""
+        return self.ctx.per_image(rows, [self.classes[int(p)] for p in preds])
+
+
+def _patch_pixels(patch_fraction: float, size: tuple[int, int]) -> int:
+    patch_px = int(round(patch_fraction * min(size)))
+    return max(1, patch_px) if patch_fraction > 0 else patch_px
+
+
+def _result(experiment: Experiment, out: "Tally", attacks: list[TargetAttack], targets: list[int],
+            warnings: list[str]) -> CheckResult:
+    params, classes = experiment.params, experiment.classes
+    train_rows, eval_rows = experiment.train_rows, experiment.eval_rows
+    m = out.metrics
+    n_poison = attacks[-1].n_poison if attacks else 0
+    m["n_poisoned"] = float(n_poison)
+    evaluated = [classes[t] for t in targets if f"asr.{classes[t]}" not in out.not_evaluated]
+    if evaluated:
+        m["asr_max"] = max(m[f"asr.{c}"] for c in evaluated)
+    else:
+        out.not_evaluated["asr_max"] = "attack success is not evaluated for any target class tried"
+    m["accuracy_drop_max"] = float(np.nanmax([m[f"accuracy_drop.{classes[t]}"] for t in targets]))
+    if n_poison == 0:
+        warnings.append("no training image was poisoned (poison_fraction 0 or no images of other classes): "
+                        "the backdoored prompts are the honest ones and the trigger was not learned")
+    warnings += [f"{metric}: {reason}" for metric, reason in out.not_evaluated.items() if metric.startswith("asr.")]
+    rows = [a.row for a in attacks]
+    table = Table(
+        "Backdoor per target class (held-out images)",
+        ["target class", "poisoned training images", "triggered images of other classes",
+         "attack success rate", "base rate (no trigger)", "trigger alone, honest prompts",
+         "clean accuracy, backdoored prompts", "clean accuracy, honest prompts", "accuracy cost"],
+        rows,
+        note=(f"{len(train_rows)} few-shot training images ({params['shots']} per class at most), "
+              f"{len(eval_rows)} held-out images; {params['n_ctx']} context tokens, {params['steps']} steps; "
+              f"trigger noise within ±{params['epsilon']:.4f} plus a {experiment.patch_px}-pixel patch. Rates are "
+              "shares of the held-out images of the other classes; attack success is judged only where the base "
+              f"rate is below {params['max_base_rate']:.0%}."),
+    )
+    figures = [summary_figure(rows), trigger_figure([a.shown for a in attacks], params["epsilon"], experiment.ctx.is_grey)]
+    per_image = dict(experiment.columns)
+    for a in attacks:
+        per_image.update(a.columns)
+    return CheckResult(
+        metrics=m, intervals=out.finite_intervals(), summary=_summary(out, classes, targets, len(train_rows), n_poison),
+        tables=[table], figures=figures, warnings=warnings, per_image=per_image, findings=out.findings,
+        counts=out.counts, sample_size=len(eval_rows), not_evaluated=out.not_evaluated,
+        details={"targets": {classes[t]: a.details for t, a in zip(targets, attacks)},
+                 "class_phrases": experiment.names, "train_rows": [int(r) for r in train_rows]},
+    )
 
 
 class Tally:
@@ -451,14 +512,6 @@ def _triggered_features(ctx, rows: np.ndarray, trigger: Trigger) -> torch.Tensor
                 out.append(ctx.model.encode_image(trigger(pixels)).float())
     width = ctx.forward.image_features.shape[1]
     return torch.cat(out) if out else torch.zeros(0, width, device=ctx.device)
-
-
-def _column(n_rows: int, rows: np.ndarray, preds: np.ndarray, classes: list[str]) -> list:
-    """Predicted class names at ``rows`` of the forward pass, None elsewhere (samples.csv)."""
-    out: list = [None] * n_rows
-    for r, p in zip(rows, preds):
-        out[int(r)] = classes[int(p)]
-    return out
 
 
 def _validate(params: dict, classes: list[str]) -> None:

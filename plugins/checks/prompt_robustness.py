@@ -321,44 +321,97 @@ class PromptRobustnessCheck(Check):
                 raise InputError(f"prompt_robustness.{key}: must be {'at least 1' if key == 'max_candidates' else '>= 0'}, got {params[key]}")
         synonyms = synonym_map(load_synonym_groups(params["synonyms"] or None))
 
-        classes = ctx.classes
         rows = ctx.stratified_rows(params["n_images"], "prompt_robustness")
         scorer = PromptScorer(ctx, rows)
-        phrasings = [list(ctx.prompts.phrasings.get(c) or [c]) for c in classes]
-        templates = [list(ctx.prompts.class_templates.get(c) or ctx.prompts.templates) for c in classes]
+        phrasings = [list(ctx.prompts.phrasings.get(c) or [c]) for c in ctx.classes]
+        templates = [list(ctx.prompts.class_templates.get(c) or ctx.prompts.templates) for c in ctx.classes]
         base = torch.stack([
             scorer.class_embedding([t.format(w) for w in ws for t in ts]) for ws, ts in zip(phrasings, templates)
         ])
-        labels = scorer.labels
-        k = len(classes)
         ensemble_preds = scorer.logits(base).argmax(dim=1).cpu().numpy()
-        ensemble_acc = accuracy(labels, ensemble_preds)
+        sweep = TemplateSweep.run(ctx, scorer, phrasings, ensemble_preds)
+        attacks = [
+            greedy_attack(scorer, base, c, phrasings[c], templates[c], level, params[f"{level}_budget"],
+                          params["max_candidates"], synonyms, ctx.rng(f"prompt_robustness:{level}:{name}"), name)
+            for level in levels for c, name in enumerate(ctx.classes)
+        ]
+        findings = Findings.collect(sweep, attacks, levels)
+        paired = PairedDrops(ctx.clusters(rows), ctx.rng("prompt_robustness:bootstrap"), params["n_bootstrap"],
+                             sweep.correct(ensemble_preds))
+        result = CheckResult(
+            metrics=findings.metrics, intervals=findings.intervals(sweep, paired), counts=findings.counts(sweep),
+            sample_size=len(rows), not_evaluated=findings.not_evaluated(),
+            summary=_summary(sweep, findings), tables=_tables(sweep, attacks, params), figures=[_template_figure(sweep)],
+            warnings=_warnings(sweep, findings), details=_details(sweep, attacks, levels),
+            per_image=_per_image(ctx, rows, sweep, findings),
+        )
+        result.intervals = {k: v for k, v in result.intervals.items() if np.isfinite(v[0])}
+        return result
 
-        template_rows, template_accs, template_preds = [], [], []
-        scorer.encode([t.format(w) for t in ctx.prompts.all_templates() for ws in phrasings for w in ws])
-        for template in ctx.prompts.all_templates():
+
+@dataclass
+class TemplateSweep:
+    """Accuracy with every template together and with each template alone, on the scored images."""
+
+    labels: np.ndarray
+    ensemble_preds: np.ndarray
+    ensemble_acc: float
+    templates: list[str]
+    rows: list[list]  # template, accuracy, balanced accuracy, change vs all templates
+    preds: list[np.ndarray]
+
+    @classmethod
+    def run(cls, ctx, scorer: PromptScorer, phrasings: list[list[str]], ensemble_preds: np.ndarray) -> "TemplateSweep":
+        labels = scorer.labels
+        ensemble_acc = accuracy(labels, ensemble_preds)
+        templates = ctx.prompts.all_templates()
+        scorer.encode([t.format(w) for t in templates for ws in phrasings for w in ws])
+        rows, preds_all = [], []
+        for template in templates:
             emb = torch.stack([scorer.class_embedding([template.format(w) for w in ws]) for ws in phrasings])
             preds = scorer.logits(emb).argmax(dim=1).cpu().numpy()
             acc = accuracy(labels, preds)
-            template_accs.append(acc)
-            template_preds.append(preds)
-            template_rows.append([template, acc, balanced_accuracy(labels, preds, k), acc - ensemble_acc])
-        worst_t = int(np.argmin(template_accs))
-        metrics = {
-            "ensemble_accuracy": ensemble_acc,
-            "template_accuracy.worst": float(template_accs[worst_t]),
-            "template_accuracy.best": float(max(template_accs)),
-            "template_accuracy_spread": float(max(template_accs) - min(template_accs)),
-            "n_images": float(len(rows)),
-        }
+            preds_all.append(preds)
+            rows.append([template, acc, balanced_accuracy(labels, preds, len(ctx.classes)), acc - ensemble_acc])
+        return cls(labels, ensemble_preds, ensemble_acc, list(templates), rows, preds_all)
 
-        attacks: list[ClassAttack] = []
-        budgets = {"char": params["char_budget"], "word": params["word_budget"]}
-        for level in levels:
-            for c, name in enumerate(classes):
-                rng = ctx.rng(f"prompt_robustness:{level}:{name}")
-                attacks.append(greedy_attack(scorer, base, c, phrasings[c], templates[c], level, budgets[level],
-                                             params["max_candidates"], synonyms, rng, name))
+    @property
+    def accuracies(self) -> list[float]:
+        return [r[1] for r in self.rows]
+
+    @property
+    def worst(self) -> int:
+        return int(np.argmin(self.accuracies))
+
+    @property
+    def best(self) -> int:
+        return int(np.argmax(self.accuracies))
+
+    def correct(self, preds: np.ndarray) -> np.ndarray:
+        return (preds == self.labels).astype(np.float64)
+
+    def count(self, preds: np.ndarray) -> tuple[int, int]:
+        return int(self.correct(preds).sum()), len(self.labels)
+
+
+@dataclass
+class Findings:
+    """The metrics of the template sweep and of the prompt attacks, and the attacks that set them."""
+
+    metrics: dict[str, float]
+    worst_attack: ClassAttack | None  # lowest accuracy after the whole edit budget
+    one_edit: ClassAttack | None  # lowest accuracy after one edit (None when no edit was scored)
+
+    @classmethod
+    def collect(cls, sweep: TemplateSweep, attacks: list[ClassAttack], levels: list[str]) -> "Findings":
+        accs = sweep.accuracies
+        metrics = {
+            "ensemble_accuracy": sweep.ensemble_acc,
+            "template_accuracy.worst": float(accs[sweep.worst]),
+            "template_accuracy.best": float(max(accs)),
+            "template_accuracy_spread": float(max(accs) - min(accs)),
+            "n_images": float(len(sweep.labels)),
+        }
         for level in levels:
             mine = [a for a in attacks if a.level == level]
             for a in mine:
@@ -367,142 +420,152 @@ class PromptRobustnessCheck(Check):
         worst_attack = min(attacks, key=lambda a: a.accuracy_after) if attacks else None
         if worst_attack is not None:
             metrics["prompt_attack.worst_accuracy"] = worst_attack.accuracy_after
-            metrics["prompt_attack.accuracy_drop"] = ensemble_acc - worst_attack.accuracy_after
+            metrics["prompt_attack.accuracy_drop"] = sweep.ensemble_acc - worst_attack.accuracy_after
+        one_edit = _one_edit(attacks, levels, metrics, sweep.ensemble_acc)
+        return cls(metrics, worst_attack, one_edit)
 
-        def correct(preds: np.ndarray) -> np.ndarray:
-            return (preds == labels).astype(np.float64)
+    def intervals(self, sweep: TemplateSweep, paired: PairedDrops) -> dict[str, tuple[float, float]]:
+        """Paired intervals of the spread and the drops (drawn in this order from one stream)."""
+        c = sweep.correct
+        out = {"template_accuracy_spread": paired.interval(c(sweep.preds[sweep.best]) - c(sweep.preds[sweep.worst]))}
+        if self.worst_attack is not None:
+            out["prompt_attack.accuracy_drop"] = paired.drop(c(self.worst_attack.preds_after))
+        if self.one_edit is not None:
+            out["one_edit_accuracy_drop"] = paired.drop(c(self.one_edit.one_edit_preds))
+        return out
 
-        paired = PairedDrops(ctx.clusters(rows), ctx.rng("prompt_robustness:bootstrap"), params["n_bootstrap"],
-                             correct(ensemble_preds))
-        best_t = int(np.argmax(template_accs))
-        intervals = {"template_accuracy_spread": paired.interval(correct(template_preds[best_t]) - correct(template_preds[worst_t]))}
-        if worst_attack is not None:
-            intervals["prompt_attack.accuracy_drop"] = paired.drop(correct(worst_attack.preds_after))
-        not_evaluated = {}
-        one_edit = self._one_edit(attacks, levels, metrics, ensemble_acc)
-        if one_edit is None:
-            not_evaluated["one_edit_accuracy_drop"] = (
-                "no single edit was scored (no edit level searched, budgets of 0, or no phrasing offers an edit)")
-        else:
-            intervals["one_edit_accuracy_drop"] = paired.drop(correct(one_edit.one_edit_preds))
-        n = len(rows)
-        counts = {
-            "ensemble_accuracy": (int(correct(ensemble_preds).sum()), n),
-            "template_accuracy.worst": (int(correct(template_preds[worst_t]).sum()), n),
-            "template_accuracy.best": (int(correct(template_preds[best_t]).sum()), n),
+    def counts(self, sweep: TemplateSweep) -> dict[str, tuple[int, int]]:
+        out = {
+            "ensemble_accuracy": sweep.count(sweep.ensemble_preds),
+            "template_accuracy.worst": sweep.count(sweep.preds[sweep.worst]),
+            "template_accuracy.best": sweep.count(sweep.preds[sweep.best]),
         }
-        if worst_attack is not None:
-            counts["prompt_attack.worst_accuracy"] = (int(correct(worst_attack.preds_after).sum()), n)
-        result = self._result(ctx, rows, metrics, template_rows, template_preds[worst_t], attacks, worst_attack,
-                              one_edit, ensemble_acc, params, levels, ctx.prompts.all_templates()[worst_t])
-        result.intervals = {k: v for k, v in intervals.items() if np.isfinite(v[0])}
-        result.counts, result.sample_size, result.not_evaluated = counts, n, not_evaluated
-        return result
+        if self.worst_attack is not None:
+            out["prompt_attack.worst_accuracy"] = sweep.count(self.worst_attack.preds_after)
+        return out
 
-    @staticmethod
-    def _one_edit(attacks, levels, metrics, ensemble_acc):
-        """The single edit that lowers accuracy most over classes and levels (None if none was scored);
-        records each level's largest one-edit drop in ``metrics``."""
-        scored = [a for a in attacks if a.candidates_scored]
-        for level in levels:
-            mine = [a for a in scored if a.level == level]
-            if mine:
-                metrics[f"prompt_attack.{level}.one_edit_drop"] = ensemble_acc - min(a.one_edit_accuracy for a in mine)
-        if not scored:
-            return None
-        worst = min(scored, key=lambda a: a.one_edit_accuracy)
-        metrics["one_edit_accuracy_drop"] = ensemble_acc - worst.one_edit_accuracy
-        return worst
+    def not_evaluated(self) -> dict[str, str]:
+        if self.one_edit is not None:
+            return {}
+        return {"one_edit_accuracy_drop":
+                "no single edit was scored (no edit level searched, budgets of 0, or no phrasing offers an edit)"}
 
-    @staticmethod
-    def _result(ctx, rows, metrics, template_rows, worst_template_preds, attacks, worst_attack, one_edit,
-                ensemble_acc, params, levels, worst_template) -> CheckResult:
-        labels = ctx.forward.labels[rows]
-        template_table = Table(
-            "Accuracy under each template alone",
-            ["template", "accuracy", "balanced accuracy", "change vs all templates"],
-            sorted(template_rows, key=lambda r: r[1]),
-            note=f"All templates together (the audited prompt set): accuracy {ensemble_acc:.1%} on {len(rows)} images. "
-                 "Image features come from the shared forward pass; only the prompts are re-encoded.",
-        )
-        ranked = sorted(attacks, key=lambda a: a.accuracy_after)[: params["worst_prompts"]]
-        attack_table = Table(
-            "Worst prompt edits found",
-            ["class edited", "edit level", "edits", "original phrasing", "edited phrasing", "accuracy before",
-             "accuracy after one edit", "accuracy after"],
-            [[a.class_name, a.level, "; ".join(a.edits) or "none found",
-              " | ".join(a.original), " | ".join(a.perturbed), a.accuracy_before, a.one_edit_accuracy,
-              a.accuracy_after] for a in ranked],
-            note=(f"Greedy search per class: up to {params['char_budget']} character edit(s) (typo, swap, deletion) or "
-                  f"{params['word_budget']} synonym substitution(s) of the class's phrasings, every template kept; "
-                  f"the other classes' prompts unchanged. {params['max_candidates']} candidate edits scored per step."),
-        )
-        figures = []
-        from mcaudit.reports import plots
 
-        fig, ax = plots.new_figure(5.4, max(2.2, 0.45 * len(template_rows) + 1.0))
-        ordered = sorted(template_rows, key=lambda r: r[1])
-        ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#4c72b0")
-        ax.axvline(ensemble_acc, color="black", linestyle="--", label="all templates")
-        ax.set_yticks(range(len(ordered)), [_short(r[0]) for r in ordered], fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("accuracy")
-        ax.legend(fontsize=8, loc="lower right")
-        figures.append(plots.to_figure(fig, "Accuracy per template",
-                                       "Zero-shot accuracy when every class is described with one template alone; "
-                                       "the dashed line is the audited prompt ensemble."))
+def _one_edit(attacks, levels, metrics, ensemble_acc):
+    """The single edit that lowers accuracy most over classes and levels (None if none was scored);
+    records each level's largest one-edit drop in ``metrics``."""
+    scored = [a for a in attacks if a.candidates_scored]
+    for level in levels:
+        mine = [a for a in scored if a.level == level]
+        if mine:
+            metrics[f"prompt_attack.{level}.one_edit_drop"] = ensemble_acc - min(a.one_edit_accuracy for a in mine)
+    if not scored:
+        return None
+    worst = min(scored, key=lambda a: a.one_edit_accuracy)
+    metrics["one_edit_accuracy_drop"] = ensemble_acc - worst.one_edit_accuracy
+    return worst
 
-        per_image: dict[str, list] = {}
-        column = [None] * len(ctx.forward)
-        for r, p, y in zip(rows, worst_template_preds, labels):
-            column[int(r)] = int(p == y)
-        per_image["correct_worst_template"] = column
-        if worst_attack is not None and worst_attack.preds_after is not None:
-            column = [None] * len(ctx.forward)
-            for r, p, y in zip(rows, worst_attack.preds_after, labels):
-                column[int(r)] = int(p == y)
-            per_image["correct_worst_prompt_edit"] = column
 
-        warnings = []
-        spread = metrics["template_accuracy_spread"]
-        if len(template_rows) == 1:
-            warnings.append("Only one template: template sensitivity cannot be measured; add templates to the prompt file.")
-        elif spread >= 0.10:
-            warnings.append(f"Accuracy depends strongly on the template: {spread:.1%} between the best and the worst "
-                            f"({worst_template!r}).")
-        drop = metrics.get("prompt_attack.accuracy_drop", 0.0)
-        if worst_attack is not None and drop >= 0.10:
-            warnings.append(
-                f"Small prompt edits change the result: {', '.join(worst_attack.edits) or 'edits'} on the "
-                f"{worst_attack.class_name!r} phrasing drop accuracy by {drop:.1%}.")
-        worst_t, best_t = metrics["template_accuracy.worst"], metrics["template_accuracy.best"]
-        summary = f"Accuracy {ensemble_acc:.1%} with all templates; " + (
-            f"single templates range from {worst_t:.1%} to {best_t:.1%}" if f"{worst_t:.1%}" != f"{best_t:.1%}"
-            else f"every single template gives {best_t:.1%}")
-        one_drop = metrics.get("one_edit_accuracy_drop", 0.0)
-        if one_edit is not None and one_drop > 0:
-            summary += (f"; one edit ({one_edit.one_edit}, {one_edit.level} level, class {one_edit.class_name!r}) "
-                        f"lowers it to {one_edit.one_edit_accuracy:.1%}")
-        if worst_attack is not None and drop > 0 and worst_attack.accuracy_after < ensemble_acc - one_drop:
-            summary += (f"; {len(worst_attack.edits)} edits ({worst_attack.level} level, class "
-                        f"{worst_attack.class_name!r}) lower it to {worst_attack.accuracy_after:.1%}")
-        elif worst_attack is not None and drop <= 0:
-            summary += "; no prompt edit tried lowers it"
-        summary += "."
-        details = {
-            "rows": len(rows),
-            "templates": [r[0] for r in template_rows],
-            "template_accuracy": [r[1] for r in template_rows],
-            "attacks": [
-                {"class": a.class_name, "level": a.level, "original": a.original, "perturbed": a.perturbed,
-                 "edits": a.edits, "accuracy_before": a.accuracy_before, "accuracy_after": a.accuracy_after,
-                 "one_edit": a.one_edit, "one_edit_accuracy": a.one_edit_accuracy, "candidates_scored": a.candidates_scored}
-                for a in attacks
-            ],
-            "levels": levels,
-        }
-        return CheckResult(metrics=metrics, summary=summary, tables=[template_table, attack_table],
-                           figures=figures, warnings=warnings, details=details, per_image=per_image)
+def _tables(sweep: TemplateSweep, attacks: list[ClassAttack], params: dict) -> list[Table]:
+    template_table = Table(
+        "Accuracy under each template alone",
+        ["template", "accuracy", "balanced accuracy", "change vs all templates"],
+        sorted(sweep.rows, key=lambda r: r[1]),
+        note=f"All templates together (the audited prompt set): accuracy {sweep.ensemble_acc:.1%} on "
+             f"{len(sweep.labels)} images. Image features come from the shared forward pass; only the prompts "
+             "are re-encoded.",
+    )
+    ranked = sorted(attacks, key=lambda a: a.accuracy_after)[: params["worst_prompts"]]
+    attack_table = Table(
+        "Worst prompt edits found",
+        ["class edited", "edit level", "edits", "original phrasing", "edited phrasing", "accuracy before",
+         "accuracy after one edit", "accuracy after"],
+        [[a.class_name, a.level, "; ".join(a.edits) or "none found",
+          " | ".join(a.original), " | ".join(a.perturbed), a.accuracy_before, a.one_edit_accuracy,
+          a.accuracy_after] for a in ranked],
+        note=(f"Greedy search per class: up to {params['char_budget']} character edit(s) (typo, swap, deletion) or "
+              f"{params['word_budget']} synonym substitution(s) of the class's phrasings, every template kept; "
+              f"the other classes' prompts unchanged. {params['max_candidates']} candidate edits scored per step."),
+    )
+    return [template_table, attack_table]
+
+
+def _template_figure(sweep: TemplateSweep):
+    from mcaudit.reports import plots
+
+    ordered = sorted(sweep.rows, key=lambda r: r[1])
+    fig, ax = plots.new_figure(5.4, max(2.2, 0.45 * len(ordered) + 1.0))
+    ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#4c72b0")
+    ax.axvline(sweep.ensemble_acc, color="black", linestyle="--", label="all templates")
+    ax.set_yticks(range(len(ordered)), [_short(r[0]) for r in ordered], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    return plots.to_figure(fig, "Accuracy per template",
+                           "Zero-shot accuracy when every class is described with one template alone; "
+                           "the dashed line is the audited prompt ensemble.")
+
+
+def _per_image(ctx, rows, sweep: TemplateSweep, findings: Findings) -> dict[str, list]:
+    """samples.csv: whether each scored image is right under the worst template and the worst edit."""
+    correct = lambda preds: [int(v) for v in sweep.correct(preds)]  # noqa: E731
+    out = {"correct_worst_template": ctx.per_image(rows, correct(sweep.preds[sweep.worst]))}
+    attack = findings.worst_attack
+    if attack is not None and attack.preds_after is not None:
+        out["correct_worst_prompt_edit"] = ctx.per_image(rows, correct(attack.preds_after))
+    return out
+
+
+def _warnings(sweep: TemplateSweep, findings: Findings) -> list[str]:
+    warnings = []
+    spread = findings.metrics["template_accuracy_spread"]
+    if len(sweep.rows) == 1:
+        warnings.append("Only one template: template sensitivity cannot be measured; add templates to the prompt file.")
+    elif spread >= 0.10:
+        warnings.append(f"Accuracy depends strongly on the template: {spread:.1%} between the best and the worst "
+                        f"({sweep.templates[sweep.worst]!r}).")
+    drop = findings.metrics.get("prompt_attack.accuracy_drop", 0.0)
+    attack = findings.worst_attack
+    if attack is not None and drop >= 0.10:
+        warnings.append(
+            f"Small prompt edits change the result: {', '.join(attack.edits) or 'edits'} on the "
+            f"{attack.class_name!r} phrasing drop accuracy by {drop:.1%}.")
+    return warnings
+
+
+def _summary(sweep: TemplateSweep, findings: Findings) -> str:
+    metrics, ensemble_acc = findings.metrics, sweep.ensemble_acc
+    worst_t, best_t = metrics["template_accuracy.worst"], metrics["template_accuracy.best"]
+    summary = f"Accuracy {ensemble_acc:.1%} with all templates; " + (
+        f"single templates range from {worst_t:.1%} to {best_t:.1%}" if f"{worst_t:.1%}" != f"{best_t:.1%}"
+        else f"every single template gives {best_t:.1%}")
+    one_drop = metrics.get("one_edit_accuracy_drop", 0.0)
+    one_edit, attack = findings.one_edit, findings.worst_attack
+    if one_edit is not None and one_drop > 0:
+        summary += (f"; one edit ({one_edit.one_edit}, {one_edit.level} level, class {one_edit.class_name!r}) "
+                    f"lowers it to {one_edit.one_edit_accuracy:.1%}")
+    drop = metrics.get("prompt_attack.accuracy_drop", 0.0)
+    if attack is not None and drop > 0 and attack.accuracy_after < ensemble_acc - one_drop:
+        summary += (f"; {len(attack.edits)} edits ({attack.level} level, class "
+                    f"{attack.class_name!r}) lower it to {attack.accuracy_after:.1%}")
+    elif attack is not None and drop <= 0:
+        summary += "; no prompt edit tried lowers it"
+    return summary + "."
+
+
+def _details(sweep: TemplateSweep, attacks: list[ClassAttack], levels: list[str]) -> dict:
+    return {
+        "rows": len(sweep.labels),
+        "templates": [r[0] for r in sweep.rows],
+        "template_accuracy": [r[1] for r in sweep.rows],
+        "attacks": [
+            {"class": a.class_name, "level": a.level, "original": a.original, "perturbed": a.perturbed,
+             "edits": a.edits, "accuracy_before": a.accuracy_before, "accuracy_after": a.accuracy_after,
+             "one_edit": a.one_edit, "one_edit_accuracy": a.one_edit_accuracy, "candidates_scored": a.candidates_scored}
+            for a in attacks
+        ],
+        "levels": levels,
+    }
 
 
 def _short(text: str, n: int = 40) -> str:

@@ -157,7 +157,6 @@ class SaliencyCheck(Check):
         # Under torchrun each process explains its share of the images; the per-image results
         # are gathered below, so every process computes the metrics from all of them.
         local = ctx.shard_rows(rows)
-        positions = np.searchsorted(rows, local)
         classifier, targets, target_name = _classifier_and_targets(ctx, local, params["target_prompt"])
         tower = find_image_tower(classifier)
         warnings, notes = [], [tower.note] if tower.note else []
@@ -170,107 +169,34 @@ class SaliencyCheck(Check):
         pixels = _load_pixels(ctx, local)
         settings = _settings(ctx, params, pixels)
         maps = {m: attribution_maps(m, classifier, tower, pixels, targets, settings, ctx.autocast, rows=local) for m in methods}
-        deletion, insertion = _faithfulness(ctx, params, classifier, pixels, targets, maps, positions, len(rows))
-        per_row: dict[str, np.ndarray] = {}
-        for name in deletion:
-            per_row[f"deletion:{name}"], per_row[f"insertion:{name}"] = deletion[name], insertion[name]
-        cascade = None
-        if params["cascade_points"] > 0:
-            cascade = _randomisation(ctx, params, classifier, pixels, targets, maps, settings, local)
-            for m in cascade["spearman"]:
-                # (images, cascade points): one column per point of the cascade
-                per_row[f"spearman:{m}"] = np.stack(cascade["spearman"][m], axis=1)
-                per_row[f"ssim:{m}"] = np.stack(cascade["ssim"][m], axis=1)
-        masks, unreadable = _load_masks(ctx, local)
-        has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks], dtype=bool)
-        per_row["has_mask"] = has_mask
-        per_row["mask_unreadable"] = unreadable
-        if ctx.world.active or has_mask.any():
-            # Under torchrun every process reports localisation columns (NaN without a mask),
-            # since whether any image has a mask is only known once they are gathered.
-            per_row.update(_localisation(methods, maps, masks, has_mask, params["top_percent"]))
-
+        per_row, cascade, masks = _explain(ctx, params, methods, classifier, pixels, targets, maps, settings, rows, local)
         _, merged = ctx.gather_rows(local, per_row)
-        deletion = {n: merged[f"deletion:{n}"] for n in deletion}
-        insertion = {n: merged[f"insertion:{n}"] for n in insertion}
-        has_mask_all = merged["has_mask"].astype(bool)
-        unreadable_all = np.flatnonzero(merged["mask_unreadable"].astype(bool))
-        if unreadable_all.size:
-            first = ctx.dataset.records[int(ctx.forward.indices[rows[unreadable_all[0]]])].mask
-            warnings.append(f"{unreadable_all.size} of {len(rows)} images had a mask that could not be read "
-                            f"(first: {first}); they were explained without a region")
-
-        metrics: dict[str, float] = {"n_images": float(len(rows))}
-        per_image_values: dict[str, np.ndarray] = {}
-        for name in ["random", *methods]:
-            per_image_values[f"{name}.deletion_auc"] = curve_area(deletion[name])
-            per_image_values[f"{name}.insertion_auc"] = curve_area(insertion[name])
-        for m in methods:
-            per_image_values[f"{m}.deletion_gain"] = per_image_values["random.deletion_auc"] - per_image_values[f"{m}.deletion_auc"]
-            per_image_values[f"{m}.insertion_gain"] = per_image_values[f"{m}.insertion_auc"] - per_image_values["random.insertion_auc"]
+        deletion = {n: merged[f"deletion:{n}"] for n in ["random", *methods]}
+        insertion = {n: merged[f"insertion:{n}"] for n in ["random", *methods]}
+        has_mask = merged["has_mask"].astype(bool)
+        warnings += _unreadable_masks(ctx, rows, merged)
         if cascade is not None:
             cascade["spearman"] = {m: [np.ascontiguousarray(c) for c in merged[f"spearman:{m}"].T] for m in cascade["spearman"]}
             cascade["ssim"] = {m: [np.ascontiguousarray(c) for c in merged[f"ssim:{m}"].T] for m in cascade["ssim"]}
-            for m in methods:
-                per_image_values[f"{m}.randomisation_spearman"] = cascade["spearman"][m][-1]
-                per_image_values[f"{m}.randomisation_ssim"] = cascade["ssim"][m][-1]
-        metrics["n_mask_images"] = float(has_mask_all.sum())
-        if has_mask_all.any():
-            for m in methods:
-                for key in LOCALISATION:
-                    per_image_values[f"{m}.{key}"] = merged[f"{m}.{key}"]
-
-        if has_mask_all.any():
-            per_image_values["mask_share"] = merged["mask_share"]
-        intervals = {}
-        rng = ctx.rng("saliency:bootstrap")
-        clusters = ctx.clusters(rows)
-        for key, values in per_image_values.items():
-            metrics[key] = _nanmean(values)
-            finite = np.isfinite(values)
-            ok = values[finite]
-            lo, hi = bootstrap_interval(lambda i, v=ok: float(v[i].mean()), len(ok), rng, params["n_bootstrap"],
-                                        clusters=None if clusters is None else clusters[finite])
-            if np.isfinite(lo):
-                intervals[key] = (lo, hi)
+        values = _per_image_values(methods, deletion, insertion, cascade, merged, has_mask)
+        means, intervals = _means_and_intervals(ctx, rows, values, params["n_bootstrap"])
+        metrics = {"n_images": float(len(rows)), "n_mask_images": float(has_mask.sum())} | means
 
         verdicts = {}
         if cascade is not None:
             verdicts = _sanity_verdicts(methods, metrics, intervals, params["sanity_max_spearman"])
-            for m, verdict in verdicts.items():
-                metrics[f"{m}.sanity_passed"] = {"pass": 1.0, "fail": 0.0}.get(verdict, float("nan"))
-                if verdict == "no verdict":
-                    warnings.append(f"{METHOD_LABELS[m]}: maps are constant, so the randomisation test has no verdict")
-                elif verdict == "fail":
-                    warnings.append(
-                        f"{METHOD_LABELS[m]} fails the randomisation sanity test: its maps keep a rank "
-                        f"correlation of {metrics[f'{m}.randomisation_spearman']:.2f} with the original after the "
-                        f"whole image tower is randomised, so they show the image more than what the model learned"
-                    )
+            warnings += _sanity_warnings(verdicts, metrics)
         for m in methods:
             if metrics[f"{m}.deletion_gain"] <= 0 and metrics[f"{m}.insertion_gain"] <= 0:
                 warnings.append(f"{METHOD_LABELS[m]} is no better than a random pixel order on deletion or insertion")
+        has_masks = bool(has_mask.any())
         recommended, findings, not_evaluated = _recommend(methods, metrics, intervals, verdicts, cascade is not None,
-                                                          bool(has_mask_all.any()))
-        if recommended:
-            for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
-                if f"{recommended}.{key}" in metrics:
-                    metrics[f"recommended_{key}"] = metrics[f"{recommended}.{key}"]
-                    if f"{recommended}.{key}" in intervals:
-                        intervals[f"recommended_{key}"] = intervals[f"{recommended}.{key}"]
+                                                          has_masks)
+        _copy_recommended(recommended, metrics, intervals)
 
-        has_masks = bool(has_mask_all.any())
         tables = _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts)
-        figures = _figures(ctx, rows, local, pixels, maps, masks, has_mask_all, deletion, insertion, cascade, params, target_name)
-        per_image = {}
-        for key in ("deletion_auc", "insertion_auc", "mass_in_mask"):
-            for m in methods:
-                if f"{m}.{key}" in per_image_values:
-                    column = [None] * len(ctx.forward)
-                    for r, v in zip(rows, per_image_values[f"{m}.{key}"]):
-                        column[int(r)] = float(v) if np.isfinite(v) else None
-                    per_image[f"{m}.{key}"] = column
-        n_masked = int(has_mask_all.sum())
+        figures = _figures(ctx, rows, local, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name)
+        n_masked = int(has_mask.sum())
         return CheckResult(
             metrics=metrics, intervals=intervals,
             summary=_summary(methods, metrics, verdicts, recommended, has_masks, target_name),
@@ -285,8 +211,111 @@ class SaliencyCheck(Check):
                 "mean_deletion_curve": {k: v.mean(axis=0).tolist() for k, v in deletion.items()},
                 "mean_insertion_curve": {k: v.mean(axis=0).tolist() for k, v in insertion.items()},
             },
-            per_image=per_image,
+            per_image={f"{m}.{key}": ctx.per_image(rows, values[f"{m}.{key}"])
+                       for key in ("deletion_auc", "insertion_auc", "mass_in_mask") for m in methods
+                       if f"{m}.{key}" in values},
         )
+
+
+def _explain(ctx, params, methods, classifier, pixels, targets, maps, settings, rows, local):
+    """This process's per-image results (curves, cascade correlations, localisation), keyed
+    for ``ctx.gather_rows``; also the cascade's levels and the masks of the local rows."""
+    positions = np.searchsorted(rows, local)
+    deletion, insertion = _faithfulness(ctx, params, classifier, pixels, targets, maps, positions, len(rows))
+    per_row: dict[str, np.ndarray] = {}
+    for name in deletion:
+        per_row[f"deletion:{name}"], per_row[f"insertion:{name}"] = deletion[name], insertion[name]
+    cascade = None
+    if params["cascade_points"] > 0:
+        cascade = _randomisation(ctx, params, classifier, pixels, targets, maps, settings, local)
+        for m in cascade["spearman"]:
+            # (images, cascade points): one column per point of the cascade
+            per_row[f"spearman:{m}"] = np.stack(cascade["spearman"][m], axis=1)
+            per_row[f"ssim:{m}"] = np.stack(cascade["ssim"][m], axis=1)
+    masks, unreadable = _load_masks(ctx, local)
+    has_mask = np.array([mk is not None and bool(mk.any()) for mk in masks], dtype=bool)
+    per_row["has_mask"] = has_mask
+    per_row["mask_unreadable"] = unreadable
+    if ctx.world.active or has_mask.any():
+        # Under torchrun every process reports localisation columns (NaN without a mask),
+        # since whether any image has a mask is only known once they are gathered.
+        per_row.update(_localisation(methods, maps, masks, has_mask, params["top_percent"]))
+    return per_row, cascade, masks
+
+
+def _unreadable_masks(ctx, rows, merged) -> list[str]:
+    unreadable = np.flatnonzero(merged["mask_unreadable"].astype(bool))
+    if not unreadable.size:
+        return []
+    first = ctx.dataset.records[int(ctx.forward.indices[rows[unreadable[0]]])].mask
+    return [f"{unreadable.size} of {len(rows)} images had a mask that could not be read "
+            f"(first: {first}); they were explained without a region"]
+
+
+def _per_image_values(methods, deletion, insertion, cascade, merged, has_mask) -> dict[str, np.ndarray]:
+    """Every per-image number a metric is the mean of, in the order their intervals are drawn."""
+    values: dict[str, np.ndarray] = {}
+    for name in ["random", *methods]:
+        values[f"{name}.deletion_auc"] = curve_area(deletion[name])
+        values[f"{name}.insertion_auc"] = curve_area(insertion[name])
+    for m in methods:
+        values[f"{m}.deletion_gain"] = values["random.deletion_auc"] - values[f"{m}.deletion_auc"]
+        values[f"{m}.insertion_gain"] = values[f"{m}.insertion_auc"] - values["random.insertion_auc"]
+    if cascade is not None:
+        for m in methods:
+            values[f"{m}.randomisation_spearman"] = cascade["spearman"][m][-1]
+            values[f"{m}.randomisation_ssim"] = cascade["ssim"][m][-1]
+    if has_mask.any():
+        for m in methods:
+            for key in LOCALISATION:
+                values[f"{m}.{key}"] = merged[f"{m}.{key}"]
+        values["mask_share"] = merged["mask_share"]
+    return values
+
+
+def _means_and_intervals(ctx, rows, values, n_boot):
+    """Each metric as the mean of its finite per-image values, with a bootstrap interval over
+    images (patients where the data name them) where one can be drawn: the sanity verdict and
+    the tables read these intervals, so an undefined one must be absent, not NaN."""
+    metrics: dict[str, float] = {}
+    intervals = {}
+    rng = ctx.rng("saliency:bootstrap")
+    clusters = ctx.clusters(rows)
+    for key, v in values.items():
+        metrics[key] = _nanmean(v)
+        finite = np.isfinite(v)
+        ok = v[finite]
+        lo, hi = bootstrap_interval(lambda i, v=ok: float(v[i].mean()), len(ok), rng, n_boot,
+                                    clusters=None if clusters is None else clusters[finite])
+        if np.isfinite(lo):
+            intervals[key] = (lo, hi)
+    return metrics, intervals
+
+
+def _sanity_warnings(verdicts, metrics) -> list[str]:
+    """Records each method's sanity verdict in ``metrics``; warns about those that fail or cannot be judged."""
+    warnings = []
+    for m, verdict in verdicts.items():
+        metrics[f"{m}.sanity_passed"] = {"pass": 1.0, "fail": 0.0}.get(verdict, float("nan"))
+        if verdict == "no verdict":
+            warnings.append(f"{METHOD_LABELS[m]}: maps are constant, so the randomisation test has no verdict")
+        elif verdict == "fail":
+            warnings.append(
+                f"{METHOD_LABELS[m]} fails the randomisation sanity test: its maps keep a rank "
+                f"correlation of {metrics[f'{m}.randomisation_spearman']:.2f} with the original after the "
+                f"whole image tower is randomised, so they show the image more than what the model learned"
+            )
+    return warnings
+
+
+def _copy_recommended(recommended, metrics, intervals) -> None:
+    if not recommended:
+        return
+    for key in ("deletion_gain", "insertion_gain", "mass_in_mask"):
+        if f"{recommended}.{key}" in metrics:
+            metrics[f"recommended_{key}"] = metrics[f"{recommended}.{key}"]
+            if f"{recommended}.{key}" in intervals:
+                intervals[f"recommended_{key}"] = intervals[f"{recommended}.{key}"]
 
 
 # -- steps of run() ------------------------------------------------------------------------------
