@@ -259,9 +259,9 @@ def test_same_seed_same_metrics_and_bad_parameters(demo_ctx):
     assert a.metrics == b.metrics
     assert adv.parse_budgets(["1/255, 2/255", 0.5, "[4/255]"], "x") == [1 / 255, 2 / 255, 4 / 255, 0.5]
     for bad in (dict(attacks=["cw"]), dict(eps=["two/255"]), dict(eps=[-0.1]), dict(steps=0), dict(n_images=-1),
-                dict(eps=[True])):
+                dict(eps=[True]), dict(attacks=[]), dict(sanity_eps=-1.0)):
         with pytest.raises(InputError, match="adversarial"):
-            run_check(demo_ctx, **given | bad)
+            AdversarialCheck.resolve_params(given | bad)  # before the model loads
 
 
 # -- PneumoniaMNIST with a small model trained here ---------------------------------------

@@ -189,13 +189,21 @@ def test_adapter_without_context_path_is_skipped(mcaudit_demo_model, mcaudit_pha
 
 
 @pytest.mark.parametrize("param, value", [
-    ("target", "pneumonia"), ("n_ctx", 0), ("shots", 0), ("poison_fraction", 1.0), ("epsilon", -0.1),
-    ("patch_fraction", 0.9), ("steps", 0), ("lr", 0.0), ("max_eval", -1), ("max_targets", 0),
-    ("max_base_rate", 0.0), ("n_bootstrap", -1),
+    ("n_ctx", 0), ("shots", 0), ("poison_fraction", 1.0), ("epsilon", -0.1),
+    ("patch_fraction", 0.9), ("steps", 0), ("lr", 0.0), ("trigger_lr", -1.0), ("max_eval", -1), ("max_targets", 0),
+    ("max_base_rate", 0.0), ("max_base_rate", 1.5), ("n_bootstrap", -1),
 ])
-def test_bad_parameters_are_input_errors(demo_ctx, param, value):
+def test_bad_parameters_are_input_errors_before_the_model_loads(param, value):
+    from mcaudit.plugins.checks.backdoor import BackdoorCheck
+
     with pytest.raises(InputError, match=f"backdoor.{param}"):
-        run_backdoor(demo_ctx, **{param: value})
+        BackdoorCheck.resolve_params({param: value})
+
+
+def test_a_target_that_is_not_a_class_is_an_input_error(demo_ctx):
+    # the classes come from the data, so this one is checked when the check runs
+    with pytest.raises(InputError, match="backdoor.target"):
+        run_backdoor(demo_ctx, target="pneumonia")
 
 
 def test_both_sections_in_the_html_report(mcaudit_run):

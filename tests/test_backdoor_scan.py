@@ -480,9 +480,9 @@ def test_profiles_set_known_parameters_and_standard_is_the_default():
 def test_bad_parameters_are_input_errors(param, value):
     from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
-    # parameters are checked before the context is touched
+    # parameters are checked before the model loads
     with pytest.raises(InputError, match=f"backdoor_scan.{param}"):
-        BackdoorScanCheck().run(None, BackdoorScanCheck.resolve_params({param: value}))
+        BackdoorScanCheck.resolve_params({param: value})
 
 
 @pytest.mark.parametrize("given, message", [

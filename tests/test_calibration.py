@@ -192,7 +192,7 @@ def test_reliability_table_and_figures():
 def test_bad_parameters_are_input_errors(params):
     z, labels = calibrated_logits(50, 2, seed=1)
     with pytest.raises(InputError, match="calibration"):
-        run_check(synthetic_context(z, labels), **params)
+        CalibrationCheck.resolve_params(params)  # before the model loads
 
 
 def test_tiny_split_skips_temperature_with_warning():
@@ -228,9 +228,8 @@ def test_profiles_and_threshold_reasons():
     assert set(CalibrationCheck.profiles) == {"quick", "standard", "thorough"}
     assert CalibrationCheck.profiles["standard"]["n_bootstrap"] == CalibrationCheck.params["n_bootstrap"].default
     assert set(CalibrationCheck.threshold_reasons) == set(CalibrationCheck.default_thresholds)
-    with pytest.raises(InputError, match="n_bootstrap"):
-        z, labels = calibrated_logits(50, 2, seed=1)
-        run_check(synthetic_context(z, labels), n_bootstrap=-1)
+    with pytest.raises(InputError, match="calibration.n_bootstrap"):
+        CalibrationCheck.resolve_params({"n_bootstrap": -1})
 
 
 def test_subject_ids_make_a_patient_level_bootstrap():

@@ -133,9 +133,9 @@ def test_same_seed_same_result_bad_parameters_and_report(tmp_path):
     a, b = run_check(ctx, n=64), run_check(ctx, n=64)
     assert a.metrics == b.metrics
     for given in (dict(sigmas=[0.0]), dict(sigmas=["x"]), dict(alpha=0.7), dict(n=0), dict(radii=[-1.0]),
-                  dict(n_images=-2)):
+                  dict(n_images=-2), dict(radii=[]), dict(alpha=0.0)):
         with pytest.raises(InputError, match="certified"):
-            run_check(ctx, **given)
+            CertifiedCheck.resolve_params(given)  # before the model loads
     out = run_cli(["run", "--quiet", "-p", "mcaudit.plugins.checks.certified", "--checks", "certified", "--model", "demo",
                    "--data", "phantom:n=40", "--profile", "quick", "--set", "certified.n_images=6",
                    "--set", "certified.n=16"], tmp_path / "out")

@@ -65,11 +65,12 @@ def test_subjects_widen_the_intervals_when_their_images_agree(demo_ctx):
         assert lo <= clustered.metrics[metric] <= hi
 
 
-def test_too_few_resamples_is_an_input_error(demo_ctx):
+def test_too_few_resamples_is_an_input_error_before_the_model_loads():
     from mcaudit import InputError
+    from mcaudit.plugins.checks.performance import PerformanceCheck
 
     with pytest.raises(InputError, match="performance.n_bootstrap"):
-        run_performance(demo_ctx, n_bootstrap=10)
+        PerformanceCheck.resolve_params({"n_bootstrap": 10})
 
 
 def test_pneumoniamnist_accuracy_interval_is_as_wide_as_the_sampling_spread(mcaudit_demo_model):

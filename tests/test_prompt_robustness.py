@@ -211,13 +211,12 @@ def test_edit_generators_and_synonym_list():
 
 
 def test_bad_parameters_are_input_errors(tmp_path):
-    ctx = toy_context(n=20)
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("groups = [\"not a list of lists\"]\n")
     for given in (dict(levels=["sentence"]), dict(char_budget=-1), dict(max_candidates=0),
                   dict(synonyms=str(tmp_path / "missing.toml")), dict(synonyms=str(bad_toml))):
         with pytest.raises(InputError, match="prompt_robustness"):
-            run_check(ctx, **given)
+            PromptRobustnessCheck.resolve_params(given)  # before the model loads
 
 
 def test_same_seed_same_result_and_cli_report(tmp_path):

@@ -78,6 +78,16 @@ def parse_budgets(values: list[Any], option: str) -> list[float]:
     return sorted(set(out))
 
 
+def _budgets_only(values: list[Any], option: str) -> None:
+    """Param validation: the budgets parse (the parameter keeps the user's spelling)."""
+    parse_budgets(values, option)
+
+
+def _at_least_one(values: list[Any], what: str) -> None:
+    if not values:
+        raise ValueError(f"give at least one {what}")
+
+
 def _parse_budget(text: str, option: str) -> float:
     num, slash, den = text.partition("/")
     try:
@@ -216,15 +226,19 @@ class AdversarialCheck(Check):
         "of about 0.05) with 50 steps and 2 restarts; quick is a smoke test whose numbers are mostly inconclusive."
     )
     params = {
-        "attacks": Param(list(ATTACKS), f"attacks to run, from {', '.join(ATTACKS)}"),
-        "eps": Param(["1/255", "2/255", "4/255"], "L-inf budgets in pixel units of [0, 1] (numbers or \"k/255\")"),
-        "eps_l2": Param([0.1, 0.25, 0.5], "L2 budgets for pgd_l2, measured on the three-channel input"),
-        "steps": Param(50, "iterations of PGD and APGD"),
-        "restarts": Param(2, "random restarts of PGD, APGD and Square"),
-        "square_queries": Param(1000, "queries of the black-box Square attack per restart"),
-        "n_images": Param(400, "images attacked: a stratified, seeded subsample (0: all)"),
+        "attacks": Param(list(ATTACKS), f"attacks to run, from {', '.join(ATTACKS)}", choices=tuple(ATTACKS),
+                         validate=lambda names: _at_least_one(names, "attack")),
+        "eps": Param(["1/255", "2/255", "4/255"], "L-inf budgets in pixel units of [0, 1] (numbers or \"k/255\")",
+                     validate=lambda v: _budgets_only(v, "adversarial.eps")),
+        "eps_l2": Param([0.1, 0.25, 0.5], "L2 budgets for pgd_l2, measured on the three-channel input",
+                        validate=lambda v: _budgets_only(v, "adversarial.eps_l2")),
+        "steps": Param(50, "iterations of PGD and APGD", min=1),
+        "restarts": Param(2, "random restarts of PGD, APGD and Square", min=1),
+        "square_queries": Param(1000, "queries of the black-box Square attack per restart", min=1),
+        "n_images": Param(400, "images attacked: a stratified, seeded subsample (0: all)", min=0),
         "grey": Param(True, "on grey data, confine the perturbation to one channel replicated to three"),
-        "sanity_eps": Param(16 / 255, "L-inf budget of the PGD sanity attack that any model should fail (16/255; 0: off)"),
+        "sanity_eps": Param(16 / 255, "L-inf budget of the PGD sanity attack that any model should fail (16/255; 0: off)",
+                            min=0, max=1e3),
         "gallery": Param(4, "successful attacks shown in the gallery"),
     }
     # standard: 400 images give a proportion near 0.5 a Clopper-Pearson half-width of about
@@ -270,15 +284,10 @@ class AdversarialCheck(Check):
     uses_model = True
 
     def run(self, ctx, params):
-        attacks = self._attacks(params["attacks"])
+        attacks = list(dict.fromkeys(params["attacks"]))
         eps_linf = parse_budgets(params["eps"], "adversarial.eps")
         eps_l2 = parse_budgets(params["eps_l2"], "adversarial.eps_l2")
-        sanity = parse_budgets([params["sanity_eps"]], "adversarial.sanity_eps")[0]
-        for key in ("steps", "restarts", "square_queries"):
-            if params[key] < 1:
-                raise InputError(f"adversarial.{key}: must be at least 1, got {params[key]}")
-        if params["n_images"] < 0:
-            raise InputError(f"adversarial.n_images: must be 0 (all) or positive, got {params['n_images']}")
+        sanity = float(params["sanity_eps"])
         settings = AttackSettings(params["steps"], params["restarts"], params["square_queries"])
         notes: list[str] = []
         n_classes = len(ctx.classes)
@@ -358,18 +367,6 @@ class AdversarialCheck(Check):
             alive[idx] = (predict(model, adv, bs) == y[at]).cpu().numpy()
             survives[np.flatnonzero(correct)] = alive
         return survives
-
-    @staticmethod
-    def _attacks(names: list[Any]) -> list[str]:
-        out = []
-        for name in names:
-            if name not in ATTACKS:
-                raise InputError(f"adversarial.attacks: unknown attack {name!r} (known: {', '.join(ATTACKS)})")
-            if name not in out:
-                out.append(name)
-        if not out:
-            raise InputError("adversarial.attacks: give at least one attack")
-        return out
 
     def _result(self, ctx, o: Outcome, gallery: GallerySource, params) -> CheckResult:
         metrics, counts, table_rows, worst = self._robust_metrics(ctx, o)

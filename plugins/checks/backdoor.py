@@ -75,20 +75,24 @@ class BackdoorCheck(Check):
     )
     params = {
         "target": Param("", "class to plant the backdoor for; empty: each class in turn (up to max_targets)"),
-        "max_targets": Param(4, "most target classes tried when target is empty (the first ones, in class order)"),
-        "n_ctx": Param(16, "number of learned context tokens (CoOp)"),
-        "shots": Param(32, "few-shot training images per class; all other images are held out"),
-        "poison_fraction": Param(0.05, "share of the few-shot images given the trigger and the target label"),
-        "epsilon": Param(8 / 255, "L-inf bound of the trigger noise, in [0, 1] pixel units"),
-        "patch_fraction": Param(0.1, "side of the trigger patch as a share of the image side (0: noise only)"),
+        "max_targets": Param(4, "most target classes tried when target is empty (the first ones, in class order)", min=1),
+        "n_ctx": Param(16, "number of learned context tokens (CoOp)", min=1),
+        "shots": Param(32, "few-shot training images per class; all other images are held out", min=1),
+        "poison_fraction": Param(0.05, "share of the few-shot images given the trigger and the target label",
+                                 validate=lambda f: _below_one(f)),
+        "epsilon": Param(8 / 255, "L-inf bound of the trigger noise, in [0, 1] pixel units", min=0, max=1),
+        "patch_fraction": Param(0.1, "side of the trigger patch as a share of the image side (0: noise only)",
+                                min=0, max=0.5),
         "learn_patch": Param(False, "learn the patch's pixels too (a stronger, visible trigger); else a fixed random patch"),
-        "steps": Param(300, "full-batch optimisation steps (CoOp and BAPLe train for tens of epochs: 300-1000)"),
-        "lr": Param(0.02, "Adam learning rate of the context vectors"),
-        "trigger_lr": Param(0.01, "Adam learning rate of the trigger noise and patch"),
-        "max_eval": Param(800, "held-out images scored, stratified by class (0: all)"),
-        "n_bootstrap": Param(1000, "bootstrap resamples for the paired intervals of differences (0 turns them off)"),
+        "steps": Param(300, "full-batch optimisation steps (CoOp and BAPLe train for tens of epochs: 300-1000)", min=1),
+        "lr": Param(0.02, "Adam learning rate of the context vectors", validate=lambda v: _positive(v)),
+        "trigger_lr": Param(0.01, "Adam learning rate of the trigger noise and patch", validate=lambda v: _positive(v)),
+        "max_eval": Param(800, "held-out images scored, stratified by class (0: all)", min=0),
+        "n_bootstrap": Param(1000, "bootstrap resamples for the paired intervals of differences (0 turns them off)",
+                             min=0),
         "max_base_rate": Param(0.5, "attack success is not evaluated for a target whose base rate (clean images of "
-                                    "other classes already predicted as it) reaches this share"),
+                                    "other classes already predicted as it) reaches this share", max=1,
+                               validate=lambda v: _positive(v)),
     }
     metrics = {
         "asr.<class>": "attack success rate: share of triggered held-out images of other classes "
@@ -515,30 +519,17 @@ def _triggered_features(ctx, rows: np.ndarray, trigger: Trigger) -> torch.Tensor
 
 
 def _validate(params: dict, classes: list[str]) -> None:
+    # The other parameters' bounds are declared on them; the classes are only known from the data.
     if params["target"] and params["target"] not in classes:
         raise InputError(f"backdoor.target: {params['target']!r} is not a class (classes: {', '.join(classes)})")
-    if params["max_targets"] < 1:
-        raise InputError("backdoor.max_targets must be at least 1")
-    if params["n_ctx"] < 1:
-        raise InputError("backdoor.n_ctx must be at least 1")
-    if params["shots"] < 1:
-        raise InputError("backdoor.shots must be at least 1")
-    if not 0 <= params["poison_fraction"] < 1:
-        raise InputError("backdoor.poison_fraction must be in [0, 1)")
-    if not 0 <= params["epsilon"] <= 1:
-        raise InputError("backdoor.epsilon must be in [0, 1]")
-    if not 0 <= params["patch_fraction"] <= 0.5:
-        raise InputError("backdoor.patch_fraction must be in [0, 0.5]")
-    if params["steps"] < 1:
-        raise InputError("backdoor.steps must be at least 1")
-    if params["lr"] <= 0 or params["trigger_lr"] <= 0:
-        raise InputError("backdoor.lr and backdoor.trigger_lr must be positive")
-    if params["max_eval"] < 0:
-        raise InputError("backdoor.max_eval must be 0 (all) or positive")
-    if params["n_bootstrap"] < 0:
-        raise InputError("backdoor.n_bootstrap must not be negative")
-    if not 0 < params["max_base_rate"] <= 1:
-        raise InputError("backdoor.max_base_rate must be in (0, 1]")
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+def _below_one(value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
 
 
 def trigger_figure(shown: list, epsilon: float, grey: bool):

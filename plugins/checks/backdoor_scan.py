@@ -63,15 +63,19 @@ class BackdoorScanCheck(Check):
         "patience": Param(30, "steps without the mask shrinking by 1%, after reaching target_asr, that count "
                               "as converged", min=1),
         "restarts": Param(2, "random starts per class; the smallest converged mask is kept", min=1),
-        "lr": Param(0.1, "Adam learning rate of the mask and pattern"),
+        "lr": Param(0.1, "Adam learning rate of the mask and pattern", validate=lambda v: _positive(v)),
         "init_cost": Param(1.0, "weight of the mask-size penalty (on the mask's share of the image) once a "
-                                "class's trigger first succeeds; adapted per class as in Neural Cleanse"),
+                                "class's trigger first succeeds; adapted per class as in Neural Cleanse",
+                          validate=lambda v: _positive(v)),
         "cost_patience": Param(5, "steps above or below target_asr before the mask-size weight is raised or lowered", min=1),
-        "target_asr": Param(0.95, "attack success a reversed trigger must reach for its mask to count as found"),
+        "target_asr": Param(0.95, "attack success a reversed trigger must reach for its mask to count as found",
+                            max=1, validate=lambda v: _positive(v)),
         "anomaly_threshold": Param(2.0, f"MAD rule (at least {MAD_MIN_CLASSES} classes): anomaly index above "
-                                        "which a class with a small mask is flagged"),
+                                        "which a class with a small mask is flagged",
+                                   validate=lambda v: _positive(v)),
         "reference_ratio": Param(0.25, "reference rule: flag a class whose stamp on the audited model is at most "
-                                       "this share of its stamp on the reference model"),
+                                       "this share of its stamp on the reference model",
+                                 validate=lambda v: _strictly_between(v, 0.0, 1.0)),
         "reference_model": Param("", "model spec of the reference (the public checkpoint the audited model was "
                                      "fine-tuned from), loaded like --model; empty: no reference rule"),
         "reference_checkpoint": Param("", "checkpoint file for reference_model, like --checkpoint"),
@@ -114,7 +118,6 @@ class BackdoorScanCheck(Check):
     uses_model = True
 
     def run(self, ctx, params):
-        _validate(params)
         classes = ctx.classes
         labels = ctx.forward.labels
         if len(classes) < 2:
@@ -546,20 +549,14 @@ def _stratified_positions(labels: np.ndarray, n: int, rng: np.random.Generator) 
     return np.sort(np.concatenate(chosen))
 
 
-def _validate(params: dict) -> None:
-    for key in ("max_classes", "n_images", "max_steps", "patience", "restarts", "cost_patience"):
-        if params[key] < 1:
-            raise InputError(f"backdoor_scan.{key} must be at least 1")
-    if params["n_eval"] < 0:
-        raise InputError("backdoor_scan.n_eval must be 0 (all other images) or positive")
-    if params["lr"] <= 0 or params["init_cost"] <= 0:
-        raise InputError("backdoor_scan.lr and backdoor_scan.init_cost must be positive")
-    if not 0 < params["target_asr"] <= 1:
-        raise InputError("backdoor_scan.target_asr must be in (0, 1]")
-    if params["anomaly_threshold"] <= 0:
-        raise InputError("backdoor_scan.anomaly_threshold must be positive")
-    if not 0 < params["reference_ratio"] < 1:
-        raise InputError("backdoor_scan.reference_ratio must be in (0, 1)")
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+def _strictly_between(value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
 
 
 def norms_figure(names, audited, reference, decision, params):

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Param, Table, hookimpl
 from mcaudit.metrics import (
     bootstrap_interval,
     brier_score,
@@ -67,10 +67,12 @@ class CalibrationCheck(Check):
         "temperature scaling (one number dividing the logits) would fix on held-out images."
     )
     params = {
-        "n_bins": Param(15, "confidence bins for ECE, MCE and the reliability diagram"),
-        "calibration_fraction": Param(0.5, "share of the images (stratified by class) used to fit the temperature; the rest judge it"),
+        "n_bins": Param(15, "confidence bins for ECE, MCE and the reliability diagram", min=2),
+        "calibration_fraction": Param(0.5, "share of the images (stratified by class) used to fit the temperature; the rest judge it",
+                                      validate=lambda f: _strictly_between(f, 0.0, 1.0)),
         "split_seed": Param(0, "seed of the fit/held-out split (combined with the run seed)"),
-        "n_bootstrap": Param(400, "bootstrap resamples (of images, or of subjects when the data name them) for the 95% intervals (0 turns them off)"),
+        "n_bootstrap": Param(400, "bootstrap resamples (of images, or of subjects when the data name them) for the 95% intervals (0 turns them off)",
+                             min=0),
     }
     # The percentile of a 95% interval needs a few hundred resamples to settle; ECE's
     # bootstrap costs little next to the forward pass, so standard affords 400.
@@ -103,10 +105,6 @@ class CalibrationCheck(Check):
 
     def run(self, ctx, params):
         n_bins, fraction = params["n_bins"], params["calibration_fraction"]
-        if n_bins < 2:
-            raise InputError(f"calibration.n_bins={n_bins}: use at least 2 bins")
-        if not 0.0 < fraction < 1.0:
-            raise InputError(f"calibration.calibration_fraction={fraction}: must be between 0 and 1 (exclusive)")
         if len(ctx.classes) < 2:
             return CheckResult.skipped("calibration needs at least two classes")
         logits = ctx.forward.logits.double().numpy()
@@ -115,8 +113,6 @@ class CalibrationCheck(Check):
         edges = equal_width_edges(n_bins)
         conf, correct = top_label(probs, labels)
 
-        if params["n_bootstrap"] < 0:
-            raise InputError(f"calibration.n_bootstrap={params['n_bootstrap']}: must be 0 or more")
         metrics = calibration_metrics(logits, probs, labels, n_bins)
         intervals = self._intervals(ctx, logits, probs, labels, n_bins, params["n_bootstrap"])
         warnings = []
@@ -200,6 +196,11 @@ class CalibrationCheck(Check):
         for k, f in smooth.items():
             out[k] = bootstrap_interval(f, len(labels), ctx.rng(f"calibration.bootstrap.{k}"), n_boot, clusters=clusters)
         return {k: v for k, v in out.items() if np.isfinite(v[0])}
+
+
+def _strictly_between(value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ValueError(f"{value!r} must be between {low:g} and {high:g} (exclusive)")
 
 
 INTERVAL_NOTE = (

@@ -21,7 +21,7 @@ import torch
 from scipy.stats import beta, norm
 from torch import nn
 
-from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Param, Table, hookimpl
 from mcaudit.batching import in_batches
 from mcaudit.metrics import accuracy, clopper_pearson_interval
 
@@ -108,6 +108,22 @@ def _share(k: int, n: int, interval) -> str:
     return f"{k / n:.1%} ({k} of {n}{ci})"
 
 
+def _at_least_one(values: list[float]) -> None:
+    if not values:
+        raise ValueError("give at least one value")
+
+
+def _positive_values(values: list[float]) -> None:
+    _at_least_one(values)
+    if any(v <= 0 for v in values):
+        raise ValueError(f"values must be > 0, got {values}")
+
+
+def _strictly_between(value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
+
+
 def _key(value: float) -> str:
     return f"{value:g}"
 
@@ -121,14 +137,17 @@ class CertifiedCheck(Check):
         "Cohen et al. use n0=100, n=100000, alpha=0.001 on 500 images."
     )
     params = {
-        "sigmas": Param([0.12, 0.25, 0.5], "standard deviations of the Gaussian noise, in pixel units of [0, 1]"),
-        "n0": Param(64, "noisy samples that select the top class"),
-        "n": Param(1000, "noisy samples that bound its probability (the largest radius grows with n)"),
-        "alpha": Param(0.001, "failure probability of each certificate"),
-        "radii": Param([0.0, 0.05, 0.1, 0.25, 0.5], "L2 radii at which certified accuracy is reported"),
-        "gate_radius": Param(0.25, "L2 radius of the gated certified accuracy (certified_accuracy_at_radius)"),
-        "n_images": Param(400, "images certified: a stratified, seeded subsample (0: all)"),
-        "noise_batch": Param(256, "noisy images per forward batch"),
+        "sigmas": Param([0.12, 0.25, 0.5], "standard deviations of the Gaussian noise, in pixel units of [0, 1]",
+                        validate=lambda values: _positive_values(values)),
+        "n0": Param(64, "noisy samples that select the top class", min=1),
+        "n": Param(1000, "noisy samples that bound its probability (the largest radius grows with n)", min=1),
+        "alpha": Param(0.001, "failure probability of each certificate",
+                       validate=lambda a: _strictly_between(a, 0.0, 0.5)),
+        "radii": Param([0.0, 0.05, 0.1, 0.25, 0.5], "L2 radii at which certified accuracy is reported", min=0,
+                       validate=lambda values: _at_least_one(values)),
+        "gate_radius": Param(0.25, "L2 radius of the gated certified accuracy (certified_accuracy_at_radius)", min=0),
+        "n_images": Param(400, "images certified: a stratified, seeded subsample (0: all)", min=0),
+        "noise_batch": Param(256, "noisy images per forward batch", min=1),
     }
     # standard: 400 images give a proportion near 0.5 a Clopper-Pearson half-width of about
     # 0.05, and n = 1000 samples certify radii up to 2.5 sigma. A certificate is a lower bound
@@ -163,20 +182,9 @@ class CertifiedCheck(Check):
     uses_model = True
 
     def run(self, ctx, params):
-        sigmas = self._positive_list(params["sigmas"], "sigmas")
-        radii = sorted(set(float(r) for r in self._number_list(params["radii"], "radii")))
-        if any(r < 0 for r in radii):
-            raise InputError("certified.radii: radii must be >= 0")
-        for key in ("n0", "n", "noise_batch"):
-            if params[key] < 1:
-                raise InputError(f"certified.{key}: must be at least 1, got {params[key]}")
-        if not 0 < params["alpha"] < 0.5:
-            raise InputError(f"certified.alpha: must be between 0 and 0.5, got {params['alpha']}")
-        if not (np.isfinite(params["gate_radius"]) and params["gate_radius"] >= 0):
-            raise InputError(f"certified.gate_radius: must be a number >= 0, got {params['gate_radius']}")
-        radii = sorted(set(radii) | {float(params["gate_radius"])})
-        if params["n_images"] < 0:
-            raise InputError(f"certified.n_images: must be 0 (all) or positive, got {params['n_images']}")
+        # The parameters' bounds were checked when they were resolved (before the model loaded).
+        sigmas = sorted(set(float(s) for s in params["sigmas"]))
+        radii = sorted(set(float(r) for r in params["radii"]) | {float(params["gate_radius"])})
 
         rows = ctx.stratified_rows(params["n_images"], "certified")
         local = ctx.shard_rows(rows)  # under torchrun each rank certifies its share of the rows
@@ -200,24 +208,6 @@ class CertifiedCheck(Check):
         outcome = {s: {key: merged[f"{key}{i}"] for key in ("prediction", "radius", "p_lower", "counts")}
                    for i, s in enumerate(sigmas)}
         return self._result(ctx, rows, labels, merged["clean_pred"], outcome, sigmas, radii, params)
-
-    @staticmethod
-    def _number_list(values, option: str) -> list[float]:
-        out = []
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-                raise InputError(f"certified.{option}: {v!r} is not a number")
-            out.append(float(v))
-        if not out:
-            raise InputError(f"certified.{option}: give at least one value")
-        return out
-
-    @classmethod
-    def _positive_list(cls, values, option: str) -> list[float]:
-        out = cls._number_list(values, option)
-        if any(v <= 0 for v in out):
-            raise InputError(f"certified.{option}: values must be > 0")
-        return sorted(set(out))
 
     def _result(self, ctx, rows, labels, clean_pred, outcome, sigmas, radii, params) -> CheckResult:
         n = len(rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mcaudit import Check, CheckResult, Finding, InputError, Param, Table, hookimpl
+from mcaudit import Check, CheckResult, Finding, Param, Table, hookimpl
 from mcaudit.metrics import (
     AUROC_CLUSTER_METHOD,
     AUROC_METHOD,
@@ -34,7 +34,7 @@ class PerformanceCheck(Check):
     )
     params = {
         "n_bootstrap": Param(2000, "resamples of the subject-level bootstrap for balanced accuracy, used when the "
-                                   f"data name subjects (at least {MIN_BOOTSTRAP})"),
+                                   f"data name subjects (at least {MIN_BOOTSTRAP})", min=MIN_BOOTSTRAP),
     }
     metrics = {
         "accuracy": "share of images whose top class is the label",
@@ -59,9 +59,6 @@ class PerformanceCheck(Check):
     }
 
     def run(self, ctx, params):
-        if params["n_bootstrap"] < MIN_BOOTSTRAP:
-            raise InputError(f"performance.n_bootstrap: {params['n_bootstrap']} is too few resamples for a 95% interval "
-                             f"(at least {MIN_BOOTSTRAP})")
         fwd = ctx.forward
         labels, preds, probs = fwd.labels, fwd.preds, fwd.probs
         classes = ctx.classes

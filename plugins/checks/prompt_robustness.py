@@ -63,6 +63,12 @@ def load_synonym_groups(path: str | Path | None = None) -> list[list[str]]:
     return groups
 
 
+def _readable_synonyms(path: str) -> None:
+    """Param validation: a synonym file that cannot be read or parsed stops the run before the model loads."""
+    if path:
+        load_synonym_groups(path)
+
+
 def _read_groups(text: str, source: str) -> list[list[str]]:
     try:
         data = tomllib.loads(text)
@@ -265,14 +271,17 @@ class PromptRobustnessCheck(Check):
         "character-level misspellings or medical synonym substitutions of each class's phrasings."
     )
     params = {
-        "levels": Param(list(LEVELS), "edit levels searched: char (typos, swaps, deletions), word (synonyms)"),
-        "char_budget": Param(2, "character edits allowed per class"),
-        "word_budget": Param(1, "synonym substitutions allowed per class"),
-        "max_candidates": Param(48, "single edits scored per greedy step (a seeded sample when there are more)"),
-        "synonyms": Param("", "extra synonym TOML (groups = [[\"term\", \"synonym\"], ...]) added to the shipped list"),
-        "n_images": Param(0, "images scored: a stratified, seeded subsample (0: all; no image is re-encoded)"),
-        "worst_prompts": Param(10, "rows of the worst prompts table"),
-        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% intervals"),
+        "levels": Param(list(LEVELS), "edit levels searched: char (typos, swaps, deletions), word (synonyms)",
+                        choices=LEVELS),
+        "char_budget": Param(2, "character edits allowed per class", min=0),
+        "word_budget": Param(1, "synonym substitutions allowed per class", min=0),
+        "max_candidates": Param(48, "single edits scored per greedy step (a seeded sample when there are more)", min=1),
+        "synonyms": Param("", "extra synonym TOML (groups = [[\"term\", \"synonym\"], ...]) added to the shipped list",
+                          validate=lambda path: _readable_synonyms(path)),
+        "n_images": Param(0, "images scored: a stratified, seeded subsample (0: all; no image is re-encoded)", min=0),
+        "worst_prompts": Param(10, "rows of the worst prompts table", min=0),
+        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% intervals",
+                             min=0),
     }
     metrics = {
         "ensemble_accuracy": "accuracy with every template together (the audited prompt set)",
@@ -313,12 +322,6 @@ class PromptRobustnessCheck(Check):
 
     def run(self, ctx, params):
         levels = list(dict.fromkeys(params["levels"]))
-        bad = [lv for lv in levels if lv not in LEVELS]
-        if bad:
-            raise InputError(f"prompt_robustness.levels: unknown level {bad[0]!r} (known: {', '.join(LEVELS)})")
-        for key in ("char_budget", "word_budget", "max_candidates", "n_images", "worst_prompts", "n_bootstrap"):
-            if params[key] < 0 or (key == "max_candidates" and params[key] < 1):
-                raise InputError(f"prompt_robustness.{key}: must be {'at least 1' if key == 'max_candidates' else '>= 0'}, got {params[key]}")
         synonyms = synonym_map(load_synonym_groups(params["synonyms"] or None))
 
         rows = ctx.stratified_rows(params["n_images"], "prompt_robustness")

@@ -62,33 +62,39 @@ class SaliencyCheck(Check):
     params = {
         "methods": Param(
             ["integrated_gradients", "saliency", "input_x_gradient", "gradient_shap", "grad_cam"],
-            "attribution methods, any of: " + ", ".join(METHOD_LABELS),
+            "attribution methods, any of: " + ", ".join(METHOD_LABELS), validate=lambda names: _methods(names),
         ),
-        "n_images": Param(100, "images to explain, a stratified subsample (classes in proportion)"),
-        "n_mask_images": Param(100, "images with a region mask added for localisation, when the data has masks (0: none)"),
+        # at least 2: intervals over images need two of them
+        "n_images": Param(100, "images to explain, a stratified subsample (classes in proportion)", min=2),
+        "n_mask_images": Param(100, "images with a region mask added for localisation, when the data has masks (0: none)",
+                               min=0),
         "target_prompt": Param("", "explain the similarity to this prompt instead of the predicted class"),
-        "steps": Param(20, "steps of the deletion and insertion curves"),
+        "steps": Param(20, "steps of the deletion and insertion curves", min=1),
         "baseline": Param("blur", "what removed pixels become in the curves", choices=BASELINES),
         "curve_score": Param(
             "logit", "score read along the curves: the target's similarity logit (what the maps explain) or "
             "its softmax probability over the classes (saturates for confident models)",
             choices=("logit", "probability"),
         ),
-        "ig_steps": Param(32, "Integrated Gradients path steps"),
-        "shap_samples": Param(16, "GradientSHAP samples per image"),
-        "occlusion_window": Param(0, "Occlusion patch side in pixels (0: one eighth of the image side); stride is half of it"),
-        "internal_batch_size": Param(64, "model evaluations per pass inside Integrated Gradients, GradientSHAP and Occlusion"),
-        "curve_batch_size": Param(256, "perturbed images per forward pass when scoring the curves"),
+        "ig_steps": Param(32, "Integrated Gradients path steps", min=1),
+        "shap_samples": Param(16, "GradientSHAP samples per image", min=1),
+        "occlusion_window": Param(0, "Occlusion patch side in pixels (0: one eighth of the image side); stride is half of it",
+                                  min=0),
+        "internal_batch_size": Param(64, "model evaluations per pass inside Integrated Gradients, GradientSHAP and Occlusion",
+                                     min=1),
+        "curve_batch_size": Param(256, "perturbed images per forward pass when scoring the curves", min=1),
         "cascade_points": Param(
             3, "points of the top-down randomisation cascade at which maps are recomputed, evenly "
-            "spread and always ending with the whole tower randomised (0: skip the test)",
+            "spread and always ending with the whole tower randomised (0: skip the test)", min=0,
         ),
         "sanity_max_spearman": Param(0.5, "a method passes the sanity test when the 95% interval of its maps' mean rank "
                                           "correlation with the whole tower randomised lies at or below this, and "
-                                          "fails it when the interval lies above"),
-        "top_percent": Param(20.0, "share of the most relevant pixels compared with the mask for the IoU, in %"),
-        "overlays_per_class": Param(2, "images of each class shown in the overlay grid"),
-        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% intervals (0 turns them off)"),
+                                          "fails it when the interval lies above", min=-1, max=1),
+        "top_percent": Param(20.0, "share of the most relevant pixels compared with the mask for the IoU, in %",
+                             max=100, validate=lambda v: _positive(v)),
+        "overlays_per_class": Param(2, "images of each class shown in the overlay grid", min=0),
+        "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% "
+                                   "intervals (0 turns them off)", min=0),
     }
     metrics = {
         "<method>.deletion_auc": "area under the deletion curve (lower: the top pixels matter more)",
@@ -140,17 +146,9 @@ class SaliencyCheck(Check):
     }
     uses_model = True
 
-    @classmethod
-    def resolve_params(cls, given):
-        # Bad values are the user's to fix before the run starts (exit code 2), not a check error.
-        resolved = super().resolve_params(given)
-        resolved["methods"] = _validate(resolved)
-        return resolved
-
     def run(self, ctx, params):
-        methods = _validate(params)
         with frozen_parameters(ctx.model):
-            return self._run(ctx, params, methods)
+            return self._run(ctx, params, list(params["methods"]))
 
     def _run(self, ctx, params, methods):
         rows = _choose_rows(ctx, params)
@@ -319,34 +317,26 @@ def _copy_recommended(recommended, metrics, intervals) -> None:
 
 
 # -- steps of run() ------------------------------------------------------------------------------
-def _validate(params: dict[str, Any]) -> list[str]:
+def _methods(names: list[Any]) -> list[str]:
+    """Param validation of ``methods``: known names, normalised ("Grad-CAM" -> grad_cam), each once."""
     methods = []
-    # --set saliency.methods=saliency,grad_cam arrives as one comma-separated string
-    names = [part for m in params["methods"] for part in str(m).split(",")]
-    for m in names:
-        m = str(m).strip().lower().replace("-", "_").replace(" ", "_")
+    # a name list may still hold "saliency,grad_cam" from a configuration file
+    for m in (part for name in names for part in str(name).split(",")):
+        m = m.strip().lower().replace("-", "_").replace(" ", "_")
         if not m:
             continue
         if m not in METHOD_LABELS:
-            raise InputError(f"saliency.methods: unknown method {m!r} (choose from {', '.join(METHOD_LABELS)})")
+            raise ValueError(f"unknown method {m!r} (choose from {', '.join(METHOD_LABELS)})")
         if m not in methods:
             methods.append(m)
     if not methods:
-        raise InputError("saliency.methods: name at least one method")
-    positive = ("n_images", "steps", "ig_steps", "shap_samples", "internal_batch_size", "curve_batch_size")
-    for key in positive:
-        if params[key] < 1:
-            raise InputError(f"saliency.{key}: must be at least 1, got {params[key]}")
-    if params["n_images"] < 2:
-        raise InputError(f"saliency.n_images: must be at least 2 for intervals over images, got {params['n_images']}")
-    for key in ("n_mask_images", "occlusion_window", "cascade_points", "overlays_per_class", "n_bootstrap"):
-        if params[key] < 0:
-            raise InputError(f"saliency.{key}: must not be negative, got {params[key]}")
-    if not 0 < params["top_percent"] <= 100:
-        raise InputError(f"saliency.top_percent: must be in (0, 100], got {params['top_percent']}")
-    if not -1 <= params["sanity_max_spearman"] <= 1:
-        raise InputError(f"saliency.sanity_max_spearman: must be in [-1, 1], got {params['sanity_max_spearman']}")
+        raise ValueError("name at least one method")
     return methods
+
+
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
 
 
 def _load_masks(ctx, rows) -> tuple[list, np.ndarray]:
