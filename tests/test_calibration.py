@@ -182,7 +182,7 @@ def test_reliability_table_and_figures():
     result = run_check(synthetic_context(z * 3, labels), n_bootstrap=20, n_bins=10)
     bins = next(t for t in result.tables if t.title.startswith("Reliability"))
     assert sum(row[1] for row in bins.rows) == 200
-    assert all(row[2] is None for row in bins.rows if row[1] == 0)  # empty bins stay empty
+    assert all(np.isnan(row[2]) for row in bins.rows if row[1] == 0)  # empty bins stay empty (null in results.json)
     assert [f.title for f in result.figures] == ["Reliability diagram", "Confidence histogram", "Temperature scaling on held-out images"]
     assert all(f.png.startswith(b"\x89PNG") for f in result.figures)
     assert len(result.per_image["confidence"]) == 200 and len(result.per_image["calibrated_confidence"]) == 200

@@ -579,8 +579,9 @@ class AdversarialCheck(Check):
             a = adv[i].detach().float().cpu()
             delta = a - c
             amp = 0.5 + delta / (2 * max(float(delta.abs().max()), 1e-12))
-            tiles.append([_hwc(c), _hwc(amp), _hwc(a)])
-            row_labels.append(f"{_short(classes[int(clean_pred[keep][i])])}\n-> {_short(classes[int(adv_pred[i])])}")
+            tiles.append([plots.to_hwc(c), plots.to_hwc(amp), plots.to_hwc(a)])
+            row_labels.append(f"{plots.short_label(classes[int(clean_pred[keep][i])], 16)}\n"
+                              f"-> {plots.short_label(classes[int(adv_pred[i])], 16)}")
         mosaic, centres_x, centres_y = _mosaic(tiles)
         rows_n = len(tiles)
         fig, ax = plots.new_figure(6.0, 0.6 + 1.9 * rows_n)
@@ -652,10 +653,6 @@ def _norm_name(norm: str) -> str:
     return "L-inf" if norm == "linf" else "L2"
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 16 else text[:14] + "…"
-
-
 def _mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> tuple[np.ndarray, list[float], list[float]]:
     """Equal-sized images laid out in rows, separated by white gaps; also the tile centres."""
     h, w = tiles[0][0].shape[:2]
@@ -668,11 +665,6 @@ def _mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> tuple[np.ndarray, li
     centres_x = [c * (w + gap) + (w - 1) / 2 for c in range(cols)]
     centres_y = [r * (h + gap) + (h - 1) / 2 for r in range(len(tiles))]
     return out, centres_x, centres_y
-
-
-def _hwc(img: torch.Tensor) -> np.ndarray:
-    arr = img.clamp(0, 1).numpy()
-    return arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
 
 
 @hookimpl

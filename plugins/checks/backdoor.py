@@ -298,7 +298,7 @@ def _result(experiment: Experiment, out: "Tally", attacks: list[TargetAttack], t
     for a in attacks:
         per_image.update(a.columns)
     return CheckResult(
-        metrics=m, intervals=out.finite_intervals(), summary=_summary(out, classes, targets, len(train_rows), n_poison),
+        metrics=m, intervals=out.intervals, summary=_summary(out, classes, targets, len(train_rows), n_poison),
         tables=[table], figures=figures, warnings=warnings, per_image=per_image, findings=out.findings,
         counts=out.counts, sample_size=len(eval_rows), not_evaluated=out.not_evaluated,
         details={"targets": {classes[t]: a.details for t, a in zip(targets, attacks)},
@@ -366,9 +366,6 @@ class Tally:
             self.not_evaluated[f"asr.{c}"] = reason
             self.not_evaluated[f"asr_lift.{c}"] = reason
 
-    def finite_intervals(self) -> dict[str, tuple[float, float]]:
-        return {k: v for k, v in self.intervals.items() if np.isfinite(v[0]) and np.isfinite(v[1])}
-
 
 def no_room_reason(base_hits: int, n: int, max_base_rate: float, target: str) -> str:
     """Why attack success for ``target`` cannot be judged on this run ("" when it can).
@@ -428,8 +425,6 @@ class PromptLearner:
             target: int, trigger: Trigger | None) -> torch.Tensor:
         device = self.ctx.device
         model = self.model
-        frozen = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
         clean_rows = np.setdiff1d(train_rows, poison_rows)
         clean_feats = feats[torch.as_tensor(clean_rows, device=device)]
         clean_labels = torch.as_tensor(labels[clean_rows], device=device)
@@ -441,7 +436,7 @@ class PromptLearner:
             poison_pixels = self.ctx.load_pixels(poison_rows)
             poison_labels = torch.full((len(poison_rows),), target, device=device, dtype=torch.long)
             opts.append(torch.optim.Adam([p for p in trigger.parameters() if p.requires_grad], lr=self.params["trigger_lr"]))
-        try:
+        with self.ctx.frozen_model():  # only the context (and the trigger) learn
             for _ in range(self.params["steps"]):
                 text = model.encode_text_with_context(context, self.names)
                 loss = nn.functional.cross_entropy(self.scale * clean_feats @ text.T, clean_labels, reduction="sum")
@@ -457,9 +452,6 @@ class PromptLearner:
                     opt.step()
                 if poisoned:
                     trigger.project()
-        finally:
-            for p, flag in zip(model.parameters(), frozen):
-                p.requires_grad_(flag)
         return context.detach()
 
 
@@ -534,7 +526,7 @@ def _below_one(value: float) -> None:
 
 def trigger_figure(shown: list, epsilon: float, grey: bool):
     """Each learned trigger (noise amplified to be visible, and the patch) on an example image."""
-    from mcaudit.reports.plots import image_grid, to_figure
+    from mcaudit.reports.plots import image_grid, short_label, to_figure, to_hwc
 
     amplify = 0.5 / max(epsilon, 1e-8)
     images, titles = [], []
@@ -545,8 +537,8 @@ def trigger_figure(shown: list, epsilon: float, grey: bool):
             triggered = trigger(example)
             # in units of the noise bound, so the noise shows at full scale (the patch saturates)
             change = ((triggered - example).abs() / max(epsilon, 1e-8)).clamp(0, 1)
-        images += [_as_image(t, grey) for t in (pattern, example, triggered, change)]
-        titles += [f"trigger for {_short(target)}", "clean image", f"triggered: {asr:.0%} success", "|change| / bound"]
+        images += [to_hwc(t[0]) for t in (pattern, example, triggered, change)]
+        titles += [f"trigger for {short_label(target, 16)}", "clean image", f"triggered: {asr:.0%} success", "|change| / bound"]
     fig = image_grid(images, titles, cols=4, cell=2.0, cmap="gray" if grey else None)
     return to_figure(
         fig, "Learned triggers",
@@ -556,17 +548,8 @@ def trigger_figure(shown: list, epsilon: float, grey: bool):
     )
 
 
-def _as_image(t: torch.Tensor, grey: bool) -> np.ndarray:
-    arr = t[0].expand(3, -1, -1).permute(1, 2, 0).float().cpu().numpy()
-    return arr[..., 0] if grey else np.clip(arr, 0, 1)
-
-
-def _short(name: str) -> str:
-    return name if len(name) <= 16 else name[:14] + "…"
-
-
 def summary_figure(rows: list[list]):
-    from mcaudit.reports.plots import new_figure, to_figure
+    from mcaudit.reports.plots import new_figure, short_label, to_figure
 
     names = [str(r[0]) for r in rows]
     x = np.arange(len(names))
@@ -576,7 +559,7 @@ def summary_figure(rows: list[list]):
     for k, (label, col) in enumerate(series):
         vals = [np.nan if r[col] is None else float(r[col]) for r in rows]
         ax.bar(x + (k - (len(series) - 1) / 2) * w, vals, w, label=label)
-    ax.set_xticks(x, [_short(n) for n in names], rotation=30 if len(names) > 3 else 0)
+    ax.set_xticks(x, [short_label(n, 16) for n in names], rotation=30 if len(names) > 3 else 0)
     ax.set_ylim(0, 1.3)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("share of held-out images")

@@ -560,7 +560,7 @@ def _strictly_between(value: float, low: float, high: float) -> None:
 
 
 def norms_figure(names, audited, reference, decision, params):
-    from mcaudit.reports.plots import new_figure, to_figure
+    from mcaudit.reports.plots import new_figure, short_label, to_figure
 
     areas = np.asarray(audited["area"], dtype=float)
     fig, ax = new_figure(max(4.5, 0.7 * len(names) + 2.5), 3.4)
@@ -576,7 +576,7 @@ def norms_figure(names, audited, reference, decision, params):
         if mad > 0 and median - params["anomaly_threshold"] * mad > 0:
             ax.axhline((median - params["anomaly_threshold"] * mad) * 100, color="#c0392b", linestyle=":", linewidth=1,
                        label=f"MAD rule: flag below (anomaly index {params['anomaly_threshold']:g})")
-    ax.set_xticks(x, [n if len(n) <= 14 else n[:12] + "…" for n in names], rotation=30 if len(names) > 3 else 0)
+    ax.set_xticks(x, [short_label(n, 14) for n in names], rotation=30 if len(names) > 3 else 0)
     ax.set_ylabel("smallest mask, % of image")
     ax.set_xlabel("candidate target class")
     ax.legend(fontsize=7)
@@ -586,7 +586,7 @@ def norms_figure(names, audited, reference, decision, params):
 
 
 def reversed_triggers_figure(ctx, inversion: dict, candidates: np.ndarray, rows: np.ndarray, grey: bool):
-    from mcaudit.reports.plots import image_grid, to_figure
+    from mcaudit.reports.plots import image_grid, short_label, to_figure, to_hwc
 
     classes = ctx.classes
     images, titles = [], []
@@ -597,10 +597,9 @@ def reversed_triggers_figure(ctx, inversion: dict, candidates: np.ndarray, rows:
         shown_mask = mask / mask.max().clamp_min(1e-8)
         stamp = (mask * pattern).expand(3, -1, -1)
         stamped = (1 - mask) * example + mask * pattern
-        name = classes[c] if len(classes[c]) <= 14 else classes[c][:12] + "…"
+        name = short_label(classes[c], 14)
         for img, title in ((shown_mask.expand(3, -1, -1), f"mask → {name}"), (stamp, "mask × pattern"), (stamped, "stamped image")):
-            arr = img.permute(1, 2, 0).float().cpu().numpy()
-            images.append(arr[..., 0] if grey else np.clip(arr, 0, 1))
+            images.append(to_hwc(img))
             titles.append(title)
     fig = image_grid(images, titles, cols=3, cell=1.8, cmap="gray" if grey else None)
     return to_figure(fig, "Reversed triggers",

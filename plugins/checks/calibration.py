@@ -138,7 +138,7 @@ class CalibrationCheck(Check):
             Table(
                 "Calibration in brief",
                 ["measure", "value", "95% interval", "what it means"],
-                [[k, _f(metrics[k]), _interval_text(intervals.get(k)), self.metrics[k]]
+                [[k, float(metrics[k]), _interval_text(intervals.get(k)), self.metrics[k]]
                  for k in ("ece", "ece_plugin", "ece_equal_mass", "mce", "classwise_ece", "brier", "nll", "confidence", "accuracy")],
                 note=f"{len(labels)} images. " + INTERVAL_NOTE,
             ),
@@ -331,8 +331,8 @@ def fit_and_judge_temperature(ctx, logits, labels, fraction, split_seed, n_bins)
     table = Table(
         f"Temperature scaling (T = {t:.3g}, fitted on {len(fit_rows)} images, judged on {len(held)} others)",
         ["probabilities", "ECE", "NLL", "Brier", "mean confidence", "accuracy"],
-        [["raw (T = 1)", _f(before["ece"]), _f(before["nll"]), _f(before["brier"]), _f(before["confidence"]), accuracy],
-         [f"scaled (T = {t:.3g})", _f(after["ece"]), _f(after["nll"]), _f(after["brier"]), _f(after["confidence"]), accuracy]],
+        [["raw (T = 1)", float(before["ece"]), float(before["nll"]), float(before["brier"]), float(before["confidence"]), accuracy],
+         [f"scaled (T = {t:.3g})", float(after["ece"]), float(after["nll"]), float(after["brier"]), float(after["confidence"]), accuracy]],
         note="Dividing the logits by T never changes which class is predicted, so accuracy is the same; "
              "T > 1 means the raw probabilities were overconfident, T < 1 underconfident.",
     )
@@ -355,7 +355,7 @@ def reliability_table(conf, correct, edges) -> Table:
     rows = []
     for lo, hi, n, c, a in zip(edges[:-1], edges[1:], counts, mean_conf, acc):
         label = f"{lo:.2f} to {hi:.2f}"
-        rows.append([label, int(n), _f(c), _f(a), _f(a - c)])
+        rows.append([label, int(n), float(c), float(a), float(a - c)])
     return Table(
         "Reliability by confidence bin", ["confidence bin", "images", "mean confidence", "accuracy", "accuracy - confidence"], rows,
         note="Negative differences: the model is more sure than it is right (overconfident). Empty bins show n/a.",
@@ -368,7 +368,7 @@ def per_class_table(classes, probs, labels, n_bins) -> Table:
     for k, name in enumerate(classes):
         is_k = labels == k
         rows.append([name, int(is_k.sum()), float(probs[:, k].mean()), float(is_k.mean()),
-                     _f(debiased_ece_rows(probs[:, k], is_k, edges)[0])])
+                     float(debiased_ece_rows(probs[:, k], is_k, edges)[0])])
     return Table(
         "Per class", ["class", "images", "mean predicted probability", "observed frequency", "class ECE"], rows,
         note="A well-calibrated model predicts each class, on average, as often as it occurs; class ECE bins p(class) "
@@ -435,11 +435,6 @@ def summarise(metrics, intervals) -> str:
 
 def _interval_text(iv) -> str:
     return f"{iv[0]:.3f} to {iv[1]:.3f}" if iv else "n/a"
-
-
-def _f(x) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
 
 
 @hookimpl

@@ -237,12 +237,10 @@ class CertifiedCheck(Check):
                 counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = (k, n)
                 row.append(k / n if n else None)
             table_rows.append(row)
-            col_r, col_ok = [None] * len(ctx.forward), [None] * len(ctx.forward)
-            for i, rr in enumerate(rows):
-                col_r[int(rr)] = None if pred[i] < 0 else float(radius[i])
-                col_ok[int(rr)] = int(pred[i] == labels[i])
-            per_image[f"certified_radius.sigma={_key(s)}"] = col_r
-            per_image[f"certified_correct.sigma={_key(s)}"] = col_ok
+            # an abstention has no radius: an empty cell
+            per_image[f"certified_radius.sigma={_key(s)}"] = ctx.per_image(rows, [
+                None if p < 0 else float(r) for p, r in zip(pred, radius)])
+            per_image[f"certified_correct.sigma={_key(s)}"] = ctx.per_image(rows, (pred == labels).astype(int))
         intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items() if kn[1] > 0}
         best_sigma: dict[float, float] = {}
         for r in radii:

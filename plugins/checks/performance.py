@@ -93,7 +93,7 @@ class PerformanceCheck(Check):
         per_class = Table(
             "Per class",
             ["class", "images", "recall", "precision", "AUROC (one vs rest)"],
-            [[c, int(s), _f(r), _f(p), _f(a)] for c, s, r, p, a in zip(classes, support, rec, prec, auc_per)],
+            [[c, int(s), float(r), float(p), float(a)] for c, s, r, p, a in zip(classes, support, rec, prec, auc_per)],
         )
         cm_table = Table("Confusion matrix (rows: true, columns: predicted)", ["true \\ predicted"] + classes,
                          [[c] + [int(v) for v in row] for c, row in zip(classes, cm)])
@@ -160,11 +160,6 @@ def _intervals(ctx, params, labels, preds, probs, cm, counts):
         methods["auroc_macro"] = AUROC_CLUSTER_METHOD
     intervals = {m: v for m, v in intervals.items() if np.isfinite(v[0])}
     return intervals, {m: v for m, v in methods.items() if m in intervals}
-
-
-def _f(x) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
 
 
 @hookimpl

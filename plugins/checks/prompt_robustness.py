@@ -341,15 +341,13 @@ class PromptRobustnessCheck(Check):
         findings = Findings.collect(sweep, attacks, levels)
         paired = PairedDrops(ctx.clusters(rows), ctx.rng("prompt_robustness:bootstrap"), params["n_bootstrap"],
                              sweep.correct(ensemble_preds))
-        result = CheckResult(
+        return CheckResult(
             metrics=findings.metrics, intervals=findings.intervals(sweep, paired), counts=findings.counts(sweep),
             sample_size=len(rows), not_evaluated=findings.not_evaluated(),
             summary=_summary(sweep, findings), tables=_tables(sweep, attacks, params), figures=[_template_figure(sweep)],
             warnings=_warnings(sweep, findings), details=_details(sweep, attacks, levels),
             per_image=_per_image(ctx, rows, sweep, findings),
         )
-        result.intervals = {k: v for k, v in result.intervals.items() if np.isfinite(v[0])}
-        return result
 
 
 @dataclass
@@ -500,7 +498,7 @@ def _template_figure(sweep: TemplateSweep):
     fig, ax = plots.new_figure(5.4, max(2.2, 0.45 * len(ordered) + 1.0))
     ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#4c72b0")
     ax.axvline(sweep.ensemble_acc, color="black", linestyle="--", label="all templates")
-    ax.set_yticks(range(len(ordered)), [_short(r[0]) for r in ordered], fontsize=8)
+    ax.set_yticks(range(len(ordered)), [plots.short_label(r[0], 40) for r in ordered], fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
     ax.legend(fontsize=8, loc="lower right")
@@ -569,10 +567,6 @@ def _details(sweep: TemplateSweep, attacks: list[ClassAttack], levels: list[str]
         ],
         "levels": levels,
     }
-
-
-def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 @hookimpl

@@ -45,7 +45,7 @@ from .metrics import (
     structural_similarity,
     top_fraction_iou,
 )
-from .tower import detached_copy, find_image_tower, frozen_parameters, randomise_parameters
+from .tower import detached_copy, find_image_tower, randomise_parameters
 
 MAX_OVERLAY_ROWS = 12
 LOCALISATION = ("pointing_game", "mass_in_mask", "top_iou")
@@ -147,7 +147,7 @@ class SaliencyCheck(Check):
     uses_model = True
 
     def run(self, ctx, params):
-        with frozen_parameters(ctx.model):
+        with ctx.frozen_model():  # attributions need gradients for the pixels only
             return self._run(ctx, params, list(params["methods"]))
 
     def _run(self, ctx, params, methods):
@@ -530,6 +530,8 @@ def _tables(methods, metrics, intervals, cascade, has_masks, params, verdicts) -
 def _figures(ctx, rows, local, pixels, maps, masks, has_mask, deletion, insertion, cascade, params, target_name):
     """The report's figures. ``has_mask``, the curves and the cascade cover all of ``rows``;
     ``pixels``, ``maps`` and ``masks`` only the ``local`` rows this process explained."""
+    from mcaudit.reports.plots import short_label
+
     from .figures import cascade_figure, curves_figure, overlay_grid
 
     labels = dict(METHOD_LABELS, random="random order")
@@ -552,7 +554,8 @@ def _figures(ctx, rows, local, pixels, maps, masks, has_mask, deletion, insertio
     figures = []
     if chosen:
         classes, preds, labels_true = ctx.classes, ctx.forward.preds, ctx.forward.labels
-        titles = [f"{classes[labels_true[rows[i]]][:18]}\n→ {classes[preds[rows[i]]][:18]}" for i in chosen]
+        titles = [f"{short_label(classes[labels_true[rows[i]]], 18)}\n→ {short_label(classes[preds[rows[i]]], 18)}"
+                  for i in chosen]
         figures.append(overlay_grid(
             torch.from_numpy(grid["pixels"]), {m: torch.from_numpy(grid[f"map:{m}"]) for m in maps},
             [torch.from_numpy(mk) if has_mask[i] else None for i, mk in zip(chosen, grid["mask"])], titles, labels,

@@ -18,7 +18,7 @@ def overlay_grid(
     """One row per image: the image (mask outlined), then each method's heat map over it."""
     import matplotlib.pyplot as plt
 
-    from mcaudit.reports.plots import to_figure
+    from mcaudit.reports.plots import to_figure, to_hwc
 
     methods = list(maps)
     cols = 1 + len(methods)
@@ -33,7 +33,7 @@ def overlay_grid(
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.imshow(images[r].permute(1, 2, 0).float().cpu().numpy().clip(0, 1))
+                ax.imshow(to_hwc(images[r]))
                 ax.set_ylabel(titles[r], fontsize=7)
             else:
                 heat = maps[methods[c - 1]][r].clamp_min(0).numpy()

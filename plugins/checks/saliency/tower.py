@@ -184,19 +184,6 @@ def detached_copy(classifier: ZeroShotClassifier) -> ZeroShotClassifier:
     return copy.deepcopy(classifier, memo)
 
 
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Attributions need gradients for the input only; skipping the weights' halves the cost."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @torch.no_grad()
 def randomise_parameters(params: list[nn.Parameter], generator: torch.Generator) -> None:
     """Re-draw each tensor from a normal with its own mean and spread, as a fresh initialisation.
