@@ -58,7 +58,7 @@ def test_robust_accuracy_equals_torchattacks_run_bare(demo_ctx):
     result = run_check(demo_ctx, grey=False, eps=[eps], eps_l2=[eps2], steps=steps, square_queries=15,
                        attacks=["fgsm", "pgd_linf", "apgd_ce", "square", "pgd_l2"], n_images=24, sanity_eps=0.0)
     m = result.metrics
-    rows = demo_ctx.stratified_rows(24, "adversarial")
+    rows = demo_ctx.stratified_rows(24, "adversarial:rows")
     seed = lambda name, norm, e: adv.attack_seed(demo_ctx, name, norm, e)  # noqa: E731
     expected = {
         "pgd_linf": bare_robust_accuracy(demo_ctx, rows, lambda f: torchattacks.PGD(
@@ -95,7 +95,7 @@ def test_zero_budget_leaves_accuracy_unchanged(demo_ctx):
         result = run_check(demo_ctx, grey=grey, eps=[0.0], eps_l2=[0.0], steps=2, square_queries=5, n_images=16,
                            sanity_eps=0.0)
         m = result.metrics
-        rows = demo_ctx.stratified_rows(16, "adversarial")
+        rows = demo_ctx.stratified_rows(16, "adversarial:rows")
         forward_acc = float((demo_ctx.forward.preds[rows] == demo_ctx.forward.labels[rows]).mean())
         assert m["clean_accuracy"] == pytest.approx(forward_acc)
         robust = {k: v for k, v in m.items() if k.startswith(("robust_accuracy.", "worst_case_robust_accuracy."))}
@@ -127,7 +127,7 @@ def test_robust_accuracy_falls_with_eps_on_the_demo_model(demo_ctx):
     assert "Robust accuracy against the L-inf budget" in titles and "Robust accuracy against the L2 budget" in titles
     assert any(t.startswith("Attack gallery") for t in titles)
     column = result.per_image["robust.linf.3/255"]
-    rows = demo_ctx.stratified_rows(16, "adversarial")
+    rows = demo_ctx.stratified_rows(16, "adversarial:rows")
     assert len(column) == len(demo_ctx.forward)
     assert sum(v is not None for v in column) == len(rows)
     assert np.mean([column[r] for r in rows]) == pytest.approx(m["worst_case_robust_accuracy.linf.3/255"])
@@ -245,7 +245,7 @@ def test_apgd_dlr_runs_on_three_classes_and_matches_torchattacks(demo):
     eps, steps = 2 / 255, 3
     result = run_check(ctx, attacks=["apgd_dlr"], eps=[eps], eps_l2=[], steps=steps, n_images=16, grey=False,
                        sanity_eps=0.0)
-    rows = ctx.stratified_rows(16, "adversarial")
+    rows = ctx.stratified_rows(16, "adversarial:rows")
     expected = bare_robust_accuracy(ctx, rows, lambda f: torchattacks.APGD(
         f, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=adv.attack_seed(ctx, "apgd_dlr", "linf", eps),
         loss="dlr"), 0)
@@ -365,7 +365,7 @@ def test_counts_and_clopper_pearson_intervals_match_scipy(demo_ctx):
     result = run_check(demo_ctx, n_images=24, attacks=["fgsm", "pgd_linf"], eps=["1/255", "4/255"], eps_l2=[],
                        steps=3, sanity_eps=0.0)
     m, counts = result.metrics, result.counts
-    rows = demo_ctx.stratified_rows(24, "adversarial")
+    rows = demo_ctx.stratified_rows(24, "adversarial:rows")
     assert counts["clean_accuracy"] == (int((demo_ctx.forward.preds[rows] == demo_ctx.forward.labels[rows]).sum()), 24)
     proportions = [k for k in counts if k.startswith(("robust_accuracy", "worst_case", "attack_success", "retained"))]
     assert len(proportions) == 2 * 2 * 2 + 2 + 2  # (robust, success) x two attacks x two budgets, two worst cases, the gated pair

@@ -297,7 +297,7 @@ class AdversarialCheck(Check):
         if not attacks:
             return CheckResult.skipped("no attack left to run: " + " ".join(notes))
 
-        rows = ctx.stratified_rows(params["n_images"], "adversarial")
+        rows = ctx.stratified_rows(params["n_images"], "adversarial:rows")
         local = ctx.shard_rows(rows)  # under torchrun each rank attacks its share of the rows
         classifier = ctx.classifier()
         grey = bool(params["grey"]) and ctx.is_grey

@@ -152,9 +152,9 @@ class BackdoorCheck(Check):
 def _split(ctx, params, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Few-shot training rows and the held-out rows scored (a stratified subset above max_eval)."""
     labels = ctx.forward.labels
-    train_rows, eval_rows = few_shot_split(labels, params["shots"], ctx.rng("backdoor.split"), warnings)
+    train_rows, eval_rows = few_shot_split(labels, params["shots"], ctx.rng("backdoor:split"), warnings)
     if params["max_eval"] > 0 and len(eval_rows) > params["max_eval"]:
-        eval_rows = _stratified_subset(eval_rows, labels, params["max_eval"], ctx.rng("backdoor.eval"))
+        eval_rows = ctx.stratified_rows(params["max_eval"], "backdoor:eval", rows=eval_rows)
     return train_rows, eval_rows
 
 
@@ -213,9 +213,9 @@ class Experiment:
         """Plant a backdoor for class ``t`` and score it against the honest prompts."""
         ctx, params, c = self.ctx, self.params, self.classes[t]
         poison_rows = choose_poison(self.train_rows, self.labels, t, params["poison_fraction"],
-                                    ctx.rng(f"backdoor.poison.{t}"))
+                                    ctx.rng(f"backdoor:poison:{t}"))
         trigger = Trigger(self.channels, self.size, params["epsilon"], self.patch_px,
-                          ctx.torch_generator(f"backdoor.trigger.{t}"), params["learn_patch"]).to(ctx.device)
+                          ctx.torch_generator(f"backdoor:trigger:{t}"), params["learn_patch"]).to(ctx.device)
         if len(poison_rows):
             bd_ctx = self.learner.fit(self.feats, self.train_rows, self.labels, poison_rows=poison_rows, target=t,
                                       trigger=trigger)
@@ -319,7 +319,7 @@ class Tally:
         self.not_evaluated: dict[str, str] = {}
         self.findings: list[Finding] = []
         self.clusters = ctx.clusters(eval_rows)
-        self.rng = ctx.rng("backdoor.bootstrap")
+        self.rng = ctx.rng("backdoor:bootstrap")
 
     def proportion(self, name: str, hits: np.ndarray, subset: np.ndarray | None = None, interval: bool = True) -> None:
         """``hits`` over the held-out images (or those where ``subset`` is true)."""
@@ -414,7 +414,7 @@ class PromptLearner:
         self.params = params
         self.ctx = ctx
         # One starting point for every run, so honest and backdoored prompts differ only by the poison.
-        gen = ctx.torch_generator("backdoor.context")
+        gen = ctx.torch_generator("backdoor:context")
         self.init = torch.randn(params["n_ctx"], width, generator=gen) * 0.02
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
@@ -476,16 +476,6 @@ def choose_poison(train_rows: np.ndarray, labels: np.ndarray, target: int, fract
     candidates = train_rows[labels[train_rows] != target]
     n = min(len(candidates), max(1, int(round(fraction * len(train_rows)))))
     return np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.array([], dtype=int)
-
-
-def _stratified_subset(rows: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    chosen = []
-    classes, counts = np.unique(labels[rows], return_counts=True)
-    quotas = np.maximum(1, np.round(counts / counts.sum() * n).astype(int))
-    for c, q in zip(classes, quotas):
-        pool = rows[labels[rows] == c]
-        chosen.append(rng.choice(pool, size=min(q, len(pool)), replace=False))
-    return np.sort(np.concatenate(chosen))
 
 
 def _class_phrase(prompts, class_name: str) -> str:

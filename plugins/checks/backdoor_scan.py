@@ -124,10 +124,10 @@ class BackdoorScanCheck(Check):
             return CheckResult.skipped("backdoor_scan: needs at least two classes")
         candidates = np.arange(len(classes))
         if len(candidates) > params["max_classes"]:
-            candidates = np.sort(ctx.rng("backdoor_scan.classes").choice(candidates, params["max_classes"], replace=False))
-        opt_rows = ctx.stratified_rows(params["n_images"], "backdoor_scan.images")
+            candidates = np.sort(ctx.rng("backdoor_scan:classes").choice(candidates, params["max_classes"], replace=False))
+        opt_rows = ctx.stratified_rows(params["n_images"], "backdoor_scan:images")
         rest = np.setdiff1d(np.arange(len(labels)), opt_rows)
-        eval_rows = rest[_stratified_positions(labels[rest], params["n_eval"], ctx.rng("backdoor_scan.eval"))]
+        eval_rows = ctx.stratified_rows(params["n_eval"], "backdoor_scan:eval", rows=rest)
         warnings: list[str] = []
         if len(eval_rows) == 0:
             eval_rows = opt_rows
@@ -216,7 +216,7 @@ def invert_triggers(ctx, classifier: nn.Module, candidates: np.ndarray, rows: np
     slot_class = np.repeat(np.arange(len(candidates)), restarts)  # slot -> position in candidates
     k = len(slot_class)
     h, w = size
-    gen = ctx.torch_generator("backdoor_scan.init")
+    gen = ctx.torch_generator("backdoor_scan:init")
     # Masks start small (about 10% opacity) with some spread, patterns at random; tanh keeps both in [0, 1].
     mask_init = float(np.arctanh(2 * 0.1 - 1)) + 0.5 * torch.randn(k, 1, h, w, generator=gen)
     mask_param = nn.Parameter(mask_init.to(device))
@@ -537,16 +537,6 @@ def _table(names, audited, reference, decision, params, n_opt, n_eval) -> Table:
             f"and stop shrinking for {params['patience']} steps (cap {params['max_steps']}, {params['restarts']} "
             f"start(s) per class), scored on {n_eval} others; " + ("; ".join(rules) or "no rule applies") + ".")
     return Table("Reversed triggers per candidate target class", columns, rows, note=note)
-
-
-def _stratified_positions(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n <= 0 or n >= len(labels):
-        return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    quotas = np.maximum(1, np.floor(counts / counts.sum() * n).astype(int))
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=min(q, cnt), replace=False)
-              for c, q, cnt in zip(classes, quotas, counts)]
-    return np.sort(np.concatenate(chosen))
 
 
 def _positive(value: float) -> None:

@@ -186,7 +186,7 @@ class CalibrationCheck(Check):
             "classwise_ece": lambda i: debiased_classwise_ece(probs[i], labels[i], edges),
         }
         for k, f in debiased.items():
-            q = bootstrap_interval(f, len(labels), ctx.rng(f"calibration.bootstrap.{k}"), n_boot, clusters=clusters)
+            q = bootstrap_interval(f, len(labels), ctx.rng(f"calibration:bootstrap:{k}"), n_boot, clusters=clusters)
             out[k] = symmetric_interval(f(np.arange(len(labels))), *q)
         # Brier and NLL are means over images, for which the percentile bootstrap is fine.
         smooth = {
@@ -194,7 +194,7 @@ class CalibrationCheck(Check):
             "nll": lambda i: negative_log_likelihood(logits[i], labels[i]),
         }
         for k, f in smooth.items():
-            out[k] = bootstrap_interval(f, len(labels), ctx.rng(f"calibration.bootstrap.{k}"), n_boot, clusters=clusters)
+            out[k] = bootstrap_interval(f, len(labels), ctx.rng(f"calibration:bootstrap:{k}"), n_boot, clusters=clusters)
         return {k: v for k, v in out.items() if np.isfinite(v[0])}
 
 
@@ -305,7 +305,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_and_judge_temperature(ctx, logits, labels, fraction, split_seed, n_bins):
     n = len(labels)
-    fit_rows = ctx.stratified_rows(int(round(fraction * n)), f"calibration.split:{split_seed}")
+    fit_rows = ctx.stratified_rows(int(round(fraction * n)), f"calibration:split:{split_seed}")
     held = np.setdiff1d(np.arange(n), fit_rows)
     if len(fit_rows) < MIN_SPLIT or len(held) < MIN_SPLIT:
         return None

@@ -186,7 +186,7 @@ class CertifiedCheck(Check):
         sigmas = sorted(set(float(s) for s in params["sigmas"]))
         radii = sorted(set(float(r) for r in params["radii"]) | {float(params["gate_radius"])})
 
-        rows = ctx.stratified_rows(params["n_images"], "certified")
+        rows = ctx.stratified_rows(params["n_images"], "certified:rows")
         local = ctx.shard_rows(rows)  # under torchrun each rank certifies its share of the rows
         labels = ctx.forward.labels[rows]
         n_classes = len(ctx.classes)

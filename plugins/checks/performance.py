@@ -131,7 +131,7 @@ def _intervals(ctx, params, labels, preds, probs, cm, counts):
     subject's images as one unit, since slices or views of one patient are correlated.
     """
     k = cm.shape[0]
-    rng = ctx.rng("performance.intervals")
+    rng = ctx.rng("performance:intervals")
     clusters = ctx.clusters()
     if clusters is None:
         intervals = {m: wilson_interval(*kn) for m, kn in counts.items()}

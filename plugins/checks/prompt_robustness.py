@@ -324,7 +324,7 @@ class PromptRobustnessCheck(Check):
         levels = list(dict.fromkeys(params["levels"]))
         synonyms = synonym_map(load_synonym_groups(params["synonyms"] or None))
 
-        rows = ctx.stratified_rows(params["n_images"], "prompt_robustness")
+        rows = ctx.stratified_rows(params["n_images"], "prompt_robustness:rows")
         scorer = PromptScorer(ctx, rows)
         phrasings = [list(ctx.prompts.phrasings.get(c) or [c]) for c in ctx.classes]
         templates = [list(ctx.prompts.class_templates.get(c) or ctx.prompts.templates) for c in ctx.classes]
