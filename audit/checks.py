@@ -204,9 +204,7 @@ class CheckResult:
 class Check(abc.ABC):
     """Base class for audit checks.
 
-    Subclasses set the class attributes and implement :meth:`run`. ``uses_model`` is False for
-    a check that needs only the shared forward pass (features, logits, probabilities); a check
-    that runs the model again (attacks, attributions) sets it True.
+    Subclasses set the class attributes and implement :meth:`run`.
 
     ``default_thresholds`` maps a metric (``*`` allowed) to a rule string (">= 0.5") or a table
     (``{"rule": "> chance_level", "on": "lower"}``; see :mod:`mcaudit.gating`). They decide the
@@ -226,7 +224,6 @@ class Check(abc.ABC):
     default_thresholds: ClassVar[dict[str, Any]] = {}
     threshold_reasons: ClassVar[dict[str, str]] = {}
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
-    uses_model: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, ctx: AuditContext, params: dict[str, Any]) -> CheckResult:
@@ -258,7 +255,6 @@ class Check(abc.ABC):
         return {
             "name": cls.name,
             "description": cls.description,
-            "uses_model": cls.uses_model,
             "params": {
                 k: {"default": p.default, "help": p.help}
                 | ({"choices": list(p.choices)} if p.choices else {})

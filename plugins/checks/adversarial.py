@@ -281,7 +281,6 @@ class AdversarialCheck(Check):
             "Science 2019; Ma et al., Pattern Recognition 2021); losing more than half of the correct answers to a "
             "change of one grey level means anyone who can touch the pixels can choose the diagnosis",
     }
-    uses_model = True
 
     def run(self, ctx, params):
         attacks = list(dict.fromkeys(params["attacks"]))

@@ -128,7 +128,6 @@ class BackdoorCheck(Check):
         "standard": {"shots": 32, "steps": 300, "n_ctx": 16, "max_targets": 4, "max_eval": 800, "n_bootstrap": 1000},
         "thorough": {"shots": 32, "steps": 1000, "n_ctx": 16, "max_targets": 8, "max_eval": 0, "n_bootstrap": 2000},
     }
-    uses_model = True
 
     def run(self, ctx, params):
         _validate(params, ctx.classes)

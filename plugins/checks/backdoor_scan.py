@@ -115,7 +115,6 @@ class BackdoorScanCheck(Check):
             "outlier' reading fails). Without either rule, or when a trigger did not converge, it is not evaluated."
         ),
     }
-    uses_model = True
 
     def run(self, ctx, params):
         classes = ctx.classes

@@ -179,7 +179,6 @@ class CertifiedCheck(Check):
             "certified accuracy that cannot be shown above it certifies nothing useful; 0.25 is the smallest L2 "
             "radius reported by Cohen et al. (2019) and Salman et al. (2019) on [0, 1] pixels",
     }
-    uses_model = True
 
     def run(self, ctx, params):
         # The parameters' bounds were checked when they were resolved (before the model loaded).

@@ -318,7 +318,6 @@ class PromptRobustnessCheck(Check):
         "standard": {"n_images": 0, "char_budget": 2, "word_budget": 1, "max_candidates": 48, "n_bootstrap": 1000},
         "thorough": {"n_images": 0, "char_budget": 3, "word_budget": 2, "max_candidates": 256, "n_bootstrap": 2000},
     }
-    uses_model = True  # the text tower only: image features come from the shared pass
 
     def run(self, ctx, params):
         levels = list(dict.fromkeys(params["levels"]))

@@ -144,7 +144,6 @@ class SaliencyCheck(Check):
         "thorough": {"methods": list(METHOD_LABELS), "n_images": 300, "n_mask_images": 300, "steps": 50,
                      "ig_steps": 64, "shap_samples": 32, "cascade_points": 1000, "n_bootstrap": 2000},
     }
-    uses_model = True
 
     def run(self, ctx, params):
         with ctx.frozen_model():  # attributions need gradients for the pixels only
