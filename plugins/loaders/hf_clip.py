@@ -29,7 +29,8 @@ from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
-from mcaudit.plugins.loaders.openclip import HUB_ID, OPENAI_MEAN, OPENAI_STD, cache_entry, cached_snapshot, hub_cache_dir
+from mcaudit.plugins.loaders.openclip import HUB_ID, OPENAI_MEAN, OPENAI_STD, hub_folder
+from mcaudit.plugins.loaders.openclip_adapter import ClipModelAdapter
 from mcaudit.models.preprocessing import hf_processor_preprocessing, processor_scale
 from mcaudit.registry import LoaderInfo, ModelRequest
 
@@ -120,7 +121,8 @@ def _claim(spec: str, allow_network: bool) -> Path | None:
         return None  # another loader's scheme (hf-hub:, medclip:), or a file
     if not HUB_ID.fullmatch(spec) or path.suffix in (".json", *WEIGHT_SUFFIXES):
         return None
-    folder = _hub_snapshot(spec, allow_network)
+    folder = hub_folder(spec, allow_network, HUB_FILES, spec=spec,
+                        missing="no such folder, and not in the Hugging Face cache")
     if (folder / "open_clip_config.json").is_file():
         raise InputError(f"--model {spec}: this repository holds an open_clip model; use --model hf-hub:{spec}")
     model_type = _model_type(folder)
@@ -140,27 +142,6 @@ def _model_type(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError) as exc:
         raise InputError(f"{folder / 'config.json'}: not a readable JSON config ({exc})") from exc
     return value if isinstance(value, str) else None
-
-
-def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
-    cached = cached_snapshot(repo_id)
-    if cached is not None:
-        return cached
-    how = (
-        f"download it once with network access (mcaudit run --allow-network ...) or with "
-        f"`hf download {repo_id}`, or pass the downloaded folder as --model"
-    )
-    if not allow_network:
-        raise InputError(
-            f"--model {repo_id}: no such folder, and not in the Hugging Face cache (looked for "
-            f"{cache_entry(repo_id)}; set HF_HUB_CACHE or HF_HOME if the cache is elsewhere); {how}"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=HUB_FILES))
-    except Exception as exc:  # noqa: BLE001 - hub errors vary by version
-        raise InputError(f"--model {repo_id}: download failed ({type(exc).__name__}: {exc}); {how}") from exc
 
 
 def _import_transformers(spec: str):
@@ -254,7 +235,7 @@ def _three(values) -> tuple[float, ...]:
 
 
 # -- the adapter ---------------------------------------------------------------------------------
-class HFClipAdapter(ModelAdapter):
+class HFClipAdapter(ClipModelAdapter):
     """A transformers ``CLIPModel`` seen through pixel-space encoding, with a CoOp text path."""
 
     def __init__(self, model: nn.Module, tokenizer, **kwargs):
@@ -276,15 +257,7 @@ class HFClipAdapter(ModelAdapter):
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return self.model.text_projection(out.pooler_output)
 
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
-
     # -- learned context (CoOp) ------------------------------------------------------------
-    @property
-    def text_width(self) -> int:
-        return int(self._word_embedding().embedding_dim)
-
     def token_embeddings(self, text: str) -> torch.Tensor:
         """Word embeddings of ``text``'s tokens without start/end tokens, (n_tokens, width)."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

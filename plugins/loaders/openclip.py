@@ -219,10 +219,14 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def hub_folder(repo_id: str, allow_network: bool, allow_patterns: list[str] | None = None) -> Path:
-    """The local snapshot folder of a hub repository, downloading only when allowed."""
+def hub_folder(repo_id: str, allow_network: bool, allow_patterns: list[str] | None = None, spec: str | None = None,
+               missing: str = "not in the Hugging Face cache") -> Path:
+    """The local snapshot folder of a hub repository, downloading only when allowed. ``spec``
+    is the --model value as the user wrote it (``hf-hub:<repo_id>`` unless given) and
+    ``missing`` what the error says was not found, for the messages of both hub loaders."""
     from huggingface_hub import snapshot_download
 
+    spec = spec or f"hf-hub:{repo_id}"
     cached = cached_snapshot(repo_id)
     if cached is not None:
         return cached
@@ -232,13 +236,13 @@ def hub_folder(repo_id: str, allow_network: bool, allow_patterns: list[str] | No
     )
     if not allow_network:
         raise InputError(
-            f"--model hf-hub:{repo_id}: not in the Hugging Face cache (looked for {cache_entry(repo_id)}; "
+            f"--model {spec}: {missing} (looked for {cache_entry(repo_id)}; "
             f"set HF_HUB_CACHE or HF_HOME if the cache is elsewhere); {how}"
         )
     try:
         return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=allow_patterns))
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"--model hf-hub:{repo_id}: download failed ({type(exc).__name__}: {exc}); {how}") from exc
+    except Exception as exc:  # noqa: BLE001 - hub errors vary by version
+        raise InputError(f"--model {spec}: download failed ({type(exc).__name__}: {exc}); {how}") from exc
 
 
 def _is_transformers_clip(folder: Path) -> bool:

@@ -22,7 +22,22 @@ from torch import nn
 from mcaudit.models.adapter import ModelAdapter
 
 
-class OpenClipAdapter(ModelAdapter):
+class ClipModelAdapter(ModelAdapter):
+    """What every CLIP-shaped ``self.model`` (open_clip's and transformers') exposes alike: a
+    learned log temperature, and word embeddings whose width is the size of a CoOp context
+    vector. Subclasses say where the word embeddings are (``_word_embedding``)."""
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
+
+    # -- learned context (CoOp) ------------------------------------------------------------
+    @property
+    def text_width(self) -> int:
+        return int(self._word_embedding().embedding_dim)
+
+
+class OpenClipAdapter(ClipModelAdapter):
     def __init__(self, model: torch.nn.Module, tokenizer, **kwargs):
         super().__init__(**kwargs)
         self.model = model
@@ -40,15 +55,7 @@ class OpenClipAdapter(ModelAdapter):
             return self.model.encode_text(ids)  # the tower masks what padding is left itself
         return _text_transformer_from_embeddings(self._text_transformer_parts(), self._word_embedding()(ids), ids)
 
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
-
     # -- learned context (CoOp) ------------------------------------------------------------
-    @property
-    def text_width(self) -> int:
-        return int(self._word_embedding().embedding_dim)
-
     def token_embeddings(self, text: str) -> torch.Tensor:
         """Word embeddings of ``text``'s tokens without start/end tokens, (n_tokens, width).
 
