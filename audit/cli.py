@@ -134,8 +134,11 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     if is_main:
         check_writable(out)
         check_outputs_writable(extra_outputs)
-    with output_lock(out) if is_main else contextlib.nullcontext():
+    with output_lock(out) if is_main else contextlib.nullcontext(), interrupt_guard() as interrupted:
         audit = run_audit(cfg, manager)
+        if interrupted():
+            # A Ctrl-C that landed in a finalizer was swallowed by Python; it still stops the run.
+            raise KeyboardInterrupt
         if audit.world.is_main:
             write_outputs(audit, out, manager)
             write_extra_outputs(audit.results, extra_outputs)
@@ -145,6 +148,29 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     barrier(audit.world)
     shutdown(audit.world)
     ctx.exit(audit.exit_code)
+
+
+@contextlib.contextmanager
+def interrupt_guard():
+    """Remember any Ctrl-C during the run, even one raised inside a finalizer (where Python
+    prints it and carries on), so the run cannot go on to replace the report and exit 0."""
+    import signal
+    import threading
+
+    seen = {"interrupt": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame):
+        seen["interrupt"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: seen["interrupt"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def requested_outputs(manager, output_args, junit_file: str | None, markdown_file: str | None) -> list[tuple[str, Path | None, object]]:

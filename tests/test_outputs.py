@@ -132,3 +132,41 @@ def test_output_format_plugin_writes_through_the_hook(tmp_path, monkeypatch):
     regate = run_cli(["gate", str(tmp_path / "o" / "results.json"), "--thresholds", str(gate), "-p", "sarif_output",
                       "--output", f"sarif={tmp_path / 'again.sarif'}"])
     assert regate.exit_code == 1 and json.loads((tmp_path / "again.sarif").read_text())["runs"][0]["results"]
+
+
+FINALIZER_INTERRUPT = """
+import gc, os, signal
+from mcaudit import Check, CheckResult, hookimpl
+
+class Interrupts:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arriving while a finalizer runs
+
+class Finalizes(Check):
+    name = "finalizes"
+    description = "a Ctrl-C lands in a finalizer"
+    metrics = {"x": "a number"}
+    default_thresholds = {"x": ">= 0"}
+    def run(self, ctx, params):
+        Interrupts()
+        gc.collect()
+        return CheckResult(metrics={"x": 1.0})
+
+@hookimpl
+def mcaudit_register_checks(register):
+    register(Finalizes)
+"""
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "finalizer_interrupt.py").write_text(FINALIZER_INTERRUPT)
+    out = tmp_path / "report"
+    atomic.replace_folder(out, {"results.json": "old", "samples.csv": "old", "index.html": "old"})
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), MCAUDIT_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run([sys.executable, "-m", "mcaudit", "run", "--quiet", "-p", "finalizer_interrupt", *SMALL[:4],
+                           "--checks", "finalizes", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert (out / "results.json").read_text() == "old"  # the old report stands
