@@ -74,7 +74,6 @@ class CorruptionsCheck(Check):
         "Zero-shot accuracy under blur, noise, contrast loss, gamma shift and JPEG compression "
         "at five severities; mean corruption error (mCE) and relative mCE."
     )
-    uses_model = True
     params = {
         "n_images": Param(64, "images in the stratified subsample (0 = all)"),
         "corruptions": Param(list(CORRUPTIONS), "corruptions to apply", None),
