@@ -394,11 +394,13 @@ def gate(ctx, results_file, thresholds, no_defaults, strict, junit_file, markdow
 def report(results_file, out, plugin_args):
     """Re-render the HTML report from a results.json."""
     from mcaudit.plugin_manager import make_plugin_manager
-    from mcaudit.reports.atomic import write_files_atomically
+    from mcaudit.reports.atomic import check_file_writable, write_files_atomically
     from mcaudit.reports.html import render_html
     from mcaudit.reports.writer import plugin_sections
 
     results = read_results(results_file)
+    target = Path(out) if out else Path(results_file).parent / "index.html"
+    check_file_writable(target, "--out")  # before anything is rendered
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
     if "verdict" not in results:
@@ -410,7 +412,6 @@ def report(results_file, out, plugin_args):
         defaults = {f"{n}.{m}": v for n in results["checks"] if n in catalog.checks
                     for m, v in catalog.checks[n].default_thresholds.items()}
         apply_gate(results, collect_thresholds(None, {}, defaults), gated=False)
-    target = Path(out) if out else Path(results_file).parent / "index.html"
     write_files_atomically(target.parent, {target.name: render_html(results, plugin_sections(manager, results))})
     click.echo(f"report: {target}")
 

@@ -170,3 +170,10 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path):
                            "--checks", "finalizes", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert (out / "results.json").read_text() == "old"  # the old report stands
+
+
+def test_report_to_an_unwritable_place_is_a_usage_error(tmp_path):
+    run = run_cli(["run", "--quiet", *SMALL], tmp_path / "o")
+    (tmp_path / "afile").write_text("x")
+    out = run_cli(["report", str(run.out_dir / "results.json"), "--out", str(tmp_path / "afile" / "r.html")])
+    assert out.exit_code == 2 and "--out" in out.output and "Traceback" not in out.output
