@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--group", default="sex")
+    ap.add_argument("--checks", default="", help="only these checks (comma-separated; default all)")
     args = ap.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"no data at {args.data} (set MCAUDIT_SHARED_DATA)")
@@ -53,6 +54,8 @@ def main() -> None:
         out = Path(tmp) / "report"
         cmd = [sys.executable, "-m", "mcaudit", "run", "--quiet", "--model", args.model, "--checkpoint", str(ckpt),
                "--data", args.data, "--group", args.group, "--profile", args.profile, "--out", str(out)]
+        if args.checks:
+            cmd += ["--checks", args.checks]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
