@@ -511,11 +511,17 @@ def equal_mass_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     return edges
 
 
+def calibration_bin_index(confidence: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each confidence's bin: half-open [lo, hi), the last bin closed."""
+    n_bins = len(edges) - 1
+    return np.clip(np.searchsorted(edges, np.asarray(confidence, dtype=np.float64), side="right") - 1, 0, n_bins - 1)
+
+
 def calibration_bins(confidence: np.ndarray, outcome: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin: image count, mean confidence and mean outcome (NaN in empty bins)."""
     confidence = np.asarray(confidence, dtype=np.float64)
     n_bins = len(edges) - 1
-    idx = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    idx = calibration_bin_index(confidence, edges)
     counts = np.bincount(idx, minlength=n_bins).astype(np.float64)
     conf_sum = np.bincount(idx, weights=confidence, minlength=n_bins)
     out_sum = np.bincount(idx, weights=np.asarray(outcome, dtype=np.float64), minlength=n_bins)

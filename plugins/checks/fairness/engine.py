@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mcaudit.metrics import equal_width_edges
+from mcaudit.metrics import calibration_bin_index, equal_width_edges
 
 GROUP_METRICS = ("accuracy", "balanced_accuracy", "auroc", "tpr", "fpr", "selection_rate", "ece")
 
@@ -34,7 +34,7 @@ class Outcomes:
         self.confidence = self.probs.max(axis=1)
         self.correct = (self.preds == self.labels).astype(np.float64)
         edges = equal_width_edges(self.n_bins)  # the calibration check's bins, assigned as calibration_bins does
-        self.conf_bin = np.clip(np.searchsorted(edges, self.confidence, side="right") - 1, 0, self.n_bins - 1)
+        self.conf_bin = calibration_bin_index(self.confidence, edges)
         self.scored_classes = [1] if self.n_classes == 2 else list(range(self.n_classes))
         self._tie_ids: dict[int, np.ndarray] = {}
 
