@@ -5,11 +5,11 @@ The public API for plugin authors is importable from here; importing it loads no
 
 __version__ = "0.1.0"
 
-from mcaudit.checks import Check, CheckResult, Figure, Param, Table  # noqa: E402
+from mcaudit.check_api import Check, CheckResult, Figure, Param, Table  # noqa: E402
 from mcaudit.errors import ExitCode, InputError  # noqa: E402
 from mcaudit.verdict import Finding  # noqa: E402
 from mcaudit.hookimpl import hookimpl  # noqa: E402
-from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection  # noqa: E402
+from mcaudit.hook_types import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mcaudit.checks import Check
+from mcaudit.check_api import Check
 from mcaudit.errors import InputError, PluginError
 from mcaudit.plugin_manager import PluginManager
-from mcaudit.registry import FormatInfo, LoaderInfo, OutputFormat
+from mcaudit.hook_types import FormatInfo, LoaderInfo, OutputFormat
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from mcaudit.checks import Check
+    from mcaudit.check_api import Check
     from mcaudit.data.dataset import AuditDataset
     from mcaudit.models.adapter import ModelAdapter
-    from mcaudit.registry import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection
+    from mcaudit.hook_types import DataRequest, FormatInfo, LoaderInfo, ModelRequest, OutputFormat, ReportSection
 
 hookspec = pluggy.HookspecMarker("mcaudit")
 

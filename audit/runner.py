@@ -19,7 +19,7 @@ import torch
 
 from mcaudit import __version__
 from mcaudit.catalog import Catalog, build_catalog
-from mcaudit.checks import Check, CheckResult
+from mcaudit.check_api import Check, CheckResult
 from mcaudit.config import RunConfig, check_run_settings
 from mcaudit.context import AuditContext
 from mcaudit.data.dataset import AuditDataset
@@ -31,7 +31,7 @@ from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugin_manager import PluginManager
 from mcaudit.prompts import PromptSet, load_prompts
-from mcaudit.registry import DataRequest, ModelRequest
+from mcaudit.hook_types import DataRequest, ModelRequest
 
 SCHEMA_VERSION = 1
 DEMO_GROUPS = ["site", "sex"]
@@ -86,7 +86,7 @@ def select_checks(catalog: Catalog, cfg: RunConfig) -> dict[str, tuple[type[Chec
     for name in cfg.check_params:
         if name not in catalog.checks:
             raise InputError(f"parameters given for unknown check {name!r} (available: {', '.join(catalog.checks)})")
-    from mcaudit.checks import PROFILES
+    from mcaudit.check_api import PROFILES
 
     if cfg.profile not in PROFILES:
         raise InputError(f"--profile {cfg.profile}: use one of {', '.join(PROFILES)}")

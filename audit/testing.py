@@ -71,7 +71,7 @@ def save_openclip_folder(model, folder: Path, cfg: dict[str, Any] | None = None,
 def load_adapter(spec: str, checkpoint: str | Path | None = None, device: str = "cpu"):
     """Load a model through the plugin hooks, as ``mcaudit run`` does."""
     from mcaudit.plugin_manager import make_plugin_manager
-    from mcaudit.registry import ModelRequest
+    from mcaudit.hook_types import ModelRequest
 
     manager = make_plugin_manager(autoload=False)
     request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=device)
@@ -82,7 +82,7 @@ def load_adapter(spec: str, checkpoint: str | Path | None = None, device: str = 
 
 def phantom_dataset(n: int = 120, seed: int = 1, groups=("site", "sex"), image_size=(64, 64)):
     from mcaudit.demo.phantoms import PhantomDataset
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
 
     return PhantomDataset.from_spec(f"phantom:n={n},seed={seed}", DataRequest(image_size=tuple(image_size), groups=tuple(groups)))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mcaudit.hookimpl import hookimpl
-from mcaudit.registry import OutputFormat
+from mcaudit.hook_types import OutputFormat
 
 
 def _junit(results):

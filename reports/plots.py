@@ -12,7 +12,7 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mcaudit.checks import Figure  # noqa: E402
+from mcaudit.check_api import Figure  # noqa: E402
 
 
 def short_label(text: str, width: int = 24) -> str:

@@ -14,7 +14,7 @@ from mcaudit.reports.samples import samples_csv
 def plugin_sections(manager, results) -> list:
     """Every plugin's report sections; a plugin whose hook raises or returns the wrong type
     gets an error note in its place instead of costing the run its outputs."""
-    from mcaudit.registry import ReportSection
+    from mcaudit.hook_types import ReportSection
 
     sections = []
     for impl in reversed(manager.pm.hook.mcaudit_report_sections.get_hookimpls()):  # pluggy's call order

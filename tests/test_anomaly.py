@@ -20,7 +20,7 @@ from mcaudit.metrics import delong_interval
 from mcaudit.plugins.checks.anomaly.evaluation import choose_then_measure
 from mcaudit.plugins.checks.anomaly.scores import SCORES, KnnScorer, MahalanobisScorer, separation
 from mcaudit.context import AuditContext
-from mcaudit.registry import DataRequest
+from mcaudit.hook_types import DataRequest
 from mcaudit.testing import load_adapter, make_context, phantom_dataset
 from mcaudit.testing import derive_status
 

@@ -13,7 +13,7 @@ from mcaudit.data.dicom import read_dicom
 from mcaudit.plugins.formats.image_sets import load_image_folder, load_manifest, load_medmnist
 from mcaudit.data.images import UnreadableImage, read_image
 from mcaudit.errors import InputError
-from mcaudit.registry import DataRequest
+from mcaudit.hook_types import DataRequest
 from mcaudit.testing import run_cli, save_openclip_folder, tiny_openclip
 
 from conftest import shared

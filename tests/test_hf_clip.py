@@ -18,7 +18,7 @@ from conftest import NETWORK_ATTEMPTS, put_in_hub_cache
 
 from mcaudit.errors import InputError
 from mcaudit.plugin_manager import make_plugin_manager
-from mcaudit.registry import ModelRequest
+from mcaudit.hook_types import ModelRequest
 from mcaudit.testing import run_cli
 
 transformers = pytest.importorskip("transformers")

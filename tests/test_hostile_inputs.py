@@ -276,7 +276,7 @@ def test_clean_manifest_has_no_data_warnings(tmp_path, tiny_folder):
 
 def test_single_class_folder_and_npz_are_warned_about(tmp_path):
     from mcaudit.plugins.formats.image_sets import load_image_folder, load_medmnist
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
 
     (tmp_path / "f" / "normal").mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "f" / "normal" / "a.png")

@@ -21,7 +21,7 @@ from mcaudit.errors import InputError
 from mcaudit.plugins.loaders import openclip as openclip_loader
 from mcaudit.plugins.loaders.openclip import build_model
 from mcaudit.plugin_manager import make_plugin_manager
-from mcaudit.registry import ModelRequest
+from mcaudit.hook_types import ModelRequest
 from mcaudit.testing import TINY_MODEL_CFG, run_cli, save_openclip_folder, tiny_openclip
 
 REPO = Path(__file__).resolve().parents[1]

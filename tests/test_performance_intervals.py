@@ -79,7 +79,7 @@ def test_pneumoniamnist_accuracy_interval_is_as_wide_as_the_sampling_spread(mcau
     from conftest import shared
 
     from mcaudit.plugins.formats.image_sets import load_medmnist
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
     from mcaudit.testing import make_context
 
     npz = shared("pneumoniamnist/pneumoniamnist.npz")
@@ -109,7 +109,7 @@ def write_manifest(folder, header, rows):
 @pytest.mark.parametrize("column", ["subject", "subject_id", "patient", "patient_id"])
 def test_manifest_subject_column_fills_record_subject_not_groups(tmp_path, column):
     from mcaudit.plugins.formats.image_sets import load_manifest
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
 
     path = write_manifest(tmp_path, ["path", "label", column, "sex"],
                           [["a.png", "x", "p1", "F"], ["b.png", "y", "p1", "F"], ["c.png", "x", "", "M"]])
@@ -123,7 +123,7 @@ def test_manifest_subject_column_fills_record_subject_not_groups(tmp_path, colum
 
 def test_manifest_without_subject_column_has_no_subjects(tmp_path):
     from mcaudit.plugins.formats.image_sets import load_manifest
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
 
     ds = load_manifest(write_manifest(tmp_path, ["path", "label", "site"], [["a.png", "x", "s1"]]), DataRequest())
     assert ds.records[0].subject is None and ds.records[0].groups == {"site": "s1"}
@@ -145,7 +145,7 @@ def test_oasis_views_of_one_subject_are_resampled_together(mcaudit_demo_model, t
     from conftest import shared
 
     from mcaudit.plugins.formats.image_sets import load_manifest
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
     from mcaudit.testing import make_context
 
     manifest = shared("oasis1/manifest.csv")

@@ -28,7 +28,7 @@ from mcaudit.plugins.formats.image_sets import load_manifest
 from mcaudit.forward import run_forward
 from mcaudit.models.adapter import ModelAdapter, ZeroShotClassifier
 from mcaudit.models.preprocessing import ModelPreprocessing, open_clip_preprocessing
-from mcaudit.registry import DataRequest
+from mcaudit.hook_types import DataRequest
 from mcaudit.testing import load_adapter, make_context, save_openclip_folder, tiny_openclip
 
 SIZE = 224
@@ -200,7 +200,7 @@ def hf_folder(tmp_path_factory):
 
 def load_hf(folder: Path) -> ModelAdapter:
     from mcaudit.plugin_manager import make_plugin_manager
-    from mcaudit.registry import ModelRequest
+    from mcaudit.hook_types import ModelRequest
 
     manager = make_plugin_manager(load=["mcaudit.plugins.loaders.hf_clip"], autoload=False)
     return manager.hook.mcaudit_load_model(spec=str(folder), request=ModelRequest()).eval()

@@ -661,7 +661,7 @@ def test_tbx11k_boxes_from_coco_annotations(tmp_path):
     assert sum(len(r["boxes"].split(";")) for r in rows if r["boxes"]) == len(coco["annotations"])
 
     from mcaudit.plugins.formats.image_sets import load_manifest
-    from mcaudit.registry import DataRequest
+    from mcaudit.hook_types import DataRequest
 
     data = load_manifest(manifest, DataRequest(image_size=(64, 64)))
     first = coco["annotations"][0]  # a box on a 512 x 512 image: 1/8 of it at 64 x 64

@@ -17,7 +17,7 @@ import numpy as np
 
 from mcaudit.data.dataset import AuditDataset, Record
 from mcaudit.errors import InputError
-from mcaudit.registry import DataRequest
+from mcaudit.hook_types import DataRequest
 
 CLASSES = ["normal", "opacity"]
 SITES = ("A", "B", "C")

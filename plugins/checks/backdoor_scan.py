@@ -158,7 +158,7 @@ def load_reference(ctx, params: dict):
         model = loader(spec, checkpoint or None)
     else:
         from mcaudit.plugin_manager import make_plugin_manager
-        from mcaudit.registry import ModelRequest
+        from mcaudit.hook_types import ModelRequest
 
         request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=str(ctx.device),
                                precision=ctx.precision, allow_network=bool((ctx.options or {}).get("allow_network")))

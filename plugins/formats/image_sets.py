@@ -17,7 +17,7 @@ from mcaudit.data.images import MAX_IMAGE_PIXELS, UnreadableImage, is_dicom
 from mcaudit.plugins.formats.medmnist_names import MEDMNIST_CLASSES
 from mcaudit.errors import InputError
 from mcaudit.hookimpl import hookimpl
-from mcaudit.registry import DataRequest, FormatInfo
+from mcaudit.hook_types import DataRequest, FormatInfo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 RESERVED_COLUMNS = {"path", "label", "mask", "boxes"}

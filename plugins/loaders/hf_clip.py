@@ -32,7 +32,7 @@ from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_di
 from mcaudit.plugins.loaders.openclip import HUB_ID, OPENAI_MEAN, OPENAI_STD, hub_folder
 from mcaudit.plugins.loaders.openclip_adapter import ClipModelAdapter
 from mcaudit.models.preprocessing import hf_processor_preprocessing, processor_scale
-from mcaudit.registry import LoaderInfo, ModelRequest
+from mcaudit.hook_types import LoaderInfo, ModelRequest
 
 LOADER_NAME = "hf-clip"
 INSTALL_HINT = 'pip install "mcaudit[hf]"'

@@ -36,7 +36,7 @@ from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugins.loaders.openclip_adapter import OpenClipAdapter
 from mcaudit.models.preprocessing import open_clip_preprocessing
 from mcaudit.models.checkpoints import WEIGHT_SUFFIXES, load_into, read_state_dict, sha256_file
-from mcaudit.registry import LoaderInfo, ModelRequest
+from mcaudit.hook_types import LoaderInfo, ModelRequest
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

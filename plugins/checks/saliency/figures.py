@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mcaudit.checks import Figure
+from mcaudit.check_api import Figure
 
 
 def overlay_grid(
