@@ -32,7 +32,7 @@ from typing import Any
 
 from mcaudit.config import default_config_file, mcaudit_table, parse_threshold_table, read_toml
 from mcaudit.errors import InputError
-from mcaudit.verdict import GatePolicy, RANK
+from mcaudit.verdict import GatePolicy, rank_key
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -62,10 +62,6 @@ class Threshold:
     @property
     def rule(self) -> str:
         return f"{self.op} {self.bound_ref if self.bound_ref else format(self.bound, 'g')}"
-
-    @property
-    def text(self) -> str:
-        return self.rule
 
     def record(self) -> dict[str, Any]:
         """How results.json records the threshold, so a later ``mcaudit gate`` re-applies this
@@ -123,10 +119,6 @@ def load_gate_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         return parse_threshold_table(table["thresholds"], str(path)), policy
     plain = {k: v for k, v in table.items() if k not in ("run", "checks", "tool", "gate")}
     return parse_threshold_table(plain, str(path)), policy
-
-
-def load_threshold_file(path: Path) -> dict[str, Any]:
-    return load_gate_file(path)[0]
 
 
 def gate_policy(table: dict[str, Any] | None, strict: bool = False, source: str = "gate file") -> GatePolicy:
@@ -230,7 +222,7 @@ def metric_label(check: str, metric: str, declared: list[str] | tuple[str, ...] 
     return words if words.startswith(check.replace('_', ' ')) else f"{check} {words}"
 
 
-def _percent(check: dict[str, Any], metric: str, value: float) -> bool:
+def _percent(check: dict[str, Any], metric: str) -> bool:
     # A metric given as "k of n" is a proportion, so it reads best as a percentage.
     return metric in (check.get("counts") or {})
 
@@ -245,7 +237,7 @@ def format_value(value: float | None, as_percent: bool) -> str:
 
 def sentence(o: dict[str, Any], check: dict[str, Any]) -> str:
     """One outcome in words: "recall of pneumonia 1.3% (5 of 390), needs >= 50%"."""
-    pct = _percent(check, o["metric"], o["value"] or 0.0)
+    pct = _percent(check, o["metric"])
     what = metric_label(o["check"], o["metric"], check.get("declared_metrics") or ())
     bound = format_value(o["bound"], pct and o["bound"] is not None and 0 <= o["bound"] <= 1)
     if o.get("bound_ref"):
@@ -367,7 +359,7 @@ def apply_thresholds(results: dict[str, Any], thresholds: list[Threshold]) -> li
     for o in outcomes:
         o["passed"] = o["status"] == "pass"
         o["sentence"] = sentence(o, checks.get(o["check"], {}))
-    outcomes.sort(key=lambda o: (RANK.get(o["status"], 9), -o["severity"], o["name"]))
+    outcomes.sort(key=rank_key)
     return outcomes
 
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcaudit.verdict import LABELS, RANK
-
-
-def status_word(status: str) -> str:
-    return LABELS.get(status, status)
+from mcaudit.verdict import RANK
+from mcaudit.verdict import label as status_word  # noqa: F401 - the outputs' name for it
 
 
 def check_order(results: dict[str, Any]) -> list[str]:
@@ -36,8 +33,3 @@ def policy_words(policy: dict[str, str]) -> str:
     return (f"inconclusive {'fails' if policy.get('inconclusive') == 'fail' else 'passes'}, "
             f"not evaluated {'fails' if policy.get('not_evaluated') == 'fail' else 'is shown without failing'}, "
             f"warn {'fails' if policy.get('warn') == 'fail' else 'passes'}")
-
-
-def overall(results: dict[str, Any]) -> str:
-    """The word for the run as a whole: the verdict's status, or 'error' when a check errored."""
-    return (results.get("verdict") or {}).get("status", "not_evaluated")

@@ -15,7 +15,7 @@ from mcaudit.plugins.checks.adversarial import AdversarialCheck
 from mcaudit.prompts import PromptSet
 from mcaudit.testing import demo_prompts, load_adapter, make_context, phantom_dataset
 
-from conftest import shared
+from conftest import PNEUMONIA_PROMPTS, shared, train_pneumonia_clip
 from mcaudit.testing import derive_status
 
 
@@ -265,47 +265,12 @@ def test_same_seed_same_metrics_and_bad_parameters(demo_ctx):
 
 
 # -- PneumoniaMNIST with a small model trained here ---------------------------------------
-PNEUMONIA_PROMPTS = """
-templates = ["a paediatric chest x-ray showing {}.", "a chest radiograph with {}."]
-[classes]
-normal = ["clear lungs", "no pneumonia"]
-pneumonia = ["pneumonia", "lung consolidation"]
-"""
-
-
-def train_tiny_clip_on_pneumoniamnist(npz_path, seconds_steps: int = 160):
-    """Fine-tune the tiny open_clip model on the train split with the zero-shot objective."""
-    from mcaudit.plugins.loaders.openclip import make_tokenizer
-    from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
-
-    torch.manual_seed(0)
-    data = np.load(npz_path)
-    images = torch.as_tensor(data["train_images"], dtype=torch.float32).unsqueeze(1) / 255.0
-    labels = torch.as_tensor(data["train_labels"].reshape(-1), dtype=torch.long)
-    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
-    model = tiny_openclip(0).train()
-    tokenizer = make_tokenizer(TINY_MODEL_CFG, None)
-    tokens = tokenizer(["a paediatric chest x-ray showing clear lungs.", "a paediatric chest x-ray showing pneumonia."])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(seconds_steps):
-        idx = torch.randint(0, len(images), (96,), generator=gen)
-        x = (images[idx].expand(-1, 3, -1, -1) - 0.5) / 0.25
-        img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
-        loss = torch.nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pneumonia_model_folder(tmp_path_factory):
     from mcaudit.testing import save_openclip_folder
 
     npz = shared("pneumoniamnist/pneumoniamnist.npz")
-    model = train_tiny_clip_on_pneumoniamnist(npz)
+    model = train_pneumonia_clip(npz)
     folder = save_openclip_folder(model, tmp_path_factory.mktemp("pneumonia-clip"), mean=(0.5,) * 3, std=(0.25,) * 3)
     prompts = folder / "prompts.toml"
     prompts.write_text(PNEUMONIA_PROMPTS)

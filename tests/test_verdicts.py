@@ -10,7 +10,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import pytest
 import torch
-from conftest import shared
+from conftest import PNEUMONIA_PROMPTS, shared, train_pneumonia_clip
 
 from mcaudit import Check, CheckResult, Finding, InputError, hookimpl
 from mcaudit.gating import apply_gate, collect_thresholds, decide, parse_threshold
@@ -252,49 +252,12 @@ def test_chance_level_model_fails_pneumoniamnist_by_default_and_all_outputs_agre
     assert "fairness.max_accuracy_gap" in out.html
 
 
-PNEUMONIA_PROMPTS = """
-templates = ["a paediatric chest x-ray showing {}.", "a chest radiograph with {}."]
-[classes]
-normal = ["clear lungs", "no pneumonia"]
-pneumonia = ["pneumonia", "lung consolidation"]
-"""
-
-
-def _train_pneumonia_model(npz_path, steps: int = 200):
-    """A tiny open_clip model fine-tuned on PneumoniaMNIST's train split with the zero-shot objective."""
-    from mcaudit.plugins.loaders.openclip import make_tokenizer
-    from mcaudit.testing import TINY_MODEL_CFG, tiny_openclip
-
-    torch.manual_seed(0)
-    data = np.load(npz_path)
-    images = torch.as_tensor(data["train_images"], dtype=torch.float32).unsqueeze(1) / 255.0
-    labels = torch.as_tensor(data["train_labels"].reshape(-1), dtype=torch.long)
-    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
-    model = tiny_openclip(0).train()
-    tokens = make_tokenizer(TINY_MODEL_CFG, None)(
-        ["a paediatric chest x-ray showing clear lungs.", "a paediatric chest x-ray showing pneumonia."])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    # Balanced batches: the audit's recall floor holds for both classes only if both are learned.
-    by_class = [torch.nonzero(labels == k).flatten() for k in (0, 1)]
-    for _ in range(steps):
-        idx = torch.cat([c[torch.randint(0, len(c), (48,), generator=gen)] for c in by_class])
-        x = (images[idx].expand(-1, 3, -1, -1) - 0.5) / 0.25
-        img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
-        loss = torch.nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_trained_model_passes_pneumoniamnist_with_no_threshold_file(tmp_path, monkeypatch):
     from mcaudit.testing import save_openclip_folder
 
     npz = shared("pneumoniamnist/pneumoniamnist.npz")
-    folder = save_openclip_folder(_train_pneumonia_model(npz), tmp_path / "model", mean=(0.5,) * 3, std=(0.25,) * 3)
+    folder = save_openclip_folder(train_pneumonia_clip(npz, steps=200, balanced=True), tmp_path / "model", mean=(0.5,) * 3, std=(0.25,) * 3)
     (folder / "prompts.toml").write_text(PNEUMONIA_PROMPTS)
     monkeypatch.chdir(tmp_path)  # no mcaudit.toml here: the checks' defaults alone
     out = run_cli(["run", "--model", folder, "--data", npz, "--split", "test", "--checks", "performance", "--gate"],
