@@ -198,10 +198,16 @@ def decide(op: str, bound: float, value: float, interval: tuple[float, float] | 
             return "inconclusive", f"no 95% interval, so its {decide_on} bound cannot be compared"
         return ("pass" if compare(value, bound) else "fail"), "point value (no interval)"
     lo, hi = interval
-    if decide_on == "lower":
-        return ("pass" if compare(lo, bound) else "fail"), "lower 95% bound"
-    if decide_on == "upper":
-        return ("pass" if compare(hi, bound) else "fail"), "upper 95% bound"
+    if decide_on in ("lower", "upper"):
+        end = lo if decide_on == "lower" else hi
+        if not compare(end, bound):
+            return "fail", f"{decide_on} 95% bound"
+        conservative = (op in (">", ">=")) == (decide_on == "lower")
+        if conservative and not compare(value, bound):
+            # The cautious end of an interval clears the bound but its own estimate does not
+            # (a posterior pulled by its prior on tiny classes, say): no evidence of a pass.
+            return "inconclusive", f"the {decide_on} 95% bound meets it but the value itself does not"
+        return "pass", f"{decide_on} 95% bound"
     meets = [compare(lo, bound), compare(hi, bound), compare(value, bound)]
     if all(meets):
         return "pass", "95% interval"

@@ -39,6 +39,7 @@ def _gate(results, thresholds, **kw):
     (">=", 0.90, 0.92, (0.85, 0.96), "value", "pass"),
     (">=", 0.90, 0.88, (0.85, 0.93), "upper", "pass"),
     (">", 0.5, 0.51, None, "lower", "inconclusive"),  # no interval to take the lower bound of
+    (">", 0.1667, 0.1559, (0.1721, 0.4077), "lower", "inconclusive"),  # HAM10000: the bound clears, the value does not
     (">", 0.5, 0.51, None, "interval", "pass"),
 ])
 def test_decide_on_value_and_interval(op, bound, value, interval, on, expected):
