@@ -106,30 +106,33 @@ def simultaneous_halfwidths(observed: np.ndarray, replicates: np.ndarray, level:
     return float(np.quantile(t, level)) * se
 
 
+def _band(observed: np.ndarray, replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The defined columns' values and their simultaneous half-widths, or None."""
+    keep = np.isfinite(observed)
+    if keep.sum() == 0:
+        return None
+    observed, replicates = observed[keep], replicates[:, keep]
+    half = simultaneous_halfwidths(observed, replicates)
+    return None if half is None else (observed, half)
+
+
 def max_difference_interval(observed: np.ndarray, replicates: np.ndarray) -> tuple[float, float]:
     """95% interval of the largest |difference| over contrasts (columns), from their bootstrap
     replicates: every contrast's simultaneous interval holds, so the largest true |difference|
     is at least the largest lower end and at most the largest upper end."""
-    keep = np.isfinite(observed)
-    if keep.sum() == 0:
+    band = _band(observed, replicates)
+    if band is None:
         return float("nan"), float("nan")
-    observed, replicates = observed[keep], replicates[:, keep]
-    half = simultaneous_halfwidths(observed, replicates)
-    if half is None:
-        return float("nan"), float("nan")
-    size = np.abs(observed)
+    size, half = np.abs(band[0]), band[1]
     return float(max(0.0, (size - half).max())), float((size + half).max())
 
 
 def min_value_interval(observed: np.ndarray, replicates: np.ndarray) -> tuple[float, float]:
     """95% interval of the smallest value over groups (columns), from a simultaneous band."""
-    keep = np.isfinite(observed)
-    if keep.sum() == 0:
+    band = _band(observed, replicates)
+    if band is None:
         return float("nan"), float("nan")
-    observed, replicates = observed[keep], replicates[:, keep]
-    half = simultaneous_halfwidths(observed, replicates)
-    if half is None:
-        return float("nan"), float("nan")
+    observed, half = band
     return float((observed - half).min()), float((observed + half).min())
 
 
