@@ -121,3 +121,20 @@ def test_cluster_wilson_interval():
     assert same == pytest.approx(wilson_interval(7.5, 10), abs=0.01)
     # Nothing varies: the design effect is unknown, so each subject counts once.
     assert cluster_wilson_interval(np.ones(40), np.repeat(np.arange(10), 4)) == pytest.approx(wilson_interval(10, 10))
+
+
+def test_balanced_accuracy_interval_contains_its_estimate_with_tiny_classes():
+    from mcaudit.metrics import balanced_accuracy_interval
+
+    # six classes, the model finds 3 of 40 of the common one and nothing else; the posterior
+    # of a recall of 0 of 2 sits near 0.17, which lifted the quantiles above the estimate
+    recalls = {0: (3, 40), 1: (0, 12), 2: (0, 2), 3: (0, 2), 4: (0, 2), 5: (0, 2)}
+    cm = np.zeros((6, 6), dtype=int)
+    for c, (hit, n) in recalls.items():
+        cm[c, c] = hit
+        cm[c, (c + 1) % 6] = n - hit
+    observed = np.mean([hit / n for hit, n in recalls.values()])
+    lo, hi = balanced_accuracy_interval(cm, np.random.default_rng(0))
+    assert float(lo) <= observed <= float(hi)
+    assert float(lo) == pytest.approx(observed)  # the posterior's lower quantile lay above it
+    assert float(hi) > observed + 0.1
