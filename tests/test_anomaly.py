@@ -28,8 +28,10 @@ PLUGIN = "mcaudit.plugins.checks.anomaly"
 
 
 def params(**given):
-    # the quick profile, as the demo runs it, without the per-score bootstrap unless asked for
-    return AnomalyCheck.resolve_params(AnomalyCheck.profile_params("quick") | {"n_bootstrap": 0} | given)
+    # the quick profile with the 120 generated images per set these tests were sized for, and
+    # without the per-score bootstrap unless asked for
+    quick = AnomalyCheck.profile_params("quick") | {"n_generated": 120, "n_bootstrap": 0}
+    return AnomalyCheck.resolve_params(quick | given)
 
 
 @pytest.fixture(scope="module")

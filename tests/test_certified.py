@@ -16,8 +16,9 @@ from mcaudit.testing import derive_status
 
 
 def run_check(ctx, **given):
-    # the quick profile, as the demo runs it
-    return CertifiedCheck().run(ctx, CertifiedCheck.resolve_params(CertifiedCheck.profile_params("quick") | given))
+    # the quick profile with the three sigmas and 16 images these tests were sized for
+    sized = CertifiedCheck.profile_params("quick") | {"sigmas": [0.12, 0.25, 0.5], "n_images": 16}
+    return CertifiedCheck().run(ctx, CertifiedCheck.resolve_params(sized | given))
 
 
 def test_clopper_pearson_matches_the_binomial_tail():

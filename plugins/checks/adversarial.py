@@ -245,7 +245,7 @@ class AdversarialCheck(Check):
     # 0.05; 50 steps and 2 restarts are about half of AutoAttack's APGD budget, enough for a
     # model without a defence. thorough follows AutoAttack (100 steps, 5000 Square queries).
     profiles = {
-        "quick": {"n_images": 16, "steps": 5, "restarts": 1, "square_queries": 20},
+        "quick": {"n_images": 8, "eps": ["1/255", "4/255"], "eps_l2": [0.5], "steps": 3, "restarts": 1, "square_queries": 10},
         "standard": {"n_images": 400, "steps": 50, "restarts": 2, "square_queries": 1000},
         "thorough": {"n_images": 1000, "steps": 100, "restarts": 5, "square_queries": 5000},
     }

@@ -81,7 +81,7 @@ class BackdoorScanCheck(Check):
         "reference_checkpoint": Param("", "checkpoint file for reference_model, like --checkpoint"),
     }
     profiles = {
-        "quick": {"n_images": 8, "n_eval": 16, "max_steps": 30, "patience": 10, "restarts": 1},
+        "quick": {"n_images": 4, "n_eval": 8, "max_steps": 6, "patience": 3, "restarts": 1},
         "standard": {"n_images": 32, "n_eval": 128, "max_steps": 500, "patience": 30, "restarts": 2},
         "thorough": {"n_images": 64, "n_eval": 256, "max_steps": 1500, "patience": 60, "restarts": 3},
     }

@@ -83,7 +83,7 @@ class AnomalyCheck(Check):
     # standard: 400 generated images per set put the held-out half's AUROC interval at about
     # +-0.05 near 0.8; quick keeps the demo fast.
     profiles = {
-        "quick": {"n_generated": 120, "n_bootstrap": 200},
+        "quick": {"n_generated": 64, "n_bootstrap": 200},
         "standard": {"n_generated": 400, "n_bootstrap": 1000},
         "thorough": {"n_generated": 1000, "n_bootstrap": 2000},
     }
