@@ -62,66 +62,82 @@ class PerformanceCheck(Check):
         fwd = ctx.forward
         labels, preds, probs = fwd.labels, fwd.preds, fwd.probs
         classes = ctx.classes
-        k = len(classes)
-        cm = confusion(labels, preds, k)
+        cm = confusion(labels, preds, len(classes))
         rec, prec = per_class_recall(cm), per_class_precision(cm)
         auc, auc_per = auroc_ovr(labels, probs)
-        metrics = {
-            "accuracy": accuracy(labels, preds),
-            "balanced_accuracy": balanced_accuracy(labels, preds, k),
-            "auroc_macro": auc,
-            "n_images": float(len(labels)),
-        }
-        for c, r, p in zip(classes, rec, prec):
-            metrics[f"recall.{c}"] = float(r)
-            metrics[f"precision.{c}"] = float(p)
-        metrics["chance_level"] = 1.0 / k
-        support, predicted = cm.sum(axis=1), cm.sum(axis=0)
-        n = len(labels)
-        counts = {"accuracy": (int(np.trace(cm)), n)}
-        for j, c in enumerate(classes):
-            if support[j] > 0:
-                counts[f"recall.{c}"] = (int(cm[j, j]), int(support[j]))
-            if predicted[j] > 0:
-                counts[f"precision.{c}"] = (int(cm[j, j]), int(predicted[j]))
+        metrics = _metrics(labels, preds, classes, rec, prec, auc)
+        counts = _counts(classes, cm, len(labels))
         intervals, methods = _intervals(ctx, params, labels, preds, probs, cm, counts)
-        not_evaluated = {}
+        support = cm.sum(axis=1)
         present = int((support > 0).sum())
+        not_evaluated, findings = {}, []
         if present < 2:
             reason = "the data hold images of only one class, so nothing can be told apart"
             not_evaluated = {"balanced_accuracy": reason, "auroc_macro": reason}
-        per_class = Table(
-            "Per class",
-            ["class", "images", "recall", "precision", "AUROC (one vs rest)"],
-            [[c, int(s), float(r), float(p), float(a)] for c, s, r, p, a in zip(classes, support, rec, prec, auc_per)],
-        )
-        cm_table = Table("Confusion matrix (rows: true, columns: predicted)", ["true \\ predicted"] + classes,
-                         [[c] + [int(v) for v in row] for c, row in zip(classes, cm)])
+            findings.append(Finding("inconclusive", "only one class has images, so performance cannot be judged (and cannot pass)"))
         from mcaudit.reports.plots import confusion_figure
 
-        figures = [confusion_figure(cm, classes)]
-        warnings = []
         absent = [c for c, s in zip(classes, support) if s == 0]
-        if absent:
-            warnings.append(f"no images of class(es) {', '.join(absent)}: their recall and AUROC are undefined")
-        findings = []
-        if present < 2:
-            findings.append(Finding("inconclusive", "only one class has images, so performance cannot be judged (and cannot pass)"))
-        # The weakest class weighs support: the lowest upper bound of recall, so a class of
-        # 12 images at recall 0 outranks one of 2 images at recall 0.
-        upper = np.array([wilson_interval(int(cm[j, j]), int(support[j]))[1] if support[j] else np.inf for j in range(k)])
-        worst = int(np.argmin(upper))
-        summary = (
-            f"Accuracy {metrics['accuracy']:.1%}, balanced accuracy {metrics['balanced_accuracy']:.1%} "
-            f"(chance {1 / k:.0%}), AUROC {auc:.3f}; weakest class {classes[worst]!r} "
-            f"(recall {rec[worst]:.1%}, {int(cm[worst, worst])} of {int(support[worst])})."
-        )
+        warnings = [f"no images of class(es) {', '.join(absent)}: their recall and AUROC are undefined"] if absent else []
         return CheckResult(
-            metrics=metrics, intervals=intervals, summary=summary, counts=counts, sample_size=n,
-            not_evaluated=not_evaluated, findings=findings,
-            tables=[per_class, cm_table], figures=figures, warnings=warnings,
+            metrics=metrics, intervals=intervals, summary=_summary(metrics, classes, cm, rec), counts=counts,
+            sample_size=len(labels), not_evaluated=not_evaluated, findings=findings,
+            tables=_tables(classes, cm, rec, prec, auc_per), figures=[confusion_figure(cm, classes)], warnings=warnings,
             details={"confusion_matrix": cm.tolist(), "classes": classes, "interval_methods": methods},
         )
+
+
+def _metrics(labels, preds, classes, rec, prec, auc) -> dict[str, float]:
+    k = len(classes)
+    metrics = {
+        "accuracy": accuracy(labels, preds),
+        "balanced_accuracy": balanced_accuracy(labels, preds, k),
+        "auroc_macro": auc,
+        "n_images": float(len(labels)),
+    }
+    for c, r, p in zip(classes, rec, prec):
+        metrics[f"recall.{c}"] = float(r)
+        metrics[f"precision.{c}"] = float(p)
+    metrics["chance_level"] = 1.0 / k
+    return metrics
+
+
+def _counts(classes, cm, n: int) -> dict[str, tuple[int, int]]:
+    """Successes and trials of every proportion, for the Wilson intervals and the report."""
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    counts = {"accuracy": (int(np.trace(cm)), n)}
+    for j, c in enumerate(classes):
+        if support[j] > 0:
+            counts[f"recall.{c}"] = (int(cm[j, j]), int(support[j]))
+        if predicted[j] > 0:
+            counts[f"precision.{c}"] = (int(cm[j, j]), int(predicted[j]))
+    return counts
+
+
+def _tables(classes, cm, rec, prec, auc_per) -> list[Table]:
+    support = cm.sum(axis=1)
+    per_class = Table(
+        "Per class",
+        ["class", "images", "recall", "precision", "AUROC (one vs rest)"],
+        [[c, int(s), float(r), float(p), float(a)] for c, s, r, p, a in zip(classes, support, rec, prec, auc_per)],
+    )
+    cm_table = Table("Confusion matrix (rows: true, columns: predicted)", ["true \\ predicted"] + classes,
+                     [[c] + [int(v) for v in row] for c, row in zip(classes, cm)])
+    return [per_class, cm_table]
+
+
+def _summary(metrics, classes, cm, rec) -> str:
+    k = len(classes)
+    support = cm.sum(axis=1)
+    # The weakest class weighs support: the lowest upper bound of recall, so a class of
+    # 12 images at recall 0 outranks one of 2 images at recall 0.
+    upper = np.array([wilson_interval(int(cm[j, j]), int(support[j]))[1] if support[j] else np.inf for j in range(k)])
+    worst = int(np.argmin(upper))
+    return (
+        f"Accuracy {metrics['accuracy']:.1%}, balanced accuracy {metrics['balanced_accuracy']:.1%} "
+        f"(chance {1 / k:.0%}), AUROC {metrics['auroc_macro']:.3f}; weakest class {classes[worst]!r} "
+        f"(recall {rec[worst]:.1%}, {int(cm[worst, worst])} of {int(support[worst])})."
+    )
 
 
 def _intervals(ctx, params, labels, preds, probs, cm, counts):
