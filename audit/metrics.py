@@ -1,24 +1,32 @@
-"""Classification metrics in plain numpy, shared by the checks.
+"""Classification metrics and their intervals, shared by the checks.
 
-Kept independent of scikit-learn so that the tests can cross-check every number against
-scikit-learn, fairlearn and torchmetrics as outside references.
+Point metrics come from scikit-learn (confusion matrix, accuracy, balanced accuracy, AUROC,
+ROC curve, average precision, Brier score) and exact proportion intervals from scipy.stats.
+Written here by hand only what those libraries cannot do: statistics of thousands of
+bootstrap replicates at once (confusion-matrix stacks, AUROC of resamples from one sort),
+DeLong's and Hanley-McNeil's AUROC intervals, the Jeffreys posterior of balanced accuracy,
+interval methods for clustered data, calibration bins shared with the fairness engine, and
+the negative log-likelihood from logits (scikit-learn's ``log_loss`` takes probabilities and
+clips them, which caps the loss of a confidently wrong answer).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import numpy as np
+from sklearn import metrics as skm
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
-    return np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return skm.confusion_matrix(labels, preds, labels=np.arange(n_classes))
 
 
 def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
-    return float(np.mean(labels == preds)) if len(labels) else float("nan")
+    return float(skm.accuracy_score(labels, preds)) if len(labels) else float("nan")
 
 
 def per_class_recall(cm: np.ndarray) -> np.ndarray:
@@ -35,21 +43,20 @@ def per_class_precision(cm: np.ndarray) -> np.ndarray:
 
 def balanced_accuracy(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
     """Mean recall over the classes present in ``labels``."""
-    rec = per_class_recall(confusion(labels, preds, n_classes))
-    present = ~np.isnan(rec)
-    return float(rec[present].mean()) if present.any() else float("nan")
+    if len(labels) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": those are left out, as intended
+        return float(skm.balanced_accuracy_score(labels, preds))
 
 
 def auroc_binary(positive: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half)."""
+    """Area under the ROC curve (ties count one half); NaN without both classes."""
     positive = np.asarray(positive, dtype=bool)
     n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == len(positive):
         return float("nan")
-    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(skm.roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 def auroc_of_resamples(positive: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -110,29 +117,26 @@ def auroc_ovr(labels: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]
 def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a proportion: near-nominal coverage even for small n or a
     proportion near 0 or 1, where the Wald interval collapses (Brown, Cai and DasGupta 2001)."""
+    if trials > 0 and (successes != int(successes) or trials != int(trials)):
+        # effective counts (n shrunk by a design effect) are not integers, which scipy's
+        # binomtest requires; the score interval is the same formula for any n
+        return _wilson_from_share(successes / trials, float(trials), level)
+    return _binomial_interval(successes, trials, level, "wilson")
+
+
+def _binomial_interval(successes: int, trials: int, level: float, method: str) -> tuple[float, float]:
     if trials <= 0:
         return float("nan"), float("nan")
-    from scipy.stats import norm
+    from scipy.stats import binomtest
 
-    z = float(norm.ppf(0.5 + level / 2))
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=level, method=method)
+    return float(max(0.0, ci.low)), float(min(1.0, ci.high))
 
 
 def clopper_pearson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Exact (Clopper-Pearson) interval for a proportion: coverage at least nominal for every n
     and p, at the price of some width; for small samples such as attacked-image subsets."""
-    if trials <= 0:
-        return float("nan"), float("nan")
-    from scipy.stats import beta
-
-    alpha = 1 - level
-    lo = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
-    hi = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
-    return lo, hi
+    return _binomial_interval(successes, trials, level, "exact")
 
 
 def bootstrap_interval(
@@ -461,15 +465,10 @@ def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
     """
     positive = np.asarray(positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s, p = scores[order], positive[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(p)[last_of_tie]
-    fp = (last_of_tie + 1) - tp
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    tpr = np.r_[0.0, tp / n_pos] if n_pos else np.full(len(tp) + 1, np.nan)
-    fpr = np.r_[0.0, fp / n_neg] if n_neg else np.full(len(fp) + 1, np.nan)
-    return fpr, tpr, np.r_[np.inf, s[last_of_tie]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one class only: the undefined rates come back as NaN
+        fpr, tpr, thresholds = skm.roc_curve(positive, scores, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
@@ -479,17 +478,9 @@ def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
     ``average_precision_score``.
     """
     positive = np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    if n_pos == 0 or n_pos == len(positive):
-        return float("nan") if n_pos == 0 else 1.0
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s, p = scores[order], positive[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(p)[last_of_tie]
-    precision = tp / (last_of_tie + 1)
-    recall_gain = np.diff(np.r_[0, tp]) / n_pos
-    return float(np.sum(precision * recall_gain))
+    if not positive.any():
+        return float("nan")
+    return float(skm.average_precision_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 def fpr_at_tpr(positive: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
@@ -573,9 +564,10 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     Summed over classes (range 0 to 2) for more than two classes; halved for two classes,
     where it equals the mean of (p(positive) - y)^2 (range 0 to 1), as scikit-learn reports it.
     """
-    onehot = np.eye(probs.shape[1])[labels]
-    score = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
-    return score / 2 if probs.shape[1] == 2 else score
+    n_classes = probs.shape[1]
+    if n_classes == 2:
+        return float(skm.brier_score_loss(labels, probs[:, 1], labels=[0, 1]))
+    return float(skm.brier_score_loss(labels, probs, labels=np.arange(n_classes), scale_by_half=False))
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:

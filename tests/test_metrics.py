@@ -138,3 +138,27 @@ def test_balanced_accuracy_interval_contains_its_estimate_with_tiny_classes():
     assert float(lo) <= observed <= float(hi)
     assert float(lo) == pytest.approx(observed)  # the posterior's lower quantile lay above it
     assert float(hi) > observed + 0.1
+
+
+def test_point_metrics_give_known_answers():
+    from mcaudit.metrics import (accuracy, auroc_binary, average_precision, balanced_accuracy, brier_score, confusion,
+                                 fpr_at_tpr, negative_log_likelihood, roc_points)
+
+    labels, preds = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 1, 1])
+    assert confusion(labels, preds, 3).tolist() == [[2, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert accuracy(labels, preds) == pytest.approx(4 / 6)
+    assert balanced_accuracy(labels, preds, 3) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # positives score 0.9, 0.4; negatives 0.8, 0.4, 0.1: pairs won 1 + 1 + 1 + 0.5 (tie) + 1 of 6
+    positive, scores = np.array([1, 0, 1, 0, 0], bool), np.array([0.9, 0.8, 0.4, 0.4, 0.1])
+    assert auroc_binary(positive, scores) == pytest.approx(4.5 / 6)
+    # precision 1 at recall 1/2, then 2 of 4 at recall 1 (the tie is one threshold)
+    assert average_precision(positive, scores) == pytest.approx(0.5 * 1 + 0.5 * 0.5)
+    fpr, tpr, _ = roc_points(positive, scores)
+    assert fpr.tolist() == pytest.approx([0, 0, 1 / 3, 2 / 3, 1]) and tpr.tolist() == pytest.approx([0, 0.5, 0.5, 1, 1])
+    assert fpr_at_tpr(positive, scores, 0.95) == pytest.approx(2 / 3)
+    assert np.isnan(auroc_binary(np.ones(3, bool), np.arange(3.0)))
+    # binary Brier is the mean (p - y)^2; with three classes it sums over classes
+    assert brier_score(np.array([[0.2, 0.8], [0.6, 0.4]]), np.array([1, 1])) == pytest.approx((0.04 + 0.36) / 2)
+    assert brier_score(np.array([[0.5, 0.25, 0.25]]), np.array([0])) == pytest.approx(0.25 + 0.0625 * 2)
+    # a confidently wrong answer keeps its full loss: -log softmax = 100 here, not a clipped 36
+    assert negative_log_likelihood(np.array([[100.0, 0.0]]), np.array([1])) == pytest.approx(100.0)
