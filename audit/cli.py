@@ -13,6 +13,8 @@ import click
 
 from mcaudit import __version__
 from mcaudit.errors import ExitCode, InputError
+from mcaudit.output_targets import check_outputs_writable, requested_outputs, write_extra_outputs
+from mcaudit.terminal import print_summary
 
 
 class McauditGroup(click.Group):
@@ -26,6 +28,10 @@ class McauditGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except BrokenPipeError:
+            # `mcaudit plugins | head`: the reader has gone; nothing more to say to it
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit flush from raising again
+            ctx.exit(ExitCode.OK)
         except KeyboardInterrupt:
             click.echo("mcaudit: interrupted", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
@@ -173,96 +179,6 @@ def interrupt_guard():
         signal.signal(signal.SIGINT, previous)
 
 
-def requested_outputs(manager, output_args, junit_file: str | None, markdown_file: str | None) -> list[tuple[str, Path | None, object]]:
-    """(option, path, OutputFormat) for each ``--output NAME=PATH`` (``--junit-xml`` and
-    ``--markdown`` are ``--output junit=`` and ``--output markdown=``), plus the Markdown
-    summary appended to ``$GITHUB_STEP_SUMMARY`` when that is set (path None)."""
-    from mcaudit.catalog import build_catalog
-
-    formats = {name: fmt for name, (_, fmt) in build_catalog(manager).outputs.items()}
-    wanted: list[tuple[str, str, str]] = []
-    for item in output_args:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise InputError(f"--output {item}: expected FORMAT=PATH (formats: {', '.join(sorted(formats)) or 'none'})")
-        wanted.append((f"--output {name.strip()}", name.strip(), path.strip()))
-    if junit_file:
-        wanted.append(("--junit-xml", "junit", junit_file))
-    if markdown_file:
-        wanted.append(("--markdown", "markdown", markdown_file))
-    out = []
-    for option, name, path in wanted:
-        if name not in formats:
-            raise InputError(f"{option}: no output format {name!r} (formats: {', '.join(sorted(formats)) or 'none'})")
-        out.append((option, Path(path), formats[name]))
-    if os.environ.get("GITHUB_STEP_SUMMARY") and "markdown" in formats:
-        out.append(("$GITHUB_STEP_SUMMARY", None, formats["markdown"]))
-    return out
-
-
-def check_outputs_writable(outputs) -> None:
-    from mcaudit.reports.atomic import check_file_writable
-
-    for option, path, _ in outputs:
-        if path is not None:
-            check_file_writable(path, option)
-            continue
-        summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
-        try:
-            with open(summary, "a", encoding="utf-8"):
-                pass
-        except OSError as exc:
-            raise InputError(f"$GITHUB_STEP_SUMMARY {summary}: cannot append to it ({exc.strerror or exc})") from None
-
-
-def write_extra_outputs(results, outputs) -> None:
-    from mcaudit.reports.atomic import write_files_atomically
-
-    for option, path, fmt in outputs:
-        content = fmt.render(results)
-        if path is None:  # GitHub's job summary collects every step's text: append
-            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as fh:
-                fh.write(content if isinstance(content, str) else content.decode("utf-8"))
-        else:
-            write_files_atomically(path.parent, {path.name: content})
-
-
-def print_summary(results) -> None:
-    from mcaudit.reports.verdicts import caveats, policy_words, status_word
-
-    d = results["dataset"]
-    click.echo(f"{results['model']['spec']} on {d['spec']}: {d['images']} images scored, {d['skipped']} skipped "
-               f"(profile {results.get('config', {}).get('profile') or 'standard'})")
-    for name, check in results["checks"].items():
-        click.echo(f"  {name:<20} {status_word(check['status']):<14} {check.get('status_reason', '')}")
-    verdict = results.get("verdict") or {}
-    outcomes = (results.get("gate") or {}).get("results", [])
-    if outcomes:
-        click.echo("thresholds:")
-        for o in outcomes:
-            click.echo(f"  {status_word(o['status']):<14} {o['sentence']}")
-    findings = verdict.get("findings", [])
-    if findings:
-        click.echo("findings, worst first:")
-        for f in findings[:12]:
-            click.echo(f"  {status_word(f['status']):<14} {f['text']}")
-        if len(findings) > 12:
-            click.echo(f"  ... and {len(findings) - 12} more in the report")
-    notes = caveats(results)
-    if notes:
-        click.echo(f"caveats ({len(notes)}):")
-        for check, text in notes[:10]:
-            click.echo(f"  {check}: {text}")
-        if len(notes) > 10:
-            click.echo(f"  ... and {len(notes) - 10} more in the report")
-    click.echo(f"verdict: {verdict.get('headline', '')}")
-    gate = results.get("gate") or {}
-    if gate.get("applied"):
-        click.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'} ({policy_words(gate['policy'])})")
-    else:
-        click.echo("not gated: the exit code ignores the verdict (add --gate to make it fail CI)")
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @plugin_option
@@ -270,64 +186,16 @@ def plugins(as_json, plugin_args):
     """List plugins, checks (with metrics and parameters), model loaders and data formats."""
     from mcaudit.catalog import build_catalog
     from mcaudit.plugin_manager import make_plugin_manager
+    from mcaudit.terminal import plugin_listing, print_plugin_listing
 
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
     manager.quiet = True  # the listing shows the plugins that failed
-    catalog = build_catalog(manager)
-    pm = manager.pm
-    info = {
-        "plugins": [
-            {
-                "name": name,
-                "source": manager.sources.get(name, ""),
-                "hooks": sorted({hc.name for hc in (pm.get_hookcallers(plugin) or [])}),
-            }
-            for name, plugin in pm.list_name_plugin()
-            if plugin is not None
-        ],
-        "failed": [{"name": f.name, "source": f.source, "error": f.error} for f in manager.failed],
-        "warnings": list(manager.warnings),
-        "checks": [cls.describe() | {"plugin": catalog.check_plugins[name]} for name, cls in catalog.checks.items()],
-        "loaders": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.loaders],
-        "formats": [{"plugin": p, "name": i.name, "spec_forms": list(i.spec_forms), "description": i.description} for p, i in catalog.formats],
-        "outputs": [{"plugin": p, "name": f.name, "description": f.description} for p, f in catalog.outputs.values()],
-    }
+    info = plugin_listing(manager, build_catalog(manager))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
-        return
-    click.echo("Plugins:")
-    for p in info["plugins"]:
-        click.echo(f"  {p['name']:<22} {p['source']}")
-    for f in info["failed"]:
-        click.echo(f"  {f['name']:<22} FAILED to load: {f['error']}")
-    for note in info["warnings"]:
-        click.echo(f"  warning: {note}")
-    click.echo("\nChecks:")
-    for c in info["checks"]:
-        click.echo(f"  {c['name']} ({c['plugin']}): {c['description']}")
-        for k, p in c["params"].items():
-            click.echo(f"      --set {c['name']}.{k}={p['default']!r}  {p['help']}")
-        for k, m in c["metrics"].items():
-            click.echo(f"      metric {k}: {m}")
-        for k, t in c["default_thresholds"].items():
-            rule = t if isinstance(t, str) else t.get("rule", "") + "".join(
-                f", {key} {t[key]}" for key in ("on", "severity") if key in t)
-            reason = c.get("threshold_reasons", {}).get(k)
-            click.echo(f"      default threshold {c['name']}.{k} {rule}" + (f"  ({reason})" if reason else ""))
-        for name, values in c.get("profiles", {}).items():
-            click.echo(f"      --profile {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-    click.echo("\nModel loaders:")
-    for ld in info["loaders"]:
-        click.echo(f"  {ld['name']} ({ld['plugin']}): {ld['description']}")
-        for form in ld["spec_forms"]:
-            click.echo(f"      --model {form}")
-    click.echo("\nData formats:")
-    for fm in info["formats"]:
-        click.echo(f"  {fm['name']} ({fm['plugin']}): {fm['description']}")
-    click.echo("\nOutput formats (--output NAME=PATH):")
-    for of in info["outputs"]:
-        click.echo(f"  {of['name']} ({of['plugin']}): {of['description']}")
+    else:
+        print_plugin_listing(info)
 
 
 def read_results(path: str) -> dict:
