@@ -144,6 +144,27 @@ def make_plugin_manager(
     manager = PluginManager(pm)
     load = list(load)
     entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    _block(manager, block, entry_points, load)
+    for name, module_name in DEFAULT_PLUGINS:
+        if not pm.is_blocked(name):
+            pm.register(importlib.import_module(module_name), name=name)
+            manager.sources[name] = "builtin"
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if autoload:
+        for ep in entry_points:
+            if not (pm.is_blocked(ep.name) or pm.has_plugin(ep.name)):
+                _register_entry_point(manager, ep)
+    for spec in load:
+        _register_loaded(manager, spec)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {_plugin_name(pm, exc)!r}: {_one_line(exc)}") from exc
+    return manager
+
+
+def _block(manager: PluginManager, block: Iterable[str], entry_points, load: list[str]) -> None:
     # -p no: takes a plugin's name, its module or its .py file; each known plugin is
     # (name, module) here, so that any of the three blocks it.
     known = list(DEFAULT_PLUGINS) + [(ep.name, ep.value.split(":")[0]) for ep in entry_points]
@@ -156,56 +177,40 @@ def make_plugin_manager(
                 f"-p no:{wanted}: no plugin has this name or module, so nothing was blocked "
                 f"(plugins: {', '.join(name for name, _ in known)})")
         for name in names or [key]:
-            pm.set_blocked(name)
+            manager.pm.set_blocked(name)
 
-    for name, module_name in DEFAULT_PLUGINS:
-        if pm.is_blocked(name):
-            continue
-        pm.register(importlib.import_module(module_name), name=name)
-        manager.sources[name] = "builtin"
 
-    if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    if autoload:
-        for ep in entry_points:
-            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
-                continue
-            # One broken plugin must not take the others down with it.
-            try:
-                plugin = ep.load()
-                pm.register(plugin, name=ep.name)
-                manager.sources[ep.name] = f"entry point {ep.value}"
-                manager.warnings.extend(_unmarked_hooks(ep.name, plugin))
-            except Exception as exc:  # noqa: BLE001 - any import failure is reported
-                manager.failed.append(
-                    FailedPlugin(ep.name, f"entry point {ep.value}", _one_line(exc))
-                )
-                traceback.clear_frames(exc.__traceback__)
-
-    for spec in load:
-        name = _load_name(spec)
-        if pm.is_blocked(name) or pm.has_plugin(name):
-            continue
-        try:
-            module = _import_plugin(spec)
-        except PluginError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise PluginError(f"-p {spec}: could not import plugin: {_one_line(exc)}") from exc
-        if pm.is_registered(module):
-            continue  # e.g. -p mcaudit.plugins.checks.performance, already registered as a built-in
-        try:
-            pm.register(module, name=name)
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            raise PluginError(f"-p {spec}: {_one_line(exc)}") from exc
-        manager.sources[name] = f"-p {spec}"
-        manager.warnings.extend(_unmarked_hooks(name, module))
-
+def _register_entry_point(manager: PluginManager, ep) -> None:
+    # One broken plugin must not take the others down with it.
     try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {_plugin_name(pm, exc)!r}: {_one_line(exc)}") from exc
-    return manager
+        plugin = ep.load()
+        manager.pm.register(plugin, name=ep.name)
+        manager.sources[ep.name] = f"entry point {ep.value}"
+        manager.warnings.extend(_unmarked_hooks(ep.name, plugin))
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported
+        manager.failed.append(FailedPlugin(ep.name, f"entry point {ep.value}", _one_line(exc)))
+        traceback.clear_frames(exc.__traceback__)
+
+
+def _register_loaded(manager: PluginManager, spec: str) -> None:
+    """A ``-p`` module: unlike an entry point, one the user named must load, or the run stops."""
+    pm, name = manager.pm, _load_name(spec)
+    if pm.is_blocked(name) or pm.has_plugin(name):
+        return
+    try:
+        module = _import_plugin(spec)
+    except PluginError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PluginError(f"-p {spec}: could not import plugin: {_one_line(exc)}") from exc
+    if pm.is_registered(module):
+        return  # e.g. -p mcaudit.plugins.checks.performance, already registered as a built-in
+    try:
+        pm.register(module, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"-p {spec}: {_one_line(exc)}") from exc
+    manager.sources[name] = f"-p {spec}"
+    manager.warnings.extend(_unmarked_hooks(name, module))
 
 
 def _load_name(spec: str) -> str:
