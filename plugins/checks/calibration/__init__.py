@@ -40,8 +40,6 @@ conservative (near 99%) when the true ECE is moderate and the sample small.
 
 from __future__ import annotations
 
-import numpy as np
-
 from mcaudit import Check, CheckResult, Param, hookimpl
 from mcaudit.metrics import calibration_bins, equal_width_edges, top_label
 
