@@ -127,26 +127,7 @@ def run_forward(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    text = class_features.to(device)
-    scale = adapter.logit_scale
-    # Outputs go into buffers allocated once. Keeping small per-batch tensors alive between
-    # the large short-lived batch allocations fragments the C heap: at 16k images the
-    # resident memory grew by 700 MB for 10 MB of outputs, and streaming is the point.
-    out = _OutputBuffers(len(subset))
-    failures, grey = [], []
-    with torch.inference_mode(), autocast(device, precision):
-        for batch in progress(loader, "forward pass", enabled=show_progress, unit="batch"):
-            for index, error in batch["failed"]:
-                if strict:
-                    raise InputError(f"unreadable image (--strict): {error}")
-                failures.append((index, error))
-            if batch["pixels"] is None:
-                continue
-            pixels = batch["pixels"].to(device, non_blocking=True)
-            f = encode_with_backoff(adapter, pixels).float()
-            with full_precision(device):
-                out.add(batch["index"], f, scale * f @ text.float().T)
-            grey.extend(batch["grey"])
+    out, failures, grey = _encode_batches(adapter, loader, class_features, len(subset), precision, strict, show_progress)
     indices, feats, logits = out.parts()
     if world.active:
         indices, feats, logits, grey, failures = _gather(indices, feats, logits, grey, failures, world)
@@ -162,3 +143,28 @@ def run_forward(
         grey=np.array(grey, dtype=bool),
         failures=failures,
     )
+
+
+def _encode_batches(adapter, loader, class_features, n: int, precision: str, strict: bool, show_progress: bool):
+    device = adapter.device
+    text = class_features.to(device)
+    scale = adapter.logit_scale
+    # Outputs go into buffers allocated once. Keeping small per-batch tensors alive between
+    # the large short-lived batch allocations fragments the C heap: at 16k images the
+    # resident memory grew by 700 MB for 10 MB of outputs, and streaming is the point.
+    out = _OutputBuffers(n)
+    failures, grey = [], []
+    with torch.inference_mode(), autocast(device, precision):
+        for batch in progress(loader, "forward pass", enabled=show_progress, unit="batch"):
+            for index, error in batch["failed"]:
+                if strict:
+                    raise InputError(f"unreadable image (--strict): {error}")
+                failures.append((index, error))
+            if batch["pixels"] is None:
+                continue
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            f = encode_with_backoff(adapter, pixels).float()
+            with full_precision(device):
+                out.add(batch["index"], f, scale * f @ text.float().T)
+            grey.extend(batch["grey"])
+    return out, failures, grey

@@ -93,6 +93,25 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         columns = [c.strip() for c in (reader.fieldnames or [])]
     except csv.Error as exc:
         raise InputError(f"{path} line {reader.reader.line_num}: {exc}") from None
+    subject_column, group_columns = _manifest_columns(path, columns, request)
+    rows = _manifest_rows(path, reader, columns, request)
+    classes = _known_classes(request) or sorted({r["label"] for _, r in rows}, key=_natural)
+    records = [_manifest_record(path, line_no, row, classes, group_columns, subject_column) for line_no, row in rows]
+    return AuditDataset(
+        spec=str(path),
+        records=records,
+        classes=classes,
+        image_size=request.image_size,
+        fingerprint=hashlib.sha256(raw).hexdigest(),
+        format_name="csv",
+        group_columns=tuple(request.groups),
+        options=request.options,
+        warnings=_duplicate_warnings(rows, path) + _class_warnings(records, classes, request),
+    )
+
+
+def _manifest_columns(path: Path, columns: list[str], request: DataRequest) -> tuple[str | None, list[str]]:
+    """The subject column (if any) and the subgroup columns; the columns a request needs must exist."""
     # An out-of-distribution set is never scored against labels, so it may have none.
     needed_columns = ("path",) if request.role == "ood" else ("path", "label")
     for needed in needed_columns:
@@ -104,6 +123,10 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         if g not in columns or g in RESERVED_COLUMNS:
             choices = group_columns + [subject_column] if subject_column and subject_column not in group_columns else group_columns
             raise InputError(f"--group {g}: {path} has no such column (subgroup columns: {', '.join(choices) or 'none'})")
+    return subject_column, group_columns
+
+
+def _manifest_rows(path: Path, reader: csv.DictReader, columns: list[str], request: DataRequest) -> list[tuple[int, dict[str, str]]]:
     rows = []
     for line_no, row in _csv_rows(reader, path):
         if None in row:  # csv's place for fields beyond the header's
@@ -120,43 +143,27 @@ def load_manifest(path: Path, request: DataRequest) -> AuditDataset:
         rows.append((line_no, row))
     if not rows:
         raise InputError(f"{path}: the manifest lists no images")
-    classes = _known_classes(request) or sorted({r["label"] for _, r in rows}, key=_natural)
-    index = {c: i for i, c in enumerate(classes)}
-    records = []
+    return rows
+
+
+def _manifest_record(path: Path, line_no: int, row: dict[str, str], classes: list[str], group_columns: list[str],
+                     subject_column: str | None) -> Record:
+    label = row["label"]
+    if label not in classes:
+        raise InputError(f"{path} line {line_no}: label {label!r} is not a known class (known: {', '.join(classes)})")
     base = path.parent
-    for line_no, row in rows:
-        label = row["label"]
-        if label not in index:
-            raise InputError(
-                f"{path} line {line_no}: label {label!r} is not a known class (known: {', '.join(classes)})"
-            )
-        image_path = Path(row["path"])
-        image_path = image_path if image_path.is_absolute() else base / image_path
-        mask = row.get("mask") or None
-        if mask:
-            mask_path = Path(mask)
-            mask = str(mask_path if mask_path.is_absolute() else base / mask_path)
-        records.append(
-            Record(
-                source=row["path"],
-                label=index[label],
-                groups={c: row.get(c, "") for c in group_columns},
-                mask=mask,
-                path=image_path,
-                boxes=parse_boxes(row.get("boxes", ""), f"{path} line {line_no}"),
-                subject=(row.get(subject_column) or None) if subject_column else None,
-            )
-        )
-    return AuditDataset(
-        spec=str(path),
-        records=records,
-        classes=classes,
-        image_size=request.image_size,
-        fingerprint=hashlib.sha256(raw).hexdigest(),
-        format_name="csv",
-        group_columns=tuple(request.groups),
-        options=request.options,
-        warnings=_duplicate_warnings(rows, path) + _class_warnings(records, classes, request),
+    image_path = Path(row["path"])
+    mask = row.get("mask") or None
+    if mask:
+        mask = str(Path(mask) if Path(mask).is_absolute() else base / mask)
+    return Record(
+        source=row["path"],
+        label=classes.index(label),
+        groups={c: row.get(c, "") for c in group_columns},
+        mask=mask,
+        path=image_path if image_path.is_absolute() else base / image_path,
+        boxes=parse_boxes(row.get("boxes", ""), f"{path} line {line_no}"),
+        subject=(row.get(subject_column) or None) if subject_column else None,
     )
 
 
