@@ -148,7 +148,7 @@ def derive_status(check_cls, result) -> tuple[str, str, dict[str, dict[str, Any]
     """(status, reason, default thresholds' outcomes by name, results.json entry) for one
     check's result, derived exactly as ``mcaudit run`` derives them."""
     from mcaudit.gating import apply_gate, collect_thresholds
-    from mcaudit.runner import result_entry
+    from mcaudit.results import result_entry
 
     name = check_cls.name
     entry = result_entry(result) | {"declared_metrics": list(check_cls.metrics)}

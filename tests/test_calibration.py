@@ -50,7 +50,7 @@ def run_check(ctx, **params):
 def verdict(result, check=CalibrationCheck):
     """The status the host gives ``result`` under the check's default thresholds, and the outcomes."""
     from mcaudit.gating import apply_gate, parse_threshold
-    from mcaudit.runner import result_entry
+    from mcaudit.results import result_entry
 
     entry = result_entry(result)
     thresholds = [parse_threshold(f"{check.name}.{m}", spec, "default") for m, spec in check.default_thresholds.items()]

@@ -63,7 +63,7 @@ def run_check(ctx, **params):
 def verdict(result):
     """The status the host gives ``result`` under the default thresholds, and the outcomes."""
     from mcaudit.gating import apply_gate, parse_threshold
-    from mcaudit.runner import result_entry
+    from mcaudit.results import result_entry
 
     entry = result_entry(result)
     thresholds = [parse_threshold(f"fairness.{m}", spec, "default") for m, spec in FairnessCheck.default_thresholds.items()]
@@ -149,7 +149,7 @@ def test_positive_class_parameter_and_multiclass_worst_class():
     assert f["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels[rows], preds[rows]), abs=1e-12)
     assert f["auroc"] == pytest.approx(roc_auc_score(labels[rows], ctx.forward.probs[rows], multi_class="ovr"), abs=1e-12)
     # averaged over all classes it is always 1/K: undefined, said why, and null in results.json
-    from mcaudit.runner import result_entry
+    from mcaudit.results import result_entry
 
     assert np.isnan(f["selection_rate"]) and "1/K" in f["not_evaluated"]["selection_rate"]
     assert result_entry(macro)["details"]["columns"]["sex"]["groups"]["F"]["selection_rate"] is None
