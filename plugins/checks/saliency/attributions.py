@@ -9,8 +9,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mcaudit import ZeroShotClassifier
 from mcaudit.batching import in_batches
-from mcaudit.models.adapter import ZeroShotClassifier
 
 from .tower import ImageTower
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mcaudit.models.adapter import ZeroShotClassifier
+from mcaudit import ZeroShotClassifier
 
 
 class TokenGrid(nn.Module):
