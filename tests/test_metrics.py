@@ -31,7 +31,7 @@ def test_batched_bootstrap_gives_the_unbatched_interval():
 def test_auroc_influence_gives_delongs_variance():
     from sklearn.metrics import roc_auc_score
 
-    from mcaudit.metrics import _iid_variance, auroc_influence
+    from mcaudit.metrics.auroc_intervals import _iid_variance, auroc_influence
 
     rng = np.random.default_rng(2)
     positive = rng.random(80) < 0.4
@@ -69,7 +69,7 @@ def test_auroc_interval_holds_the_auroc_and_stays_in_range():
 def test_hanley_mcneil_score_interval_ends_where_the_score_test_turns():
     from scipy.stats import norm
 
-    from mcaudit.metrics import _hanley_mcneil_score_interval, hanley_mcneil_variance
+    from mcaudit.metrics.auroc_intervals import _hanley_mcneil_score_interval, hanley_mcneil_variance
 
     lo, hi = _hanley_mcneil_score_interval(0.8, [(30, 70)], 0.95)
     z = norm.ppf(0.975)
