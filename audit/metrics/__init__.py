@@ -6,8 +6,9 @@ Point metrics come from scikit-learn and exact proportion intervals from scipy.s
 only what those libraries cannot do, each module saying why: bootstraps of thousands of
 replicates at once (:mod:`~mcaudit.metrics.resampling`), AUROC intervals
 (:mod:`~mcaudit.metrics.auroc_intervals`), the Jeffreys posterior of balanced accuracy and
-intervals on effective (non-integer) sample sizes, calibration bins shared with the fairness
-engine and the log-likelihood from logits (:mod:`~mcaudit.metrics.calibration`). How each
+Wilson intervals on effective (non-integer) sample sizes (:mod:`~mcaudit.metrics.proportions`),
+calibration bins shared with the fairness engine and the log-likelihood from logits
+(:mod:`~mcaudit.metrics.calibration`). How each
 interval was chosen and the coverage the tests measured: docs/statistics.md.
 """
 
