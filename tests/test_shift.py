@@ -126,3 +126,88 @@ def test_stain_conversion_matches_scikit_image():
     assert np.abs(ours - color.rgb2hed(img)).max() < 1e-4
     back = overlays.hed_to_rgb(torch.from_numpy(color.rgb2hed(img)).permute(2, 0, 1)[None].float())[0].permute(1, 2, 0)
     assert np.abs(back.numpy() - color.hed2rgb(color.rgb2hed(img))).max() < 1e-4
+
+
+# -- known answers on trained tiny models ------------------------------------------------------
+
+ARTEFACT = 10  # grey levels of the fine checkerboard a scanner would leave on one class's images
+
+
+def _npz_32(src, dst, artefact: int) -> None:
+    """PneumoniaMNIST at 32 x 32 (the tiny model's size, so no resize touches the artefact),
+    with a faint one-pixel checkerboard on every pneumonia image when ``artefact``."""
+    data = np.load(src)
+    out = {}
+    checker = (np.indices((32, 32)).sum(axis=0) % 2 * 2 - 1) * artefact
+    for split in ("train", "test"):
+        x = torch.as_tensor(data[f"{split}_images"], dtype=torch.float32)[:, None]
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+        labels = data[f"{split}_labels"].reshape(-1)
+        x[labels == 1] += checker
+        out[f"{split}_images"] = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        out[f"{split}_labels"] = data[f"{split}_labels"]
+    np.savez(dst, **out)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """(data with the artefact, shortcut model folder, twin model folder): the shortcut model is
+    trained on the data with the artefact, its twin on the same images without it."""
+    from mcaudit.testing import save_openclip_folder
+
+    src = shared("pneumoniamnist/pneumoniamnist.npz")
+    root = tmp_path_factory.mktemp("shift")
+    marked, clean = root / "pneumoniamnist_marked.npz", root / "pneumoniamnist_clean.npz"
+    _npz_32(src, marked, ARTEFACT)
+    _npz_32(src, clean, 0)
+    folders = []
+    for name, npz in (("shortcut", marked), ("twin", clean)):
+        folder = save_openclip_folder(train_pneumonia_clip(npz, steps=120, balanced=True), root / name,
+                                      mean=(0.5,) * 3, std=(0.25,) * 3)
+        (folder / "prompts.toml").write_text(PNEUMONIA_PROMPTS)
+        folders.append(folder)
+    return marked, folders[0], folders[1]
+
+
+def _context(folder, npz):
+    from mcaudit.hook_types import DataRequest
+    from mcaudit.plugins.formats.image_sets import load_medmnist
+    from mcaudit.prompts import load_prompts
+    from mcaudit.testing import load_adapter, make_context
+
+    model = load_adapter(str(folder))
+    dataset = load_medmnist(npz, DataRequest(image_size=model.image_size, split="test"))
+    return make_context(model, dataset, prompts=load_prompts(folder / "prompts.toml"))
+
+
+def _run(ctx, **params):
+    return ShiftCheck().run(ctx, ShiftCheck.resolve_params({"n_images": 0, "examples": False} | params))
+
+
+@pytest.mark.slow
+def test_severity_zero_is_clean_and_noise_lowers_accuracy_monotonically(twins):
+    marked, _, twin = twins
+    ctx = _context(twin, marked)
+    result = _run(ctx, modality="radiography", corruptions=["gaussian_noise"], severities=[0, 1, 2, 3, 4, 5])
+    m = result.metrics
+    assert m["accuracy.gaussian_noise.s0"] == m["clean_accuracy"]
+    assert m["balanced_accuracy.gaussian_noise.s0"] == m["clean_balanced_accuracy"]
+    curve = [m[f"accuracy.gaussian_noise.s{s}"] for s in range(6)]
+    assert all(a >= b for a, b in zip(curve, curve[1:])), curve
+    assert curve[5] < curve[0] - 0.05, curve
+
+
+@pytest.mark.slow
+def test_a_shortcut_model_collapses_where_the_corruption_erases_its_artefact(twins):
+    marked, shortcut, twin = twins
+    corruptions = ["gaussian_blur", "pixelate", "jpeg", "contrast_down"]
+    results = {name: _run(_context(folder, marked), modality="radiography", corruptions=corruptions,
+                          severities=[1, 3, 5]) for name, folder in (("shortcut", shortcut), ("twin", twin))}
+    worst = results["shortcut"].details["worst_corruption"]
+    assert worst in ("gaussian_blur", "pixelate", "jpeg")
+    assert worst in results["shortcut"].summary
+    s, t = results["shortcut"].metrics, results["twin"].metrics
+    assert s["clean_accuracy"] > 0.9
+    assert s[f"accuracy_drop.{worst}"] > 0.25, s
+    assert t[f"accuracy_drop.{worst}"] < 0.1, t
+    assert s["accuracy_drop.contrast_down"] < s[f"accuracy_drop.{worst}"] - 0.2
