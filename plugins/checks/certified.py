@@ -217,66 +217,15 @@ class CertifiedCheck(Check):
         counts: dict[str, tuple[int, int]] = {"clean_accuracy": (n_clean, n)}
         table_rows, per_image = [], {}
         for s in sigmas:
-            o = outcome[s]
-            pred, radius, votes = o["prediction"], o["radius"], o["counts"]
-            abstained = int((pred < 0).sum())
-            smoothed = int((votes.argmax(axis=1) == labels).sum())
-            acr = float(np.where(pred == labels, np.nan_to_num(radius, nan=0.0), 0.0).mean()) if n else float("nan")
-            metrics[f"abstention_rate.sigma={_key(s)}"] = abstained / n if n else float("nan")
-            metrics[f"smoothed_accuracy.sigma={_key(s)}"] = accuracy(labels, votes.argmax(axis=1))
-            # noisy copies of one image are not independent, so this one has no binomial count
-            metrics[f"noisy_accuracy.sigma={_key(s)}"] = float(votes[np.arange(n), labels].sum() / max(1, votes.sum()))
-            metrics[f"average_certified_radius.sigma={_key(s)}"] = acr
-            counts[f"abstention_rate.sigma={_key(s)}"] = (abstained, n)
-            counts[f"smoothed_accuracy.sigma={_key(s)}"] = (smoothed, n)
-            row = [_key(s), metrics[f"noisy_accuracy.sigma={_key(s)}"], smoothed / n if n else None,
-                   abstained / n if n else None, acr]
-            for r in radii:
-                k = certified_count(pred, radius, labels, r)
-                metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = k / n if n else float("nan")
-                counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = (k, n)
-                row.append(k / n if n else None)
-            table_rows.append(row)
-            # an abstention has no radius: an empty cell
-            per_image[f"certified_radius.sigma={_key(s)}"] = ctx.per_image(rows, [
-                None if p < 0 else float(r) for p, r in zip(pred, radius)])
-            per_image[f"certified_correct.sigma={_key(s)}"] = ctx.per_image(rows, (pred == labels).astype(int))
+            table_rows.append(_sigma_numbers(metrics, counts, outcome[s], labels, s, radii))
+            per_image.update(_per_image_columns(ctx, rows, outcome[s], labels, s))
         intervals = {k: clopper_pearson_interval(*kn) for k, kn in counts.items() if kn[1] > 0}
-        best_sigma: dict[float, float] = {}
-        for r in radii:
-            best_sigma[r] = max(sigmas, key=lambda s: metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"])
-            key = f"certified_accuracy.best.r={_key(r)}"
-            metrics[key] = metrics[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
-            counts[key] = counts[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
-            if n:
-                intervals[key] = best_of_interval([counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] for s in sigmas])
-
+        best_sigma = _best_over_sigmas(metrics, counts, intervals, sigmas, radii, n)
         max_radius = {s: s * norm.ppf(float(clopper_pearson_lower(np.array([params["n"]]), params["n"], params["alpha"])[0]))
                       for s in sigmas}
         gate_r = float(params["gate_radius"])
-        not_evaluated = {}
-        if gate_r > max(max_radius.values()):
-            not_evaluated["certified_accuracy_at_radius"] = (
-                f"with n={params['n']} noise samples no certificate can reach radius {_key(gate_r)} (the largest "
-                f"certifiable radius is {max(max_radius.values()):.3g}); raise certified.n or the largest sigma")
-        else:
-            src = f"certified_accuracy.best.r={_key(gate_r)}"
-            metrics["certified_accuracy_at_radius"] = metrics[src]
-            counts["certified_accuracy_at_radius"] = counts[src]
-            if src in intervals:
-                intervals["certified_accuracy_at_radius"] = intervals[src]
-        table = Table(
-            "Certified accuracy by noise level and L2 radius",
-            ["noise sigma", "accuracy on noisy copies", "smoothed accuracy", "abstention rate", "average certified radius"]
-            + [f"certified at r={_key(r)}" for r in radii],
-            table_rows,
-            note=(f"{n} images; n0={params['n0']} selection and n={params['n']} estimation samples per image, "
-                  f"each certificate holds with probability {1 - params['alpha']:.3g}. With n={params['n']} the largest "
-                  "certifiable radius is " + ", ".join(f"{m:.3g} at sigma {_key(s)}" for s, m in max_radius.items())
-                  + "; raise n for larger radii. Radii are L2 norms on the three-channel [0, 1] input. Intervals in "
-                  "results.json are exact (Clopper-Pearson) 95% intervals over the images; the best over the noise "
-                  f"levels uses a level of {1 - 0.05 / len(sigmas):.4g} per noise level so that it covers all at once."),
-        )
+        not_evaluated = _gate(metrics, counts, intervals, gate_r, max_radius, params)
+        table = _table(table_rows, sigmas, radii, max_radius, params, n)
         figures = [self._curve(outcome, labels, sigmas, radii, max_radius)]
         warnings = []
         best_r0 = metrics[f"certified_accuracy.best.r={_key(radii[0])}"]
@@ -285,22 +234,7 @@ class CertifiedCheck(Check):
                 f"Noise destroys most predictions: certified accuracy at r={_key(radii[0])} is {best_r0:.1%} against "
                 f"{metrics['clean_accuracy']:.1%} clean; the model is not robust to Gaussian noise at these sigmas.")
         summary = self._summary(metrics, counts, intervals, gate_r, best_sigma[gate_r], not_evaluated, n)
-        details = {
-            "rows": [int(r) for r in rows],
-            "sigmas": sigmas,
-            "radii": radii,
-            "gate_radius": gate_r,
-            "gate_sigma": best_sigma[gate_r],
-            "n0": params["n0"],
-            "n": params["n"],
-            "alpha": params["alpha"],
-            "max_certifiable_radius": {_key(s): m for s, m in max_radius.items()},
-            "per_sigma": {
-                _key(s): {"prediction": outcome[s]["prediction"], "radius": outcome[s]["radius"],
-                          "p_lower": outcome[s]["p_lower"]}
-                for s in sigmas
-            },
-        }
+        details = _details(rows, outcome, sigmas, radii, gate_r, best_sigma[gate_r], max_radius, params)
         methods = {k: ("Bonferroni-adjusted exact (Clopper-Pearson), best of the noise levels"
                        if k.startswith("certified_accuracy.best") or k == "certified_accuracy_at_radius"
                        else "exact (Clopper-Pearson)") for k in intervals}
@@ -343,6 +277,101 @@ class CertifiedCheck(Check):
             fig, "Certified accuracy against the L2 radius",
             "Share of images whose smoothed prediction is correct and provably unchanged by any perturbation of at "
             "most this L2 norm, per noise level. Larger sigma certifies larger radii at the cost of accuracy.")
+
+
+def _sigma_numbers(metrics: dict, counts: dict, o: dict, labels: np.ndarray, s: float, radii: list[float]) -> list:
+    """One noise level's metrics and counts; returns its table row."""
+    n = len(labels)
+    pred, radius, votes = o["prediction"], o["radius"], o["counts"]
+    abstained = int((pred < 0).sum())
+    smoothed = int((votes.argmax(axis=1) == labels).sum())
+    acr = float(np.where(pred == labels, np.nan_to_num(radius, nan=0.0), 0.0).mean()) if n else float("nan")
+    metrics[f"abstention_rate.sigma={_key(s)}"] = abstained / n if n else float("nan")
+    metrics[f"smoothed_accuracy.sigma={_key(s)}"] = accuracy(labels, votes.argmax(axis=1))
+    # noisy copies of one image are not independent, so this one has no binomial count
+    metrics[f"noisy_accuracy.sigma={_key(s)}"] = float(votes[np.arange(n), labels].sum() / max(1, votes.sum()))
+    metrics[f"average_certified_radius.sigma={_key(s)}"] = acr
+    counts[f"abstention_rate.sigma={_key(s)}"] = (abstained, n)
+    counts[f"smoothed_accuracy.sigma={_key(s)}"] = (smoothed, n)
+    row = [_key(s), metrics[f"noisy_accuracy.sigma={_key(s)}"], smoothed / n if n else None,
+           abstained / n if n else None, acr]
+    for r in radii:
+        k = certified_count(pred, radius, labels, r)
+        metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = k / n if n else float("nan")
+        counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] = (k, n)
+        row.append(k / n if n else None)
+    return row
+
+
+def _per_image_columns(ctx, rows, o: dict, labels: np.ndarray, s: float) -> dict[str, list]:
+    pred, radius = o["prediction"], o["radius"]
+    # an abstention has no radius: an empty cell
+    return {f"certified_radius.sigma={_key(s)}": ctx.per_image(rows, [
+                None if p < 0 else float(r) for p, r in zip(pred, radius)]),
+            f"certified_correct.sigma={_key(s)}": ctx.per_image(rows, (pred == labels).astype(int))}
+
+
+def _best_over_sigmas(metrics: dict, counts: dict, intervals: dict, sigmas, radii, n: int) -> dict[float, float]:
+    """Per radius, the noise level certifying most; its interval covers all noise levels at once."""
+    best_sigma: dict[float, float] = {}
+    for r in radii:
+        best_sigma[r] = max(sigmas, key=lambda s: metrics[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"])
+        key = f"certified_accuracy.best.r={_key(r)}"
+        metrics[key] = metrics[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
+        counts[key] = counts[f"certified_accuracy.sigma={_key(best_sigma[r])}.r={_key(r)}"]
+        if n:
+            intervals[key] = best_of_interval([counts[f"certified_accuracy.sigma={_key(s)}.r={_key(r)}"] for s in sigmas])
+    return best_sigma
+
+
+def _gate(metrics: dict, counts: dict, intervals: dict, gate_r: float, max_radius: dict, params: dict) -> dict[str, str]:
+    """The gated number, or why it is not evaluated (the radius is out of reach of n samples)."""
+    not_evaluated = {}
+    if gate_r > max(max_radius.values()):
+        not_evaluated["certified_accuracy_at_radius"] = (
+            f"with n={params['n']} noise samples no certificate can reach radius {_key(gate_r)} (the largest "
+            f"certifiable radius is {max(max_radius.values()):.3g}); raise certified.n or the largest sigma")
+    else:
+        src = f"certified_accuracy.best.r={_key(gate_r)}"
+        metrics["certified_accuracy_at_radius"] = metrics[src]
+        counts["certified_accuracy_at_radius"] = counts[src]
+        if src in intervals:
+            intervals["certified_accuracy_at_radius"] = intervals[src]
+    return not_evaluated
+
+
+def _table(table_rows: list[list], sigmas, radii, max_radius: dict, params: dict, n: int) -> Table:
+    return Table(
+        "Certified accuracy by noise level and L2 radius",
+        ["noise sigma", "accuracy on noisy copies", "smoothed accuracy", "abstention rate", "average certified radius"]
+        + [f"certified at r={_key(r)}" for r in radii],
+        table_rows,
+        note=(f"{n} images; n0={params['n0']} selection and n={params['n']} estimation samples per image, "
+              f"each certificate holds with probability {1 - params['alpha']:.3g}. With n={params['n']} the largest "
+              "certifiable radius is " + ", ".join(f"{m:.3g} at sigma {_key(s)}" for s, m in max_radius.items())
+              + "; raise n for larger radii. Radii are L2 norms on the three-channel [0, 1] input. Intervals in "
+              "results.json are exact (Clopper-Pearson) 95% intervals over the images; the best over the noise "
+              f"levels uses a level of {1 - 0.05 / len(sigmas):.4g} per noise level so that it covers all at once."),
+    )
+
+
+def _details(rows, outcome: dict, sigmas, radii, gate_r: float, gate_sigma: float, max_radius: dict, params: dict) -> dict:
+    return {
+        "rows": [int(r) for r in rows],
+        "sigmas": sigmas,
+        "radii": radii,
+        "gate_radius": gate_r,
+        "gate_sigma": gate_sigma,
+        "n0": params["n0"],
+        "n": params["n"],
+        "alpha": params["alpha"],
+        "max_certifiable_radius": {_key(s): m for s, m in max_radius.items()},
+        "per_sigma": {
+            _key(s): {"prediction": outcome[s]["prediction"], "radius": outcome[s]["radius"],
+                      "p_lower": outcome[s]["p_lower"]}
+            for s in sigmas
+        },
+    }
 
 
 @hookimpl
