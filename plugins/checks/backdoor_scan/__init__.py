@@ -46,6 +46,16 @@ __all__ = [
 ]
 
 
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+def _strictly_between(value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
+
+
 class BackdoorScanCheck(Check):
     name = "backdoor_scan"
     description = (
@@ -140,16 +150,6 @@ class BackdoorScanCheck(Check):
             ref_scan = scan_model(ctx, reference, ref_features, candidates, opt_rows, eval_rows, params)
         decision = decide(audited, ref_scan, params)
         return build_result(ctx, params, candidates, opt_rows, eval_rows, audited, ref_scan, decision, warnings)
-
-
-def _positive(value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-
-
-def _strictly_between(value: float, low: float, high: float) -> None:
-    if not low < value < high:
-        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
 
 
 @hookimpl
