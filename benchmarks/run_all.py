@@ -59,6 +59,8 @@ CPU_BENCHMARKS = [
           ["--n", "2048", "--workers", "1"], ["--n", "32", "--workers", "0"], forward_rows("Forward-only audit, fp32")),
     Bench("PGD audit vs bare torchattacks", "bench_pgd.py", ["--threads", "1"], ["--n", "16", "--steps", "2", "--repeats", "1"],
           [Row("PGD audit vs bare torchattacks", r"ratio audit / bare: ([\d.]+)", "ratio audit/bare", "<= 1.05", lambda v: v <= 1.05)]),
+    Bench("Shift audit vs bare corruption loop", "bench_shift.py", ["--threads", "1"], ["--n", "32", "--corruptions", "core", "--repeats", "1"],
+          [Row("Shift audit vs bare corruption loop", r"ratio audit / bare: ([\d.]+)", "ratio audit/bare", "<= 1.10", lambda v: v <= 1.10)]),
     Bench("Batched deletion curves vs unbatched captum loop", "bench_deletion.py", [], [],
           [Row("Batched deletion curves vs unbatched captum loop", r"speed-up\s*:\s*([\d.]+)x", "speed-up", "> 1 (report)", lambda v: v > 1.0)]),
     Bench("Scaling 1k / 4k / 16k images", "bench_scaling.py", [], ["--sizes", "200", "800", "3200"], [

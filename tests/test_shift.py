@@ -188,7 +188,7 @@ def _run(ctx, **params):
 def test_severity_zero_is_clean_and_noise_lowers_accuracy_monotonically(twins):
     marked, _, twin = twins
     ctx = _context(twin, marked)
-    result = _run(ctx, modality="radiography", corruptions=["gaussian_noise"], severities=[0, 1, 2, 3, 4, 5])
+    result = _run(ctx, modality="radiography", corruptions=["gaussian_noise"], severities=[0, 1, 2, 3, 4, 5], n_images=300)
     m = result.metrics
     assert m["accuracy.gaussian_noise.s0"] == m["clean_accuracy"]
     assert m["balanced_accuracy.gaussian_noise.s0"] == m["clean_balanced_accuracy"]
@@ -202,12 +202,12 @@ def test_a_shortcut_model_collapses_where_the_corruption_erases_its_artefact(twi
     marked, shortcut, twin = twins
     corruptions = ["gaussian_blur", "pixelate", "jpeg", "contrast_down"]
     results = {name: _run(_context(folder, marked), modality="radiography", corruptions=corruptions,
-                          severities=[1, 3, 5]) for name, folder in (("shortcut", shortcut), ("twin", twin))}
+                          severities=[1, 3, 5], n_images=240) for name, folder in (("shortcut", shortcut), ("twin", twin))}
     worst = results["shortcut"].details["worst_corruption"]
     assert worst in ("gaussian_blur", "pixelate", "jpeg")
     assert worst in results["shortcut"].summary
     s, t = results["shortcut"].metrics, results["twin"].metrics
     assert s["clean_accuracy"] > 0.9
     assert s[f"accuracy_drop.{worst}"] > 0.25, s
-    assert t[f"accuracy_drop.{worst}"] < 0.1, t
+    assert t[f"accuracy_drop.{worst}"] < min(0.15, s[f"accuracy_drop.{worst}"] / 2), (s, t)
     assert s["accuracy_drop.contrast_down"] < s[f"accuracy_drop.{worst}"] - 0.2

@@ -4,6 +4,7 @@ Severities are MedMNIST-C's (Di Salvo, Doerrich and Ledig 2024) for the MedMNIST
 same modality: ChestMNIST for radiography, OrganAMNIST for CT, DermaMNIST for dermoscopy,
 PathMNIST for pathology, BreastMNIST for ultrasound. MedMNIST-C has no MRI set and no stain
 shift: those tables are ours, from mild (barely visible) to what a failed acquisition gives.
+DermaMNIST's black corner ends 0.90, 0.95 (milder at 5 than at 4); severity 5 here is 0.85.
 Severity 0 is the clean image for every corruption.
 """
 
