@@ -35,8 +35,10 @@ class Param:
     Declarative bounds are checked for every selected check before the model loads, so a bad
     value is a usage error (exit 2) rather than a check error after the forward pass:
     ``choices`` (allowed values; for a list, allowed elements), ``min`` and ``max`` (inclusive;
-    for a list, each element), and ``validate`` (a function that raises ``InputError`` or
-    ``ValueError`` for anything the bounds cannot say).
+    for a list, each element), ``above`` and ``below`` (exclusive: ``above=0`` for a learning
+    rate, ``above=0, below=1`` for a fraction), ``nonempty`` (a list needs at least one
+    element), and ``validate`` (a function that raises ``InputError`` or ``ValueError`` for
+    anything the bounds cannot say).
     """
 
     default: Any
@@ -44,6 +46,9 @@ class Param:
     choices: tuple[Any, ...] | None = None
     min: float | None = None
     max: float | None = None
+    above: float | None = None
+    below: float | None = None
+    nonempty: bool = False
     validate: Callable[[Any], Any] | None = None
     split_commas: bool | None = None  # None: split "a,b" for a list whose default has elements
 
@@ -60,6 +65,8 @@ class Param:
             if not isinstance(value, (list, tuple)):
                 raise InputError(f"{where}: expected a list like {default!r}, got {value!r}")
             value = list(value)
+            if self.nonempty and not value:
+                raise InputError(f"{where}: give at least one value")
             # Numeric lists are typed by their default's elements; a list of strings may also
             # hold numbers (budgets are written "4/255" or 0.0157).
             if default and isinstance(default[0], (int, float)):
@@ -88,6 +95,10 @@ class Param:
                 raise InputError(f"{where}: {value!r} is below the minimum {self.min:g}")
             if self.max is not None and value > self.max:
                 raise InputError(f"{where}: {value!r} is above the maximum {self.max:g}")
+            if self.above is not None and not value > self.above:
+                raise InputError(f"{where}: {value!r} must be above {self.above:g}")
+            if self.below is not None and not value < self.below:
+                raise InputError(f"{where}: {value!r} must be below {self.below:g}")
 
 
 def _literal(text: str) -> Any:

@@ -71,3 +71,21 @@ def test_input_error_inside_run_is_a_usage_error(tmp_path, monkeypatch):
                    "--checks", "raises_input"], tmp_path / "o")
     assert out.exit_code == 2 and "mcaudit: error: raises_input: the data lack" in out.output
     assert "Traceback" not in out.output
+
+
+def test_exclusive_bounds_and_nonempty_lists():
+    from mcaudit import InputError, Param
+
+    rate = Param(0.1, "a learning rate", above=0)
+    assert rate.coerce(0.5, "x.lr") == 0.5
+    with pytest.raises(InputError, match=r"x.lr: 0.0 must be above 0"):
+        rate.coerce(0.0, "x.lr")
+    share = Param(0.5, "a fraction", above=0, below=1)
+    with pytest.raises(InputError, match=r"must be below 1"):
+        share.coerce(1.0, "x.share")
+    sigmas = Param([0.25], "noise levels", above=0, nonempty=True)
+    assert sigmas.coerce("0.1,0.5", "x.sigmas") == [0.1, 0.5]
+    with pytest.raises(InputError, match=r"x.sigmas\[1\]: -0.5 must be above 0"):
+        sigmas.coerce([0.1, -0.5], "x.sigmas")
+    with pytest.raises(InputError, match="give at least one value"):
+        sigmas.coerce([], "x.sigmas")

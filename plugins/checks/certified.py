@@ -108,22 +108,6 @@ def _share(k: int, n: int, interval) -> str:
     return f"{k / n:.1%} ({k} of {n}{ci})"
 
 
-def _at_least_one(values: list[float]) -> None:
-    if not values:
-        raise ValueError("give at least one value")
-
-
-def _positive_values(values: list[float]) -> None:
-    _at_least_one(values)
-    if any(v <= 0 for v in values):
-        raise ValueError(f"values must be > 0, got {values}")
-
-
-def _strictly_between(value: float, low: float, high: float) -> None:
-    if not low < value < high:
-        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
-
-
 def _key(value: float) -> str:
     return f"{value:g}"
 
@@ -138,13 +122,13 @@ class CertifiedCheck(Check):
     )
     params = {
         "sigmas": Param([0.12, 0.25, 0.5], "standard deviations of the Gaussian noise, in pixel units of [0, 1]",
-                        validate=lambda values: _positive_values(values)),
+                        above=0, nonempty=True),
         "n0": Param(64, "noisy samples that select the top class", min=1),
         "n": Param(1000, "noisy samples that bound its probability (the largest radius grows with n)", min=1),
         "alpha": Param(0.001, "failure probability of each certificate",
-                       validate=lambda a: _strictly_between(a, 0.0, 0.5)),
+                       above=0, below=0.5),
         "radii": Param([0.0, 0.05, 0.1, 0.25, 0.5], "L2 radii at which certified accuracy is reported", min=0,
-                       validate=lambda values: _at_least_one(values)),
+                       nonempty=True),
         "gate_radius": Param(0.25, "L2 radius of the gated certified accuracy (certified_accuracy_at_radius)", min=0),
         "n_images": Param(400, "images certified: a stratified, seeded subsample (0: all)", min=0),
         "noise_batch": Param(256, "noisy images per forward batch", min=1),

@@ -51,20 +51,20 @@ class BackdoorCheck(Check):
         "n_ctx": Param(16, "number of learned context tokens (CoOp)", min=1),
         "shots": Param(32, "few-shot training images per class; all other images are held out", min=1),
         "poison_fraction": Param(0.05, "share of the few-shot images given the trigger and the target label",
-                                 validate=lambda f: _below_one(f)),
+                                 min=0, below=1),
         "epsilon": Param(8 / 255, "L-inf bound of the trigger noise, in [0, 1] pixel units", min=0, max=1),
         "patch_fraction": Param(0.1, "side of the trigger patch as a share of the image side (0: noise only)",
                                 min=0, max=0.5),
         "learn_patch": Param(False, "learn the patch's pixels too (a stronger, visible trigger); else a fixed random patch"),
         "steps": Param(300, "full-batch optimisation steps (CoOp and BAPLe train for tens of epochs: 300-1000)", min=1),
-        "lr": Param(0.02, "Adam learning rate of the context vectors", validate=lambda v: _positive(v)),
-        "trigger_lr": Param(0.01, "Adam learning rate of the trigger noise and patch", validate=lambda v: _positive(v)),
+        "lr": Param(0.02, "Adam learning rate of the context vectors", above=0),
+        "trigger_lr": Param(0.01, "Adam learning rate of the trigger noise and patch", above=0),
         "max_eval": Param(800, "held-out images scored, stratified by class (0: all)", min=0),
         "n_bootstrap": Param(1000, "bootstrap resamples for the paired intervals of differences (0 turns them off)",
                              min=0),
         "max_base_rate": Param(0.5, "attack success is not evaluated for a target whose base rate (clean images of "
                                     "other classes already predicted as it) reaches this share", max=1,
-                               validate=lambda v: _positive(v)),
+                               above=0),
     }
     metrics = {
         "asr.<class>": "attack success rate: share of triggered held-out images of other classes "
@@ -124,14 +124,6 @@ def _validate(params: dict, classes: list[str]) -> None:
     # The other parameters' bounds are declared on them; the classes are only known from the data.
     if params["target"] and params["target"] not in classes:
         raise InputError(f"backdoor.target: {params['target']!r} is not a class (classes: {', '.join(classes)})")
-def _positive(value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-
-
-def _below_one(value: float) -> None:
-    if not 0 <= value < 1:
-        raise ValueError(f"must be in [0, 1), got {value!r}")
 
 
 @hookimpl

@@ -46,16 +46,6 @@ __all__ = [
 ]
 
 
-def _positive(value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-
-
-def _strictly_between(value: float, low: float, high: float) -> None:
-    if not low < value < high:
-        raise ValueError(f"must be between {low:g} and {high:g} (exclusive), got {value!r}")
-
-
 class BackdoorScanCheck(Check):
     name = "backdoor_scan"
     description = (
@@ -73,19 +63,19 @@ class BackdoorScanCheck(Check):
         "patience": Param(30, "steps without the mask shrinking by 1%, after reaching target_asr, that count "
                               "as converged", min=1),
         "restarts": Param(2, "random starts per class; the smallest converged mask is kept", min=1),
-        "lr": Param(0.1, "Adam learning rate of the mask and pattern", validate=lambda v: _positive(v)),
+        "lr": Param(0.1, "Adam learning rate of the mask and pattern", above=0),
         "init_cost": Param(1.0, "weight of the mask-size penalty (on the mask's share of the image) once a "
                                 "class's trigger first succeeds; adapted per class as in Neural Cleanse",
-                          validate=lambda v: _positive(v)),
+                          above=0),
         "cost_patience": Param(5, "steps above or below target_asr before the mask-size weight is raised or lowered", min=1),
         "target_asr": Param(0.95, "attack success a reversed trigger must reach for its mask to count as found",
-                            max=1, validate=lambda v: _positive(v)),
+                            max=1, above=0),
         "anomaly_threshold": Param(2.0, f"MAD rule (at least {MAD_MIN_CLASSES} classes): anomaly index above "
                                         "which a class with a small mask is flagged",
-                                   validate=lambda v: _positive(v)),
+                                   above=0),
         "reference_ratio": Param(0.25, "reference rule: flag a class whose stamp on the audited model is at most "
                                        "this share of its stamp on the reference model",
-                                 validate=lambda v: _strictly_between(v, 0.0, 1.0)),
+                                 above=0, below=1),
         "reference_model": Param("", "model spec of the reference (the public checkpoint the audited model was "
                                      "fine-tuned from), loaded like --model; empty: no reference rule"),
         "reference_checkpoint": Param("", "checkpoint file for reference_model, like --checkpoint"),

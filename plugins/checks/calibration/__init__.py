@@ -84,7 +84,7 @@ class CalibrationCheck(Check):
     params = {
         "n_bins": Param(15, "confidence bins for ECE, MCE and the reliability diagram", min=2),
         "calibration_fraction": Param(0.5, "share of the images (stratified by class) used to fit the temperature; the rest judge it",
-                                      validate=lambda f: _strictly_between(f, 0.0, 1.0)),
+                                      above=0, below=1),
         "split_seed": Param(0, "seed of the fit/held-out split (combined with the run seed)"),
         "n_bootstrap": Param(400, "bootstrap resamples (of images, or of subjects when the data name them) for the 95% intervals (0 turns them off)",
                              min=0),
@@ -167,11 +167,6 @@ def _warnings(n_images: int, n_bins: int, fraction: float, scaling: TemperatureS
     elif scaling.at_bound:
         warnings.append(f"fitted temperature hit its bound ({T_MIN:g} to {T_MAX:g}): the logits barely rank the classes")
     return warnings
-
-
-def _strictly_between(value: float, low: float, high: float) -> None:
-    if not low < value < high:
-        raise ValueError(f"{value!r} must be between {low:g} and {high:g} (exclusive)")
 
 
 @hookimpl
