@@ -280,7 +280,12 @@ def report(results_file, out, plugin_args):
         defaults = {f"{n}.{m}": v for n in results["checks"] if n in catalog.checks
                     for m, v in catalog.checks[n].default_thresholds.items()}
         apply_gate(results, collect_thresholds(None, {}, defaults), gated=False)
-    write_files_atomically(target.parent, {target.name: render_html(results, plugin_sections(manager, results))})
+    # Figures, thumbnails and the images table come from the run folder beside results.json.
+    folder = Path(results_file).parent
+    samples = folder / "samples.csv"
+    page = render_html(results, plugin_sections(manager, results), folder=folder,
+                       samples=samples.read_text(encoding="utf-8") if samples.is_file() else None)
+    write_files_atomically(target.parent, {target.name: page})
     click.echo(f"report: {target}")
 
 

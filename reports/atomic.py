@@ -20,6 +20,16 @@ from pathlib import Path
 from mcaudit.errors import InputError
 
 OUTPUT_NAMES = {"results.json", "samples.csv", "index.html"}
+FIGURES = "figures"  # figure files and gallery thumbnails (figures/thumbs/), which results.json names
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` in an output folder is one mcaudit writes (so replacing it loses nothing)."""
+    if path.name in OUTPUT_NAMES or path.name.endswith(".tmp"):
+        return True
+    if path.name != FIGURES or not path.is_dir():
+        return False
+    return all(f.suffix in (".png", ".jpg") or (f.is_dir() and f.name == "thumbs") for f in path.rglob("*"))
 
 
 def write_files_atomically(out_dir: Path, files: dict[str, str | bytes]) -> list[Path]:
@@ -112,7 +122,7 @@ def check_writable(out_dir: Path) -> None:
     except OSError as exc:
         raise InputError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
     if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES and not p.name.endswith(".tmp"))
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _ours(p))
         if foreign:  # the whole folder is replaced, so anything else in it would be lost
             raise InputError(f"--out {out_dir}: holds files mcaudit did not write ({', '.join(foreign[:3])}); "
                              "give an empty folder or an earlier report folder")
@@ -137,7 +147,9 @@ def replace_folder(out_dir: Path, files: dict[str, str | bytes]) -> list[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
         for name, content in files.items():
-            os.replace(_write_temp(staging, name, content), staging / name)
+            target = staging / name  # a name may hold a sub-folder ("figures/x.png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(_write_temp(target.parent, target.name, content), target)
         os.chmod(staging, 0o777 & ~_umask())
         if out_dir.exists():
             if not _exchange(staging, out_dir):

@@ -1,4 +1,11 @@
-"""Matplotlib figures as PNG bytes for the report (headless backend, fixed style)."""
+"""Matplotlib figures as PNG bytes for the report (headless backend, one shared style).
+
+Every check draws through this module, so the style lives here: the Okabe-Ito palette, which
+stays distinguishable to colour-blind readers, paired with line styles as a second cue; no
+text under MIN_FONT_PT (10 pt at 110 dpi is 15 px at natural size, still 10 px when a wide grid
+is shrunk to a 1400 px page); and figures saved with their whole legend (bbox "tight"), so
+nothing is clipped.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,37 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cycler import cycler  # noqa: E402
+
 from mcaudit.check_api import Figure  # noqa: E402
+
+# Okabe & Ito (2008), "Color universal design": blue, vermillion, bluish green, orange,
+# reddish purple, sky blue, black, yellow; yellow last, as it is faint on white.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
+MIN_FONT_PT = 10.0
+DPI = 110
+STYLE = {
+    "axes.prop_cycle": cycler(color=OKABE_ITO) + cycler(linestyle=LINE_STYLES),
+    "font.size": 10.5,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10.5,
+    "xtick.labelsize": MIN_FONT_PT,
+    "ytick.labelsize": MIN_FONT_PT,
+    "legend.fontsize": MIN_FONT_PT,
+    "legend.title_fontsize": MIN_FONT_PT,
+    "figure.titlesize": 12,
+    "image.cmap": "cividis",
+    "savefig.dpi": DPI,
+}
+matplotlib.rcParams.update(STYLE)
+
+
+def legible(fig) -> None:
+    """Raise every text of ``fig`` to at least MIN_FONT_PT, whatever size its check asked for."""
+    for text in fig.findobj(matplotlib.text.Text):
+        if text.get_fontsize() < MIN_FONT_PT:
+            text.set_fontsize(MIN_FONT_PT)
 
 
 def short_label(text: str, width: int = 24) -> str:
@@ -51,12 +88,12 @@ def roc_figure(curves, title: str, caption: str = "", xlabel: str = "false posit
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower right", title=legend_title, title_fontsize=7)
+    ax.legend(loc="lower right", title=legend_title)
     return to_figure(fig, title, caption)
 
 
 def new_figure(width: float = 5.0, height: float = 3.6):
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
     return fig, ax
 
 
@@ -64,8 +101,10 @@ def to_figure(fig, title: str, caption: str = "") -> Figure:
     buf = io.BytesIO()
     try:
         with literal_text(fig):
+            legible(fig)
             fig.tight_layout()
-            fig.savefig(buf, format="png", metadata={"Software": None})
+            legible(fig)  # tight_layout draws, which makes the tick labels
+            fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.08, metadata={"Software": None})
     finally:
         plt.close(fig)
     return Figure(title=title, png=buf.getvalue(), caption=caption)
@@ -107,10 +146,10 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str = "Confusion
 
 def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, cell: float = 1.8, cmap=None) -> "plt.Figure":
     rows = max(1, (len(images) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.3)), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.35)), dpi=DPI, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
         ax.imshow(img, cmap=cmap, vmin=None if cmap is None else 0, vmax=None if cmap is None else 1)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=MIN_FONT_PT)
     return fig

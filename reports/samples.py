@@ -64,3 +64,25 @@ def text_cell(text: str) -> str:
     if text.startswith(FORMULA_STARTS) and not NUMBER.fullmatch(text):
         return "'" + text
     return text
+
+
+SHOWN_ROWS = 2000
+
+
+def samples_table(text: str, n_classes: int, group_columns: list[str], limit: int = SHOWN_ROWS) -> dict[str, Any]:
+    """The page's images table from samples.csv: image, true class, prediction, confidence,
+    correct and the group columns, mistakes first (surest first), then the rest."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    if header[:4] != ["path", "label", "prediction", "correct"] or len(header) < 4 + n_classes + len(group_columns):
+        return {"columns": [], "rows": [], "shown": 0, "total": 0}
+    probs = range(4, 4 + n_classes)
+    groups = range(4 + n_classes, 4 + n_classes + len(group_columns))
+    rows = []
+    for cells in reader:
+        confidence = max((float(cells[i]) for i in probs if cells[i] != ""), default=float("nan"))
+        rows.append([cells[0], cells[1], cells[2], round(confidence, 4), "yes" if cells[3] == "1" else "no"]
+                    + [cells[i] for i in groups])
+    rows.sort(key=lambda r: (r[4] == "yes", -r[3] if r[3] == r[3] else 0.0))
+    columns = ["image", "true class", "prediction", "confidence", "correct"] + [header[i] for i in groups]
+    return {"columns": columns, "rows": rows[:limit], "shown": min(limit, len(rows)), "total": len(rows)}

@@ -37,7 +37,21 @@ def results_json(results) -> str:
 
 
 def write_outputs(run, out_dir: Path, manager) -> list[Path]:
-    results = run.results
-    files = {"results.json": results_json(results), "samples.csv": samples_csv(run)}
-    files["index.html"] = render_html(results, plugin_sections(manager, results))
+    """results.json (figures as files under figures/), samples.csv, the figure and thumbnail
+    files, and index.html, which embeds them all. ``run.results`` keeps its data URIs (the
+    other outputs and plugins' report sections read it); only the written copy refers to files."""
+    from mcaudit.reports.figures import split_figures
+    from mcaudit.reports.gallery import choose, thumbnails
+
+    results = dict(run.results)
+    galleries = choose(run) if run.context is not None else []
+    thumbs = thumbnails(run, galleries) if galleries else {}
+    if galleries:
+        results["drilldown"] = galleries
+    stored, figures = split_figures(results)
+    assets = figures | thumbs
+    samples = samples_csv(run)
+    files: dict[str, str | bytes] = {"results.json": results_json(stored), "samples.csv": samples}
+    files["index.html"] = render_html(stored, plugin_sections(manager, run.results), files=assets, samples=samples)
+    files.update(assets)
     return replace_folder(Path(out_dir), files)

@@ -12,6 +12,7 @@ Zero-shot normal/abnormal detection is the separate ``abnormality`` check.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mcaudit import Check, CheckResult, InputError, Param, Table, hookimpl
 
@@ -98,9 +99,11 @@ class AnomalyCheck(Check):
                           params["mcm_temperature"], params["knn_k"])
         id_all = scorers.logit_based(fwd.logits, fwd.image_features)
         id_eval = {k: v[eval_rows] for k, v in id_all.items()} | scorers.feature_based(features[eval_rows])
-        ood_sets, examples = _ood_sets(ctx, params["n_generated"])
+        ood_sets, examples, surest = _ood_sets(ctx, params["n_generated"])
 
         result = CheckResult(sample_size=len(eval_rows))
+        if surest:
+            result.details["ood.most_confident"] = surest
         evaluated = [_evaluate_set(ctx, result, name, enc, id_eval, scorers(enc), eval_rows, params["n_bootstrap"])
                      for name, enc in ood_sets.items()]
         result.metrics["n_id_eval"] = float(len(eval_rows))
@@ -119,18 +122,28 @@ class AnomalyCheck(Check):
 # -- pieces of run -------------------------------------------------------------------------
 
 
-def _ood_sets(ctx, n_generated: int) -> tuple[dict[str, Encoded], object]:
-    """The OOD sets and, for generated ones, a figure of examples."""
+def _ood_sets(ctx, n_generated: int) -> tuple[dict[str, Encoded], object, list]:
+    """The OOD sets; for generated ones, a figure of examples; for --ood, the images the
+    model was surest about (the report shows them)."""
     if ctx.ood:
         if ctx.open_dataset is None:
             raise InputError("--ood: this run cannot open data sets")
-        out = ctx.encode(ctx.open_dataset(ctx.ood))
-        return {"ood": Encoded(out.image_features, out.logits)}, None
+        dataset = ctx.open_dataset(ctx.ood)
+        out = ctx.encode(dataset)
+        return {"ood": Encoded(out.image_features, out.logits)}, None, surest_ood(dataset, out, ctx.classes)
     generated = GeneratedSets(ctx, n_generated)
     sets = generated.encode()
     from .figures import generated_examples
 
-    return sets, generated_examples(generated.original_example(), generated.near_examples, generated.far_examples)
+    return sets, generated_examples(generated.original_example(), generated.near_examples, generated.far_examples), []
+
+
+def surest_ood(dataset, out, classes, k: int = 8) -> list[dict]:
+    """The ``k`` OOD images with the highest maximum softmax probability, surest first."""
+    probs = torch.softmax(out.logits.double(), dim=1).numpy()
+    order = sorted(range(len(probs)), key=lambda r: (-float(probs[r].max()), r))[:k]
+    return [{"index": int(out.indices[r]), "source": dataset.records[int(out.indices[r])].source,
+             "prediction": classes[int(probs[r].argmax())], "confidence": float(probs[r].max())} for r in order]
 
 
 def _evaluate_set(ctx, result, set_name, encoded, id_eval, scores, eval_rows, n_boot) -> dict:
