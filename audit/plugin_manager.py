@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("adversarial", "mcaudit.plugins.checks.adversarial"),
     ("prompt_robustness", "mcaudit.plugins.checks.prompt_robustness"),
     ("certified", "mcaudit.plugins.checks.certified"),
+    ("shift", "mcaudit.plugins.checks.shift"),
     ("backdoor", "mcaudit.plugins.checks.backdoor"),
     ("backdoor_scan", "mcaudit.plugins.checks.backdoor_scan"),
     ("saliency", "mcaudit.plugins.checks.saliency"),
