@@ -281,8 +281,7 @@ def build_context(cfg: RunConfig, manager: PluginManager, show: bool) -> AuditCo
         forward=forward, device=device, precision=cfg.precision, batch_size=cfg.batch_size,
         seed=cfg.seed, workers=cfg.workers, show_progress=show,
         options={"ood": cfg.ood, "reference_model": cfg.reference_model,
-                 "reference_checkpoint": cfg.reference_checkpoint, "allow_network": cfg.allow_network,
-                 "load_model": load_other},
+                 "reference_checkpoint": cfg.reference_checkpoint, "allow_network": cfg.allow_network},
         open_dataset=lambda spec: opened_ood.get(spec) or open_dataset(spec, "ood", ()),
         world=world, model_loader=load_other, strict=cfg.strict,
     )

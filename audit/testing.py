@@ -95,8 +95,26 @@ def demo_prompts():
     return load_prompts(Path(str(resources.files("mcaudit.demo") / "prompts.toml")))
 
 
-def make_context(model, dataset, prompts=None, seed: int = 0, batch_size: int = 64, precision: str = "fp32", options=None, open_dataset=None):
-    """Run the shared forward pass and return the :class:`AuditContext` a check receives."""
+def hook_model_loader(device: str = "cpu"):
+    """``(spec, checkpoint) -> model or None`` through the built-in loader hooks, as
+    ``ctx.load_model`` loads a reference model in a run (None: no loader claims the spec)."""
+    from mcaudit.hook_types import ModelRequest
+    from mcaudit.plugin_manager import make_plugin_manager
+
+    manager = make_plugin_manager(autoload=False)
+
+    def load(spec: str, checkpoint: str | None = None):
+        request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=str(device))
+        adapter = manager.first_result("mcaudit_load_model", spec=spec, request=request)
+        return None if adapter is None else adapter.eval()
+
+    return load
+
+
+def make_context(model, dataset, prompts=None, seed: int = 0, batch_size: int = 64, precision: str = "fp32", options=None,
+                 open_dataset=None, model_loader=None):
+    """Run the shared forward pass and return the :class:`AuditContext` a check receives;
+    ``ctx.load_model`` goes through ``model_loader`` (default: the built-in loader hooks)."""
     import torch
 
     from mcaudit.context import AuditContext
@@ -111,6 +129,7 @@ def make_context(model, dataset, prompts=None, seed: int = 0, batch_size: int = 
         model=model, dataset=dataset, prompts=prompts, class_features=class_features, forward=forward,
         device=model.device, precision=precision, batch_size=batch_size, seed=seed,
         options=dict(options or {}), open_dataset=open_dataset,
+        model_loader=model_loader or hook_model_loader(str(model.device)),
     )
 
 

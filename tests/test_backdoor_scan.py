@@ -313,7 +313,7 @@ def test_host_loader_from_the_context_is_used(backdoored3, base3, data3):
         asked.append((spec, checkpoint))
         return base3[1]
 
-    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": load_model})
+    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), model_loader=load_model)
     params = BackdoorScanCheck.resolve_params(SCAN3 | {"reference_model": "my-base", "max_steps": 3})
     result = BackdoorScanCheck().run(ctx, params)
     assert asked == [("my-base", None)]
@@ -504,7 +504,7 @@ def test_bad_reference_is_an_input_error(mcaudit_demo_model, mcaudit_phantoms, g
 def test_reference_of_another_image_size_is_an_input_error(backdoored3, data3, mcaudit_demo_model):
     from mcaudit.plugins.checks.backdoor_scan import BackdoorScanCheck
 
-    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), options={"load_model": lambda s, c: mcaudit_demo_model})
+    ctx = make_context(backdoored3, data3, prompts=prompts(CLASSES3), model_loader=lambda s, c: mcaudit_demo_model)
     with pytest.raises(InputError, match="image size"):
         BackdoorScanCheck().run(ctx, BackdoorScanCheck.resolve_params({"reference_model": "demo", "max_steps": 1}))
 

@@ -4,9 +4,8 @@ and loading it the way ``--model`` is loaded."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-from mcaudit import InputError, ModelRequest
+from mcaudit import InputError
 
 
 def load_reference(ctx, params: dict):
@@ -21,36 +20,11 @@ def load_reference(ctx, params: dict):
         return None
     if checkpoint and not Path(checkpoint).is_file():
         raise InputError(f"backdoor_scan.reference_checkpoint {checkpoint}: no such file")
-    model = model_loader(ctx)(spec, checkpoint or None)
+    # the host's loader: it knows the -p plugins and --allow-network, as --model does
+    model = ctx.load_model(spec, checkpoint or None)
     if model is None:
         raise InputError(f"backdoor_scan.reference_model {spec}: no loader claims this spec")
     if tuple(model.image_size) != tuple(ctx.model.image_size):
         raise InputError(f"backdoor_scan.reference_model {spec}: image size {tuple(model.image_size)} differs from "
                          f"the audited model's {tuple(ctx.model.image_size)}")
     return model.to(ctx.device).eval()
-
-
-def model_loader(ctx) -> Callable:
-    """``(spec, checkpoint) -> model or None``: the host's own loader where it gave one, since it
-    knows the ``-p`` plugins and ``--allow-network``; the built-in loaders otherwise."""
-    if ctx.model_loader is not None:
-        return ctx.load_model
-    # A host may hand its loader over in the options instead.
-    given = (ctx.options or {}).get("load_model")
-    if given is not None:
-        return given
-    return lambda spec, checkpoint: load_with_built_in_loaders(ctx, spec, checkpoint)
-
-
-def load_with_built_in_loaders(ctx, spec: str, checkpoint: str | None):
-    """For a context built without a loader (``mcaudit.testing.make_context``): the built-in
-    loaders asked in the order the host asks them, the later registered first."""
-    from mcaudit.plugins.loaders import hf_clip, openclip
-
-    request = ModelRequest(checkpoint=Path(checkpoint) if checkpoint else None, device=str(ctx.device),
-                           precision=ctx.precision, allow_network=bool((ctx.options or {}).get("allow_network")))
-    for loader in (hf_clip, openclip):
-        model = loader.mcaudit_load_model(spec=spec, request=request)
-        if model is not None:
-            return model
-    return None
