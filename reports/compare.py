@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
+from markupsafe import Markup
 
 # Metrics where a larger value is worse; a rise is the regression for these.
 LOWER_IS_BETTER_HINTS = ("ece", "mce", "brier", "nll", "gap", "difference", "fpr", "attack_success", "error", "abstain", "p_value", "anomaly_index")
@@ -99,22 +99,40 @@ def compare_text(deltas: list[Delta], max_drop: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-TEMPLATE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>mcaudit compare</title><style>body{font:14px system-ui,sans-serif;margin:24px}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 8px}td.n{text-align:right}tr.bad td{background:#fde8e8}</style></head><body>
-<h1>mcaudit compare</h1>
-<p>Base: {{ base.model.spec }} ({{ base.finished_at }}), new: {{ new.model.spec }} ({{ new.finished_at }}).
-{% if max_drop is not none %}Allowed drop {{ max_drop }}: {{ bad | length }} regression(s).{% endif %}</p>
-<table><tr><th>metric</th><th>base</th><th>new</th><th>change</th></tr>
-{% for d in deltas %}<tr class="{{ 'bad' if d.name in bad else '' }}"><td>{{ d.name }}</td>
-<td class="n">{{ '-' if d.base is none else '%.4g' % d.base }}</td><td class="n">{{ '-' if d.new is none else '%.4g' % d.new }}</td>
-<td class="n">{{ '-' if d.change is none else '%+.4g' % d.change }}</td></tr>{% endfor %}
-</table></body></html>
-"""
+def compare_html(base: dict[str, Any], new: dict[str, Any], deltas: list[Delta], max_drop: float | None,
+                 more: list[dict[str, Any]] | None = None) -> str:
+    """The comparison as a page: each run's verdict, every check's status side by side, and
+    every metric per run with the change from the first to the last and the regressions."""
+    from mcaudit.reports.html import _env, script
+    from mcaudit.reports.plain import title
+    from mcaudit.reports.verdicts import status_word
 
-
-def compare_html(base: dict[str, Any], new: dict[str, Any], deltas: list[Delta], max_drop: float | None) -> str:
-    env = jinja2.Environment(autoescape=True)
+    runs = [base, new, *(more or [])]
+    last = runs[-1]
+    if more:
+        deltas = compare_results(base, last)
     bad = {d.name for d in regressions(deltas, max_drop)} if max_drop is not None else set()
-    return env.from_string(TEMPLATE).render(base=base, new=new, deltas=deltas, max_drop=max_drop, bad=bad)
+    names = sorted({n for r in runs for n in r.get("checks", {})})
+    statuses = []
+    for name in names:
+        seen = [(r.get("checks", {}).get(name) or {}).get("status") for r in runs]
+        entry = next(r["checks"][name] for r in runs if name in r.get("checks", {}))
+        statuses.append({"name": name, "title": title(name, entry), "statuses": seen, "changed": len(set(seen)) > 1})
+    metrics = [{"name": d.name, "values": [_metric(r, d.name) for r in runs], "change": d.change} for d in deltas]
+    text, digest = script()
+    labelled = [_describe(i, r) for i, r in enumerate(runs)]
+    return _env().get_template("compare.html").render(
+        runs=labelled, statuses=statuses, metrics=metrics, bad=bad, max_drop=max_drop, word=status_word,
+        script=Markup(text), script_hash=digest)
+
+
+def _metric(results: dict[str, Any], name: str) -> float | None:
+    check, _, metric = name.partition(".")
+    return ((results.get("checks", {}).get(check) or {}).get("metrics") or {}).get(metric)
+
+
+def _describe(i: int, results: dict[str, Any]) -> dict[str, Any]:
+    model, data = results.get("model") or {}, results.get("dataset") or {}
+    return {"label": f"run {i + 1}" + (" (base)" if i == 0 else ""), "model": model.get("spec", "?"),
+            "checkpoint": model.get("checkpoint"), "data": data.get("spec"), "finished": results.get("finished_at", ""),
+            "verdict": (results.get("verdict") or {}).get("status", "not_evaluated")}

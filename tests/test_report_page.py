@@ -130,3 +130,28 @@ def test_accessibility_scan(browser, demo, width):
     page.context.close()
     bad = [v for v in found if v["impact"] in ("serious", "critical")]
     assert bad == [], bad
+
+
+def test_compare_page_shows_statuses_and_changes(browser, demo, tmp_path):
+    import json
+
+    base = json.loads((demo.parent / "results.json").read_text())
+    new = json.loads(json.dumps(base))
+    new["checks"]["performance"]["status"] = "fail"
+    new["checks"]["performance"]["metrics"]["accuracy"] -= 0.2
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    out = run_cli(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--max-drop", "0.05",
+                   "--html", str(tmp_path / "c.html")])
+    assert out.exit_code == 1, out.output
+    page, events = open_page(browser, tmp_path / "c.html", 390, 844)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    row = page.locator("table.statuses tbody tr", has_text="performance")
+    assert row.locator(".badge").all_inner_texts() == ["PASS", "FAIL"] and "yes" in row.inner_text()
+    bad = page.locator("table.metrics tbody tr.s-fail").all_inner_texts()
+    assert len(bad) == 1 and bad[0].startswith("performance.accuracy") and "REGRESSION" in bad[0]
+    page.locator("table.metrics thead th").first.locator("button").click()
+    names = page.locator("table.metrics tbody tr td:first-child").all_inner_texts()
+    assert names == sorted(names, key=str.lower)
+    assert [c for c in events["console"] if c[0] in ("error", "pageerror")] == []
+    page.context.close()
