@@ -29,7 +29,7 @@ def _ours(path: Path) -> bool:
         return True
     if path.name != FIGURES or not path.is_dir():
         return False
-    return all(f.suffix in (".png", ".jpg") or (f.is_dir() and f.name == "thumbs") for f in path.rglob("*"))
+    return all(f.suffix in (".png", ".jpg", ".webp") or (f.is_dir() and f.name == "thumbs") for f in path.rglob("*"))
 
 
 def write_files_atomically(out_dir: Path, files: dict[str, str | bytes]) -> list[Path]:

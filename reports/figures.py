@@ -3,8 +3,10 @@
 A check's figure arrives as a PNG data URI. The run folder keeps each figure once, as a file
 under ``figures/`` that results.json names (``"file"``), and the page embeds it again as a
 data URI so index.html stays one self-contained file. A large figure (a grid of photographs or
-noise images) is stored as a 256-colour PNG, which keeps it a PNG with its exact drawing
-colours (outlines, markers) at a third of the size or less.
+noise images) is stored as a 256-colour PNG, which keeps its exact drawing colours (outlines,
+markers) at a third of the size or less. Figures stay lossless while a run's figures fit in
+FIGURE_BUDGET bytes; beyond it the largest become WebP (photographs and noise compress five
+times better so), one at a time until they fit, so a big audit's page stays a few megabytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ FOLDER = "figures"
 PNG_URI = "data:image/png;base64,"
 # Below this a plot's PNG is already small (flat colours); above it, it holds photographs.
 QUANTISE_ABOVE = 60_000
+FIGURE_BUDGET = 900_000
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -58,7 +61,36 @@ def split_figures(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, by
             files[name] = compact_png(base64.b64decode(uri[len(PNG_URI):]))
             figure.pop("data_uri")
             figure["file"] = name
+    renamed = fit_budget(files)
+    for entry in (stored.get("checks") or {}).values():
+        for figure in entry.get("figures") or []:
+            figure["file"] = renamed.get(figure.get("file"), figure.get("file"))
     return stored, files
+
+
+def fit_budget(files: dict[str, bytes], budget: int = FIGURE_BUDGET) -> dict[str, str]:
+    """Turn the largest PNGs of ``files`` into WebP (in place) until all fit in ``budget``
+    bytes or no conversion helps; returns the old name -> new name of those converted."""
+    renamed: dict[str, str] = {}
+    for name in sorted(files, key=lambda n: (-len(files[n]), n)):
+        if sum(len(v) for v in files.values()) <= budget:
+            break
+        webp = _webp(files[name])
+        if webp is not None and len(webp) < len(files[name]):
+            new = name[: -len(".png")] + ".webp"
+            files[new] = webp
+            del files[name]
+            renamed[name] = new
+    return renamed
+
+
+def _webp(png: bytes) -> bytes | None:
+    try:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="WEBP", quality=80, method=6)
+    except (OSError, ValueError, KeyError):
+        return None
+    return buf.getvalue()
 
 
 def inline_figures(results: dict[str, Any], folder: Path | None = None, files: dict[str, bytes] | None = None) -> dict[str, Any]:

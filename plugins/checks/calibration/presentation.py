@@ -103,9 +103,9 @@ def draw_reliability(ax, conf, correct, edges, title):
     widths = np.diff(edges)
     full = counts > 0
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.bar(edges[:-1][full], acc[full], width=widths[full], align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+    ax.bar(edges[:-1][full], acc[full], width=widths[full], align="edge", color="#0072B2", edgecolor="white", label="accuracy")
     ax.bar(edges[:-1][full], (mean_conf - acc)[full], bottom=acc[full], width=widths[full], align="edge",
-           color="none", edgecolor="#c44e52", hatch="//", lw=0.6, label="gap to confidence")
+           color="none", edgecolor="#D55E00", hatch="//", lw=0.6, label="gap to confidence")
     for lo, w, n in zip(edges[:-1], widths, counts):
         ax.text(lo + w / 2, 1.02, f"{int(n)}", ha="center", va="bottom", fontsize=6, rotation=90,
                 color="black" if n else "#aaaaaa")
@@ -131,7 +131,10 @@ def confidence_histogram(conf, correct, edges):
 
     fig, ax = new_figure(5.2, 3.6)
     right = correct.astype(bool)
-    ax.hist([conf[right], conf[~right]], bins=edges, stacked=True, color=["#55a868", "#c44e52"], label=["right", "wrong"])
+    _, _, bars = ax.hist([conf[right], conf[~right]], bins=edges, stacked=True, color=["#0072B2", "#D55E00"],
+                         label=["right", "wrong"])
+    for patch in bars[1]:
+        patch.set_hatch("//")  # wrong: hatched as well as vermillion, for readers who cannot tell the colours apart
     ax.axvline(conf.mean(), color="black", lw=1.2, label=f"mean confidence {conf.mean():.1%}")
     ax.axvline(correct.mean(), color="black", lw=1.2, ls=":", label=f"accuracy {correct.mean():.1%}")
     ax.set_xlim(0, 1)

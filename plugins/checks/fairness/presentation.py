@@ -143,37 +143,45 @@ def gap_table(column: ColumnResult) -> Table:
     )
 
 
+MAX_GROUPS_SHOWN = 12  # beyond this a bar chart is unreadable; the tables list every group
+HATCHES = ["", "//", "..", "xx", "\\\\"]  # a second cue beside colour, for each measure
+
+
 def group_figure(column: ColumnResult, settings: Settings):
-    from mcaudit.reports.plots import new_figure, short_label, to_figure
+    from mcaudit.reports.plots import OKABE_ITO, new_figure, short_label, to_figure
 
     shown = ["accuracy", "balanced_accuracy", "auroc", "tpr", "fpr"]
-    names = column.grouping.names
-    width = min(12.0, 3.0 + 0.75 * len(names) * 1.2)
-    fig, ax = new_figure(width, 3.8)
+    acc = column.values[:, GROUP_METRICS.index("accuracy")]
+    # Worst compared groups first; too-small and undefined ones after them.
+    order = sorted(range(len(column.grouping.names)),
+                   key=lambda i: (not column.in_gaps[i], np.nan_to_num(acc[i], nan=2.0), i))[:MAX_GROUPS_SHOWN]
+    names = [column.grouping.names[i] for i in order]
+    fig, ax = new_figure(min(12.0, 3.0 + 0.9 * len(names)), 4.0)
     bar = 0.8 / len(shown)
     x = np.arange(len(names))
-    colours = ["#4c72b0", "#55a868", "#8172b2", "#dd8452", "#c44e52"]
-    for j, (m, colour) in enumerate(zip(shown, colours)):
+    for j, m in enumerate(shown):
         k = GROUP_METRICS.index(m)
-        vals = column.values[:, k]
-        lo, hi = column.value_ci[:, k, 0], column.value_ci[:, k, 1]
+        vals = column.values[order, k]
+        lo, hi = column.value_ci[order, k, 0], column.value_ci[order, k, 1]
         err = np.vstack([np.where(np.isfinite(lo), vals - lo, 0), np.where(np.isfinite(hi), hi - vals, 0)])
         err = np.nan_to_num(np.maximum(err, 0))
         pos = x - 0.4 + bar * (j + 0.5)
-        ax.bar(pos, np.nan_to_num(vals), bar, yerr=err, color=colour, capsize=2, error_kw={"lw": 0.8},
-               label=METRIC_LABELS[m])
-        for p, ok in zip(pos, column.in_gaps):
-            if not ok:
-                ax.bar(p, 1.0, bar, color="none", edgecolor="#999999", hatch="..", lw=0)
-    labels = [f"{short_label(g)}\n(n={int(n)}{'' if ok else ', small'})" for g, n, ok in zip(names, column.sizes, column.in_gaps)]
-    ax.set_xticks(x, labels, fontsize=7, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.bar(pos, np.nan_to_num(vals), bar, yerr=err, color=OKABE_ITO[j], hatch=HATCHES[j], edgecolor="white",
+               capsize=2, error_kw={"lw": 0.8}, label=METRIC_LABELS[m])
+        for p, i in zip(pos, order):
+            if not column.in_gaps[i]:
+                ax.bar(p, 1.0, bar, color="none", edgecolor="#777777", hatch="..", lw=0)
+    labels = [f"{short_label(column.grouping.names[i], 14)}\n(n={int(column.sizes[i])}{'' if column.in_gaps[i] else ', small'})"
+              for i in order]
+    ax.set_xticks(x, labels, rotation=30 if len(names) > 5 else 0, ha="right" if len(names) > 5 else "center")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("value")
-    ax.legend(fontsize=7, ncol=len(shown), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    more = len(column.grouping.names) - len(names)
     return to_figure(fig, f"{column.name}: per-group metrics",
+                     f"groups with the lowest accuracy first{f' (the {len(names)} lowest; {more} more in the tables)' if more else ''}; "
                      f"bars: value per group; whiskers: 95% interval (Wilson for proportions, bootstrap otherwise); dotted: too small to decide "
                      f"(fewer than {settings.min_group_size}); TPR/FPR for {settings.positive_label!r}")
-
 
 
 def _extreme_groups(column: ColumnResult, k: int) -> tuple[int, int]:

@@ -39,7 +39,7 @@ def template_figure(sweep: TemplateSweep):
 
     ordered = sorted(sweep.rows, key=lambda r: r[1])
     fig, ax = plots.new_figure(5.4, max(2.2, 0.45 * len(ordered) + 1.0))
-    ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#4c72b0")
+    ax.barh(range(len(ordered)), [r[1] for r in ordered], color="#0072B2")
     ax.axvline(sweep.ensemble_acc, color="black", linestyle="--", label="all templates")
     ax.set_yticks(range(len(ordered)), [plots.short_label(r[0], 40) for r in ordered], fontsize=8)
     ax.set_xlim(0, 1)
