@@ -91,6 +91,9 @@ def cli():
               help="Also write an output format (junit, markdown, or a plugin's; see `mcaudit plugins`).")
 @click.option("--junit-xml", "junit_file", type=click.Path(), help="Same as --output junit=FILE (one test per threshold and finding).")
 @click.option("--markdown", "markdown_file", type=click.Path(), help="Same as --output markdown=FILE (also appended to $GITHUB_STEP_SUMMARY when set).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Forward cache folder (default $XDG_CACHE_HOME/mcaudit or ~/.cache/mcaudit).")
+@click.option("--no-cache", is_flag=True, default=None, help="Neither read nor write the forward cache.")
+@click.option("--resume", is_flag=True, default=None, help="Take checks that an earlier, interrupted run of the same audit finished.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars or summary.")
 @plugin_option
 @click.pass_context

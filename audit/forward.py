@@ -106,6 +106,7 @@ def run_forward(
     strict: bool = False,
     show_progress: bool = False,
     world: World = SINGLE,
+    cache=None,
 ) -> ForwardOutputs:
     """Encode every image once; under torchrun each rank encodes its shard, then all gather.
 
@@ -114,8 +115,32 @@ def run_forward(
     would give it.
     """
     dataset.use_preprocessing(adapter.pixel_transform)
+
+    def encode(rows=None):
+        return _encode_rows(adapter, dataset, class_features, rows, batch_size, precision, workers, strict,
+                            show_progress, world)
+
+    # A mcaudit.forward_cache.ForwardCache encodes only the images it lacks (single process only).
+    found = cache.forward(adapter, dataset, class_features, precision, encode) if cache is not None and not world.active else None
+    indices, feats, logits, grey, failures = found if found is not None else encode()
+    if not indices:
+        raise InputError(f"--data {dataset.spec}: none of the {len(dataset)} images could be read")
+    idx = torch.cat(indices).numpy()
+    labels = np.array([dataset.records[i].label for i in idx], dtype=np.int64)
+    return ForwardOutputs(
+        indices=idx,
+        labels=labels,
+        image_features=torch.cat(feats),
+        logits=torch.cat(logits),
+        grey=np.array(grey, dtype=bool),
+        failures=failures,
+    )
+
+
+def _encode_rows(adapter, dataset, class_features, rows, batch_size, precision, workers, strict, show_progress, world):
+    """(indices, features, logits, grey, failures) of the dataset rows ``rows`` (all when None)."""
     device = adapter.device
-    subset = dataset
+    subset = dataset if rows is None else torch.utils.data.Subset(dataset, list(rows))
     if world.active:
         subset = torch.utils.data.Subset(dataset, shard(np.arange(len(dataset)), world).tolist())
     loader = torch.utils.data.DataLoader(
@@ -130,19 +155,8 @@ def run_forward(
     out, failures, grey = _encode_batches(adapter, loader, class_features, len(subset), precision, strict, show_progress)
     indices, feats, logits = out.parts()
     if world.active:
-        indices, feats, logits, grey, failures = _gather(indices, feats, logits, grey, failures, world)
-    if not indices:
-        raise InputError(f"--data {dataset.spec}: none of the {len(dataset)} images could be read")
-    idx = torch.cat(indices).numpy()
-    labels = np.array([dataset.records[i].label for i in idx], dtype=np.int64)
-    return ForwardOutputs(
-        indices=idx,
-        labels=labels,
-        image_features=torch.cat(feats),
-        logits=torch.cat(logits),
-        grey=np.array(grey, dtype=bool),
-        failures=failures,
-    )
+        return _gather(indices, feats, logits, grey, failures, world)
+    return indices, feats, logits, grey, failures
 
 
 def _encode_batches(adapter, loader, class_features, n: int, precision: str, strict: bool, show_progress: bool):

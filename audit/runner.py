@@ -26,6 +26,7 @@ from mcaudit.devices import PRECISIONS, resolve_device
 from mcaudit.distributed import SINGLE, World, init_from_env, local_device
 from mcaudit.errors import ExitCode, InputError
 from mcaudit.forward import run_forward
+from mcaudit.forward_cache import cache_for_run, store_for_run
 from mcaudit.gating import apply_gate, collect_thresholds, gate_policy
 from mcaudit.models.adapter import ModelAdapter
 from mcaudit.plugin_manager import PluginManager
@@ -163,9 +164,13 @@ def check_finite(forward, dataset: AuditDataset, class_features: torch.Tensor) -
                          f"(first: {where}); check the checkpoint's weights")
 
 
-def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[str, Any], dict[str, CheckResult]]:
+def run_checks(ctx: AuditContext, selected, show_progress: bool, store=None) -> tuple[dict[str, Any], dict[str, CheckResult]]:
     entries, results = {}, {}
     for name, (cls, params) in selected.items():
+        kept = store.load(name, params) if store is not None else None  # --resume: finished before
+        if kept is not None:
+            entries[name], results[name] = kept
+            continue
         start = time.perf_counter()
         entry: dict[str, Any] = {"description": cls.description, "params": params,
                                  "declared_metrics": list(cls.metrics)}
@@ -190,6 +195,8 @@ def run_checks(ctx: AuditContext, selected, show_progress: bool) -> tuple[dict[s
                 print(f"mcaudit: check {name} failed: {entry['summary']}", file=sys.stderr)
         entry["duration_s"] = round(time.perf_counter() - start, 4)
         entries[name] = entry
+        if store is not None and name in results:
+            store.save(name, params, entry, results[name])
     return entries, results
 
 
@@ -249,7 +256,7 @@ def choose_prompts(prompts: PromptSet, model: ModelAdapter, dataset: AuditDatase
     return prompts
 
 
-def build_context(cfg: RunConfig, manager: PluginManager, show: bool) -> AuditContext:
+def build_context(cfg: RunConfig, manager: PluginManager, show: bool, cache=None) -> AuditContext:
     """Load the model and data, run the shared forward pass, and give checks their context."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -268,7 +275,7 @@ def build_context(cfg: RunConfig, manager: PluginManager, show: bool) -> AuditCo
     forward = run_forward(
         model, dataset, class_features,
         batch_size=cfg.batch_size, precision=cfg.precision, workers=cfg.workers,
-        strict=cfg.strict, show_progress=show and world.is_main, world=world,
+        strict=cfg.strict, show_progress=show and world.is_main, world=world, cache=cache,
     )
     check_finite(forward, dataset, class_features)
 
@@ -292,8 +299,9 @@ def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
     t0 = time.perf_counter()
     show = not cfg.quiet
     plan = plan_run(cfg, manager)
-    ctx = build_context(cfg, manager, show)
-    entries, check_results = run_checks(ctx, plan.selected, show)
+    cache = cache_for_run(cfg, show)
+    ctx = build_context(cfg, manager, show, cache)
+    entries, check_results = run_checks(ctx, plan.selected, show, store_for_run(cfg, ctx, cache))
     finished = dt.datetime.now(dt.timezone.utc)
     results = {
         "schema_version": SCHEMA_VERSION,
