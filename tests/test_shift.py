@@ -211,3 +211,29 @@ def test_a_shortcut_model_collapses_where_the_corruption_erases_its_artefact(twi
     assert s[f"accuracy_drop.{worst}"] > 0.25, s
     assert t[f"accuracy_drop.{worst}"] < min(0.15, s[f"accuracy_drop.{worst}"] / 2), (s, t)
     assert s["accuracy_drop.contrast_down"] < s[f"accuracy_drop.{worst}"] - 0.2
+
+
+# -- torchrun: two gloo processes split the images -----------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_metrics_of_one(tmp_path):
+    """Each process corrupts and scores its share of the rows (per-image generators, so the
+    draws do not depend on the shard); the gathered results give one process's numbers."""
+    from mcaudit.testing import run_torchrun
+
+    args = ["--quiet", "--model", "demo", "--data", "phantom:n=40", "--checks", "shift", "--threads", "1",
+            "--profile", "quick", "--reference-model", "demo", "--set", "shift.n_images=15",
+            "--set", "shift.severities=1,5", "--set", "shift.corruptions=gaussian_noise,jpeg,pixelate"]
+    single = run_cli(["run", *args], tmp_path / "single")
+    assert single.exit_code in (0, 1), single.output
+    one = single.results["checks"]["shift"]
+    two = run_torchrun(args, tmp_path / "multi")["checks"]["shift"]
+    assert one["execution"] == two["execution"] == "completed", (one["summary"], two["summary"])
+    assert one["status"] == two["status"] and one["status_reason"] == two["status_reason"]
+    assert two["details"]["rows"] == one["details"]["rows"] and len(one["details"]["rows"]) == 15
+    assert "mce" in one["metrics"] and "accuracy_drop.jpeg" in one["intervals"]
+    for part in ("metrics", "intervals", "counts"):
+        assert set(two[part]) == set(one[part]), part
+        for key, value in one[part].items():
+            assert two[part][key] == pytest.approx(value, rel=1e-6, abs=1e-6, nan_ok=True), (part, key)
+    assert [f["title"] for f in two["figures"]] == [f["title"] for f in one["figures"]]

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from mcaudit.metrics import (balanced_accuracy, balanced_accuracy_interval, balanced_accuracy_of, bootstrap_interval,
-                             cluster_wilson_interval, confusion, confusion_resamples, equal_width_edges,
+from mcaudit.metrics import (balanced_accuracy_interval, balanced_accuracy_of, bootstrap_interval,
+                             cluster_wilson_interval, confusion_resamples, equal_width_edges,
                              expected_calibration_error, percentile_interval, wilson_interval)
 
 N_BOOT = 2000
@@ -48,10 +48,19 @@ def accuracy_with_interval(correct: np.ndarray, clusters) -> tuple[float, tuple[
     return k / n, cluster_wilson_interval(correct, clusters), "Wilson on the effective sample size (subjects)"
 
 
+def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """The confusion matrix (rows true, columns predicted) by one bincount: the same counts as
+    scikit-learn's, without its input validation, which cost more than the rest of the
+    statistics over a plan's 46 cells."""
+    cells = np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(preds, dtype=np.int64)
+    return np.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
 def balanced_with_interval(labels, preds, n_classes: int, rng, clusters) -> tuple[float, tuple[float, float], str]:
-    value = balanced_accuracy(labels, preds, n_classes)
+    cm = confusion_counts(labels, preds, n_classes)
+    value = float(balanced_accuracy_of(cm)) if len(labels) else float("nan")
     if clusters is None:
-        lo, hi = balanced_accuracy_interval(confusion(labels, preds, n_classes), rng)
+        lo, hi = balanced_accuracy_interval(cm, rng)
         return value, (float(lo), float(hi)), "Jeffreys posterior of the mean recall"
     cms = confusion_resamples(labels, preds, n_classes, rng, n_boot=N_BOOT, clusters=clusters)
     return value, percentile_interval(balanced_accuracy_of(cms)), "percentile bootstrap over subjects"
@@ -83,22 +92,45 @@ def correctness(outcome, plan, corruption: str, reference: bool = False) -> np.n
     return np.stack([source[(corruption, s)] == outcome.labels for s in plan.severities], axis=1).astype(np.float64)
 
 
+def replicate_means(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Column means of ``values`` (n x k) over each replicate's indices (rows of ``idx``): an
+    (n_boot x k) array, a block of replicates at a time so memory stays near 32 MB at any n."""
+    block = max(1, (1 << 22) // max(1, values.size))
+    return np.concatenate([values[idx[a:a + block]].mean(axis=1) for a in range(0, len(idx), block)])
+
+
+def drop_intervals(drops: np.ndarray, plan, rng: Callable, clusters) -> list[tuple[tuple[float, float], str]]:
+    """Intervals of each corruption's drop, then of their mean and their worst (n x corruptions
+    ``drops``). Over images, all from one set of paired replicates (the per-corruption means of
+    each replicate give every statistic, so one draw serves them all); over subjects, one
+    cluster bootstrap per statistic."""
+    n, k = drops.shape
+    if clusters is not None:
+        stats = [lambda idx, j=j: drops[idx, j].mean(axis=-1) for j in range(k)]
+        stats += [lambda idx: drops[idx].mean(axis=(-1, -2)), lambda idx: drops[idx].mean(axis=-2).max(axis=-1)]
+        streams = [f"shift:drop:{c}" for c in plan.corruptions] + ["shift:drop:mean", "shift:drop:worst"]
+        return [paired_interval(f, n, rng(name), clusters) for f, name in zip(stats, streams)]
+    method = "paired percentile bootstrap over images"
+    if n < 2:
+        return [((float("nan"), float("nan")), method)] * (k + 2)
+    means = replicate_means(drops, rng("shift:drop").integers(0, n, (N_BOOT, n)))
+    columns = [means[:, j] for j in range(k)] + [means.mean(axis=1), means.max(axis=1)]
+    return [(percentile_interval(values), method) for values in columns]
+
+
 def drop_numbers(out: Numbers, outcome, plan, rng: Callable, clusters) -> None:
     """Accuracy drop against clean per corruption (mean over severities), its mean over
     corruptions and its worst, each with a paired bootstrap interval; relative error."""
     clean = (outcome.clean_pred == outcome.labels).astype(np.float64)
-    n = len(clean)
     drops = np.stack([clean - correctness(outcome, plan, c).mean(axis=1) for c in plan.corruptions], axis=1)
     clean_error = 1 - clean.mean()
+    intervals = drop_intervals(drops, plan, rng, clusters)
     for j, c in enumerate(plan.corruptions):
-        ci, method = paired_interval(lambda idx, j=j: drops[idx, j].mean(axis=-1), n, rng(f"shift:drop:{c}"), clusters)
-        out.put(f"accuracy_drop.{c}", drops[:, j].mean(), ci, method)
+        out.put(f"accuracy_drop.{c}", drops[:, j].mean(), *intervals[j])
         error = 1 - correctness(outcome, plan, c).mean()
         out.put(f"relative_error.{c}", error / clean_error if clean_error > 0 else float("nan"))
-    ci, method = paired_interval(lambda idx: drops[idx].mean(axis=(-1, -2)), n, rng("shift:drop:mean"), clusters)
-    out.put("mean_accuracy_drop", drops.mean(), ci, method)
-    ci, method = paired_interval(lambda idx: drops[idx].mean(axis=-2).max(axis=-1), n, rng("shift:drop:worst"), clusters)
-    out.put("worst_accuracy_drop", drops.mean(axis=0).max(), ci, method)
+    out.put("mean_accuracy_drop", drops.mean(), *intervals[-2])
+    out.put("worst_accuracy_drop", drops.mean(axis=0).max(), *intervals[-1])
 
 
 def _ce(wrong: np.ndarray, ref_wrong: np.ndarray, clean: np.ndarray, ref_clean: np.ndarray, idx):
