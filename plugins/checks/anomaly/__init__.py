@@ -32,16 +32,6 @@ from .generated_sets import GeneratedSets
 from .scores import SCORES, Encoded, Scorers, separation
 
 
-def _positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value!r} is not positive")
-
-
-def _open_unit_interval(value: float) -> None:
-    if not 0 < value < 1:
-        raise ValueError(f"{value!r} is not between 0 and 1 (exclusive)")
-
-
 class AnomalyCheck(Check):
     name = "anomaly"
     description = (
@@ -51,8 +41,8 @@ class AnomalyCheck(Check):
     )
     params = {
         "n_generated": Param(400, "images in each generated OOD set when --ood is not given (near-OOD: corrupted audited images; far-OOD: noise and textures)", min=1),
-        "mcm_temperature": Param(1.0, "temperature dividing the cosine similarities in the MCM score", validate=_positive),
-        "fit_fraction": Param(0.5, "share of the audited images (stratified by class) used to fit Mahalanobis and kNN; every score is evaluated on the rest", validate=_open_unit_interval),
+        "mcm_temperature": Param(1.0, "temperature dividing the cosine similarities in the MCM score", above=0),
+        "fit_fraction": Param(0.5, "share of the audited images (stratified by class) used to fit Mahalanobis and kNN; every score is evaluated on the rest", above=0, below=1),
         "knn_k": Param(5, "k of the kNN score", min=1),
         "n_bootstrap": Param(1000, "bootstrap resamples for the per-score AUROC intervals (0 turns them off; the gated AUROCs always get a DeLong interval, or a patient bootstrap when the data name patients)", min=0),
     }
