@@ -59,6 +59,9 @@ class RunConfig:
     check_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)
     gate_policy: dict[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None  # None: default_cache_dir()
+    no_cache: bool = False
+    resume: bool = False
     quiet: bool = False
     config_file: str | None = None
 

@@ -19,7 +19,7 @@ FOLDERS = {"audit": "mcaudit", "plugins": "mcaudit.plugins", "reports": "mcaudit
 PUBLIC_MODULES = (
     "mcaudit", "mcaudit.check_api", "mcaudit.hook_types", "mcaudit.hookimpl", "mcaudit.errors", "mcaudit.metrics",
     "mcaudit.batching", "mcaudit.devices", "mcaudit.models", "mcaudit.data", "mcaudit.demo", "mcaudit.reports",
-    "mcaudit.plugins",
+    "mcaudit.plugins", "mcaudit.paired",
 )
 
 MAX_MODULE_LINES = 400
