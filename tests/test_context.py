@@ -21,9 +21,12 @@ def test_context_helpers(mcaudit_demo_model, mcaudit_phantoms, mcaudit_context):
     # Frozen parameters inside, restored after.
     first = next(mcaudit_demo_model.parameters())
     first.requires_grad_(True)
-    with ctx.frozen_model() as model:
-        assert not any(p.requires_grad for p in model.parameters())
-    assert first.requires_grad
+    try:
+        with ctx.frozen_model() as model:
+            assert not any(p.requires_grad for p in model.parameters())
+        assert first.requires_grad
+    finally:
+        first.requires_grad_(False)  # the demo model is shared by the whole session
     # Per-image generators depend on the image, not on what else was drawn before.
     a = ctx.image_rng("noise", 7).random(3)
     ctx.rng("noise").random(100)
