@@ -173,7 +173,9 @@ def test_small_and_missing_groups_shown_but_left_out_of_gaps():
     frame = MetricFrame(metrics=accuracy_score, y_true=labels[keep], y_pred=preds[keep], sensitive_features=site[keep])
     assert result.metrics["site.accuracy_gap"] == pytest.approx(frame.difference(), abs=1e-12)
     table = next(t for t in result.tables if t.title == "site: per group")
-    assert [r[0] for r in table.rows] == ["A", "B", "D", "(missing)"]
+    # worst compared group first, then the one too small to decide, then the images without a value
+    accuracy = {g: float((preds[site == g] == labels[site == g]).mean()) for g in ("A", "B")}
+    assert [r[0] for r in table.rows] == sorted(accuracy, key=accuracy.get) + ["D", "(missing)"]
     assert table.rows[2][2].startswith("too small to decide")
     overview = result.tables[0]
     assert "D (n=6)" in overview.rows[0][-1]
@@ -526,3 +528,46 @@ def test_max_difference_interval_covers_every_pair():
     assert hi >= 0.02 + 2 * 0.05
     lo, hi = min_value_interval(observed, replicates)
     assert lo < -0.02 < hi
+
+
+def test_many_groups_read_worst_first_without_a_caveat_per_column():
+    """Four columns and their six intersections (as HAM10000's sex, age, site and localization
+    give): one caveat per kind, no row of n/a, the most clearly low groups in one table."""
+    rng = np.random.default_rng(5)
+    labels, probs, site = biased_predictions({"A": 90, "B": 70, "C": 12, "D": 8}, {"A": 0.8, "B": 1.2, "C": 4.0, "D": 3.0}, seed=5)
+    n = len(labels)
+    groups = {"site": site, "sex": rng.choice(["F", "M"], n), "age": rng.integers(20, 90, n).astype(str),
+              "localization": rng.choice(["back", "face", "scalp", "trunk", "neck", "ear", "hand", "foot"], n)}
+    ctx = synthetic_context(probs, labels, groups)
+    result = run_check(ctx, n_bootstrap=50, n_permutations=20)
+    columns = result.details["columns"]
+    assert len(columns) == 10
+    assert len(result.warnings) <= 3 and any("have fewer than 20 images" in w for w in result.warnings)
+    overview = result.tables[0]
+    assert not any(cell == "n/a" for row in overview.rows for cell in row if row[1] < 2)
+    compared = {name for name, c in columns.items() if sum(g["in_gaps"] for g in c["groups"].values()) >= 2}
+    gaps = {t.title.split(":")[0] for t in result.tables if t.title.endswith("gaps between groups")}
+    assert gaps == compared and len(compared) < len(columns)
+    # the columns with a measured gap first, largest accuracy gap first
+    order = [row[0] for row in overview.rows]
+    by_gap = sorted(compared, key=lambda c: -result.metrics[f"{c}.accuracy_gap"])
+    assert order[:len(compared)] == by_gap
+    # independently: every group's Wilson upper bound on its accuracy, from the predictions
+    preds = probs.argmax(1)
+    upper = []
+    for name, column in columns.items():
+        values = np.array(["&".join(str(groups[c][i]) for c in name.split("&")) for i in range(n)], dtype=object)
+        for group, info in column["groups"].items():
+            if "age" in name.split("&"):  # binned into quartiles: its counts are the check's own
+                k, m = info["counts"]["accuracy"]
+            else:
+                rows = values == group
+                k, m = int((preds[rows] == labels[rows]).sum()), int(rows.sum())
+                assert [k, m] == info["counts"]["accuracy"]
+            upper.append((wilson(k, m)[1], k / m, name, group))
+    worst = next(t for t in result.tables if t.title == "Lowest-accuracy groups across all columns")
+    assert len(worst.rows) == 10
+    want = sorted(upper, key=lambda t: (round(t[0], 9), t[1], t[2]))[:10]
+    assert [(r[0], r[1]) for r in worst.rows][:3] == [(c, g) for _, _, c, g in want][:3]
+    highs = [float(r[4].split(" to ")[1]) for r in worst.rows]
+    assert highs == sorted(highs) and highs[-1] <= sorted(t[0] for t in upper)[10] + 1e-3

@@ -37,7 +37,9 @@ Layout: ``settings`` (parameters, their bounds, the run's Settings), ``grouping`
 columns, numeric binning, intersections), ``engine`` (the vectorised per-group metrics and
 the three AUROC variants), ``columns`` (one column measured, small groups marked),
 ``inference`` (bootstrap, simultaneous bands, permutation test, Holm), ``flat_metrics`` (the
-names gates read) and ``presentation`` (tables, figure, summary, details). Random streams:
+names gates read), ``presentation`` (tables, figure, summary, details) and ``digest`` (what a
+page with many groups shows first: columns of most concern, the lowest groups across columns,
+one caveat per kind). Random streams:
 ``fairness:bootstrap`` (one bootstrap shared by all columns) and
 ``fairness:permutation:<column>`` (each column's shuffles, independent of the other columns).
 """
@@ -49,6 +51,7 @@ import numpy as np
 from mcaudit import AuditContext, Check, CheckResult, hookimpl
 
 from .columns import ColumnResult, measure_column
+from .digest import caveats, column_order, has_gaps, worst_groups_table
 from .engine import Outcomes
 from .flat_metrics import flat_metrics
 from .grouping import Grouping, group_column, intersect
@@ -159,7 +162,8 @@ def build_result(measured: list[ColumnResult], boots: list[Replicates], outcomes
         metrics=flat.metrics, intervals=flat.intervals, n=flat.n, not_evaluated=flat.not_evaluated,
         sample_size=len(outcomes.labels),
         summary=summarise(measured, flat.metrics, flat.intervals, settings),
-        tables=[overview_table(measured, settings)], warnings=[w for c in measured for w in c.warnings],
+        tables=[overview_table(column_order(measured), settings), worst_groups_table(measured, settings)],
+        warnings=caveats(measured, settings),
         details={
             "positive_class": settings.positive_label,
             "min_group_size": settings.min_group_size,
@@ -168,8 +172,8 @@ def build_result(measured: list[ColumnResult], boots: list[Replicates], outcomes
             "columns": {c.name: column_details(c) for c in measured},
         },
     )
-    for column in measured:
-        result.tables += [group_table(column, settings), gap_table(column)]
+    for column in column_order(measured):  # the columns of most concern first; the page folds the rest
+        result.tables += [group_table(column, settings)] + ([gap_table(column)] if has_gaps(column) else [])
         result.figures.append(group_figure(column, settings))
     for message, severity in small_group_findings(measured, float(np.mean(outcomes.correct)), settings):
         result.warn(message, metric="worst_group_accuracy", severity=severity)

@@ -79,13 +79,21 @@ def _p_text(p: float) -> str:
     return "n/a" if not np.isfinite(p) else f"{p:.3g}"
 
 
-def _small_text(column: ColumnResult) -> str:
-    return ", ".join(f"{column.grouping.names[g]} (n={int(column.sizes[g])})" for g in column.small_groups()) or "none"
+def _small_text(column: ColumnResult, at_most: int | None = None) -> str:
+    small = column.small_groups()
+    shown = small if at_most is None else small[:at_most]
+    text = ", ".join(f"{column.grouping.names[g]} (n={int(column.sizes[g])})" for g in shown) or "none"
+    return text + (f" and {len(small) - len(shown)} more" if len(shown) < len(small) else "")
 
 
 def overview_table(columns: list[ColumnResult], settings: Settings) -> Table:
     rows = []
     for column in columns:
+        if int(column.in_gaps.sum()) < 2:  # nothing to compare: one plain cell, not a row of n/a
+            rows.append([column.name, int(column.in_gaps.sum()), column.n_compared,
+                         f"no gaps: fewer than two groups of {settings.min_group_size} images"] + [""] * 6
+                        + [_small_text(column, 4)])
+            continue
         m = column.largest_metric
         sig = "n/a" if not np.isfinite(column.p_value_holm) else ("yes" if column.p_value_holm < settings.alpha else "no")
         rows.append([
@@ -93,7 +101,7 @@ def overview_table(columns: list[ColumnResult], settings: Settings) -> Table:
             _cell(column.gaps["accuracy_gap"], column.gap_ci.get("accuracy_gap")),
             _cell(column.gaps["eo_difference"], column.gap_ci.get("eo_difference")),
             _cell(column.gaps["worst_group_accuracy"], column.gap_ci.get("worst_group_accuracy")),
-            METRIC_LABELS.get(m, "n/a"), _p_text(column.p_value), _p_text(column.p_value_holm), sig, _small_text(column),
+            METRIC_LABELS.get(m, "n/a"), _p_text(column.p_value), _p_text(column.p_value_holm), sig, _small_text(column, 4),
         ])
     return Table(
         "Overview: gaps between the groups of each column",
@@ -109,8 +117,11 @@ def overview_table(columns: list[ColumnResult], settings: Settings) -> Table:
 
 
 def group_table(column: ColumnResult, settings: Settings) -> Table:
+    from .digest import group_order, has_gaps
+
     rows = []
-    for g, name in enumerate(column.grouping.names):
+    for g in group_order(column):
+        name = column.grouping.names[g]
         decision = "compared" if column.in_gaps[g] else f"too small to decide (n < {settings.min_group_size})"
         cells = []
         for j, m in enumerate(GROUP_METRICS):
@@ -119,7 +130,9 @@ def group_table(column: ColumnResult, settings: Settings) -> Table:
         rows.append([name, int(column.sizes[g]), decision] + cells)
     if column.missing:
         rows.append([MISSING, column.missing, "no value: not compared"] + ["n/a"] * len(GROUP_METRICS))
-    note = (f"TPR, FPR and selection rate are for {settings.positive_label!r}. Per-group ECE is the plain binned ECE, biased "
+    note = ("Worst groups first: compared groups by accuracy, then those too small to decide. "
+            + ("" if has_gaps(column) else f"No gaps: fewer than two groups have {settings.min_group_size} images. ")
+            + f"TPR, FPR and selection rate are for {settings.positive_label!r}. Per-group ECE is the plain binned ECE, biased "
             "upwards in small groups, without an interval. " + INTERVAL_NOTE)
     if column.grouping.binned:
         note += f" {column.name} is numeric and was {column.grouping.binned}."
