@@ -5,7 +5,7 @@ The public API for plugin authors is importable from here; importing it loads no
 
 __version__ = "0.1.0"
 
-from mcaudit.check_api import Check, CheckResult, Figure, Param, Table  # noqa: E402
+from mcaudit.check_api import Check, CheckResult, Figure, Gallery, GalleryItem, Param, Table  # noqa: E402
 from mcaudit.errors import ExitCode, InputError  # noqa: E402
 from mcaudit.verdict import Finding  # noqa: E402
 from mcaudit.hookimpl import hookimpl  # noqa: E402
@@ -30,7 +30,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "__version__", "hookimpl", "Check", "CheckResult", "Finding", "ExitCode", "Param", "Table", "Figure", "InputError",
+    "__version__", "hookimpl", "Check", "CheckResult", "Finding", "ExitCode", "Param", "Table", "Figure", "Gallery",
+    "GalleryItem", "InputError",
     "LoaderInfo", "FormatInfo", "ModelRequest", "DataRequest", "ReportSection", "OutputFormat",
     "AuditContext", "ModelAdapter", "ZeroShotClassifier", "AuditDataset", "Record",
 ]

@@ -154,6 +154,32 @@ class Figure:
 
 
 @dataclass
+class GalleryItem:
+    """One case in a check's drill-down: small pictures of it, each ``(caption, bytes)`` with
+    the bytes a JPEG, WebP or PNG (``mcaudit.reports.plots.thumbnail`` makes one from pixels),
+    its true label, the model's prediction and confidence, and further lines a reader needs
+    ("after the attack: pneumonia, 97%")."""
+
+    pictures: list[tuple[str, bytes]]
+    label: str
+    prediction: str
+    confidence: float | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Gallery:
+    """Cases a reader should look at, shown as thumbnails in the check's section of the report.
+    Each picture becomes a file under the run's ``figures/thumbs/``, so keep galleries to a
+    handful of items with thumbnails of about 100 px."""
+
+    title: str
+    items: list[GalleryItem]
+    note: str = ""
+
+
+@dataclass
 class CheckResult:
     """What a check returns.
 
@@ -169,6 +195,7 @@ class CheckResult:
     ``details`` holds any further JSON-serialisable data. ``per_image`` adds columns to
     samples.csv (named ``check.column``): one value per row of the shared forward pass, with
     ``None`` for images the check did not look at.
+    ``galleries`` are the images behind the numbers (:class:`Gallery`), shown as thumbnails.
 
     A check never sets its own pass/fail status: the host derives it from the thresholds and
     findings. ``status`` is only "ok" (it ran) or "skipped" (it does not apply to this data,
@@ -190,6 +217,7 @@ class CheckResult:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     not_evaluated: dict[str, str] = field(default_factory=dict)
     interval_methods: dict[str, str] = field(default_factory=dict)  # metric -> how its interval was made
+    galleries: list[Gallery] = field(default_factory=list)  # the cases behind the numbers, as thumbnails
 
     def warn(self, message: str, metric: str | None = None, severity: float = 1.0) -> None:
         """Raise a warning finding (and list it among the check's caveats)."""

@@ -111,6 +111,8 @@ def inline_gallery(galleries: list[dict[str, Any]], folder: Path | None = None,
     for gallery in copy.deepcopy(galleries):
         for item in gallery.get("items") or []:
             item["src"] = _source(item, folder, files or {})
+            for picture in item.get("pictures") or []:
+                picture["src"] = _source(picture, folder, files or {})
         by_check.setdefault(str(gallery.get("check")), []).append(gallery)
     return by_check
 

@@ -2,7 +2,9 @@
 
 Chosen here, once, while the run's pixels are at hand: per true class the images the model got
 wrong with the most confidence, the worst subgroup's errors per group column, and the user's
---ood images the model was surest about. results.json lists them under ``drilldown`` with their
+--ood images the model was surest about; and the galleries checks return themselves
+(``CheckResult.galleries``: an attack's original and perturbed images, saliency overlays),
+whose pictures are filed as the check made them. results.json lists them under ``drilldown`` with their
 label, prediction, confidence and group values; each thumbnail is a small JPEG under
 ``figures/thumbs/`` that the page embeds. Confidences are compared as samples.csv writes them
 (eight significant digits), so the choice can be checked against that file.
@@ -60,7 +62,23 @@ def choose(run) -> list[dict[str, Any]]:
                                       f"accuracy {accuracy:.0%} on {len(rows_in)} images; its mistakes, surest first",
                                       probs))
     galleries.extend(_ood_gallery(run))
+    galleries.extend(_check_galleries(run))
     return [g for g in galleries if g["items"]]
+
+
+def _check_galleries(run) -> list[dict[str, Any]]:
+    """The galleries checks return themselves (adversarial pairs, saliency overlays), with
+    their pictures' bytes held until ``thumbnails`` files them."""
+    out = []
+    for check, result in run.check_results.items():
+        for gallery in getattr(result, "galleries", None) or []:
+            items = [{"row": None, "source": str(it.source), "label": str(it.label), "prediction": str(it.prediction),
+                      "confidence": None if it.confidence is None else as_written(it.confidence), "groups": {},
+                      "notes": [str(n) for n in it.notes],
+                      "pixels": ("check", [(str(caption), data) for caption, data in it.pictures])}
+                     for it in gallery.items]
+            out.append({"check": check, "title": str(gallery.title), "note": str(gallery.note), "items": items})
+    return out
 
 
 def _worst_group(values: np.ndarray, labels: np.ndarray, preds: np.ndarray):
@@ -107,9 +125,12 @@ def thumbnails(run, galleries: list[dict[str, Any]]) -> dict[str, bytes]:
     ood = ctx.open_dataset(ctx.ood) if ctx.ood and ctx.open_dataset is not None and any(
         i["pixels"][0] == "ood" for g in galleries for i in g["items"]) else None
     files: dict[str, bytes] = {}
-    for gallery in galleries:
-        for item in gallery["items"]:
+    for g, gallery in enumerate(galleries):
+        for i, item in enumerate(gallery["items"]):
             kind, index = item.pop("pixels")
+            if kind == "check":
+                _file_pictures(files, item, f"figures/thumbs/{_slug(gallery['check'])}-{g}-{i}", index)
+                continue
             name = f"figures/thumbs/{kind}-{index}.jpg"
             if name not in files:
                 data = _thumbnail(ctx.dataset if kind == "audit" else ood, index)
@@ -130,3 +151,24 @@ def _thumbnail(dataset, index: int) -> bytes | None:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=82, optimize=True)
     return buf.getvalue()
+
+
+# a check's pictures are kept in the format it chose; anything else is left out
+_KINDS = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"RIFF", ".webp"))
+
+
+def _file_pictures(files: dict[str, bytes], item: dict[str, Any], stem: str, pictures) -> None:
+    item["pictures"] = []
+    for j, (caption, data) in enumerate(pictures):
+        ext = next((e for magic, e in _KINDS if bytes(data[:4]).startswith(magic)), None)
+        if ext is None or (ext == ".webp" and bytes(data[8:12]) != b"WEBP"):
+            continue
+        name = f"{stem}-{j}{ext}"
+        files[name] = bytes(data)
+        item["pictures"].append({"caption": caption, "file": name})
+    if item["pictures"]:
+        item["file"] = item["pictures"][0]["file"]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in str(text).lower())[:40] or "x"

@@ -153,3 +153,41 @@ def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, cell:
         ax.imshow(img, cmap=cmap, vmin=None if cmap is None else 0, vmax=None if cmap is None else 1)
         ax.set_title(title, fontsize=MIN_FONT_PT)
     return fig
+
+
+THUMB_PX = 112
+
+
+def thumbnail(image, px: int = THUMB_PX, quality: int = 82) -> bytes:
+    """A small JPEG of ``image`` (anything ``to_hwc`` takes), at most ``px`` on its longer
+    side: a drill-down picture for :class:`mcaudit.GalleryItem` (a few kB, so a gallery
+    barely adds to the report's size)."""
+    from PIL import Image
+
+    arr = (to_hwc(image) * 255 + 0.5).astype(np.uint8)
+    picture = Image.fromarray(arr)
+    picture.thumbnail((px, px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def heat_overlay(image, heat, alpha: float = 0.55, cmap: str = "inferno") -> np.ndarray:
+    """``image`` in grey with the positive part of ``heat`` (H x W) over it in ``cmap``,
+    scaled to its 99.5th percentile so one hot pixel does not wash out the rest; H x W x 3."""
+    grey = to_hwc(image).mean(axis=2, keepdims=True)
+    if hasattr(heat, "detach"):
+        heat = heat.detach().float().cpu().numpy()
+    heat = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0, None)
+    top = float(np.quantile(heat, 0.995)) if heat.max() > 0 else 1.0
+    colours = matplotlib.colormaps[cmap](np.clip(heat / max(top, 1e-12), 0, 1))[..., :3]
+    return np.clip((1 - alpha) * grey + alpha * colours, 0.0, 1.0).astype(np.float32)
+
+
+def amplified(delta) -> np.ndarray:
+    """A perturbation made visible: stretched so its largest change is full scale, mid-grey
+    where nothing changed; H x W x 3."""
+    if hasattr(delta, "detach"):
+        delta = delta.detach().float().cpu().numpy()
+    delta = np.asarray(delta, dtype=np.float32)
+    return to_hwc(0.5 + delta / (2 * max(float(np.abs(delta).max()), 1e-12)))

@@ -125,7 +125,8 @@ def test_robust_accuracy_falls_with_eps_on_the_demo_model(demo_ctx):
     assert not any(k.startswith("robust_accuracy.apgd_dlr") for k in m)
     titles = [f.title for f in result.figures]
     assert "Robust accuracy against the L-inf budget" in titles and "Robust accuracy against the L2 budget" in titles
-    assert any(t.startswith("Attack gallery") for t in titles)
+    [gallery] = result.galleries  # successful attacks at 8/255, each flipped away from its (correct) label
+    assert gallery.items and all(i.prediction != i.label and len(i.pictures) == 3 for i in gallery.items)
     column = result.per_image["robust.linf.3/255"]
     rows = demo_ctx.stratified_rows(16, "adversarial:rows")
     assert len(column) == len(demo_ctx.forward)

@@ -41,6 +41,9 @@ def test_long_content_is_folded_and_own_words_are_used(results):
     entry = r["checks"]["performance"]
     entry["tables"] = [{"title": f"table {i}", "columns": ["group", "n"], "rows": [["a", 1]], "note": ""} for i in range(9)]
     entry["warnings"] = [f"caveat {i}" for i in range(7)]
+    entry["findings"] = [{"status": "warn", "message": f"finding {i}", "metric": None, "severity": 1.0} for i in range(5)]
+    figure = dict(entry["figures"][0])
+    entry["figures"] = [dict(figure, title=f"figure {i}") for i in range(7)]
     entry["details"] = {"title": "Our own title", "plain_summary": "Our own plain sentence."}
     html = render_html(r, folder=folder)
     start = html.index('id="check-performance"')
@@ -48,6 +51,10 @@ def test_long_content_is_folded_and_own_words_are_used(results):
     assert "Our own title" in section and "Our own plain sentence." in section
     assert "5 more tables</summary>" in section and "4 more caveats</summary>" in section
     assert section.index("table 3") < section.index("5 more tables") < section.index("table 4")
+    # the first three findings and four figures open, the rest one click away (and printed)
+    assert section.index("finding 2") < section.index("2 more findings</summary>") < section.index("finding 3")
+    assert section.index("figure 3<") < section.index("3 more figures</summary>") < section.index("figure 4<")
+    assert section.count('<figure class="plot"><img') == 7
 
 
 def test_the_script_is_allowed_by_its_hash_only(results):

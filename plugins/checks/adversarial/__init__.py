@@ -65,7 +65,7 @@ class AdversarialCheck(Check):
         "grey": Param(True, "on grey data, confine the perturbation to one channel replicated to three"),
         "sanity_eps": Param(16 / 255, "L-inf budget of the PGD sanity attack that any model should fail (16/255; 0: off)",
                             min=0, max=1e3),
-        "gallery": Param(4, "successful attacks shown in the gallery"),
+        "gallery": Param(4, "successful attacks shown as thumbnails (original, attacked, change amplified)", min=0, max=50),
     }
     # standard: 400 images give a proportion near 0.5 a Clopper-Pearson half-width of about
     # 0.05; 50 steps and 2 restarts are about half of AutoAttack's APGD budget, enough for a
@@ -140,7 +140,8 @@ class AdversarialCheck(Check):
                            interval_methods={k: "exact (Clopper-Pearson)" for k in intervals},
                            not_evaluated=not_evaluated, findings=findings, summary=summary,
                            tables=report.tables(o, table_rows),
-                           figures=report.figures(ctx, o, gallery, params["gallery"]),
+                           figures=report.figures(o),
+                           galleries=report.galleries(ctx, gallery, o.eps_linf, params["gallery"]),
                            warnings=o.notes + warnings, details=results.details(o, worst, params),
                            per_image={f"robust.{norm}.{budget_label(norm, eps)}": ctx.per_image(o.rows, w.astype(int))
                                       for (norm, eps), w in worst.items()})

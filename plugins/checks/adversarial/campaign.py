@@ -69,6 +69,8 @@ class GallerySource:
     keep: torch.Tensor  # positions of the correctly classified images (the ones attacked)
     clean_pred: torch.Tensor
     adversarial: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]]
+    rows: np.ndarray | None = None  # this process's rows, in the order of ``images``
+    model: nn.Module | None = None  # what was attacked, for the shown images' confidences
 
 
 def attack_subsample(ctx, plan: Plan, rows: np.ndarray) -> tuple[Outcome, GallerySource]:
@@ -96,7 +98,7 @@ def attack_subsample(ctx, plan: Plan, rows: np.ndarray) -> tuple[Outcome, Galler
 
     outcome = _gather(ctx, plan, rows, local, {"correct": correct, "survives_sanity": survives, "zero_gradient": zero},
                       robust)
-    return outcome, GallerySource(images, keep, clean_pred, gallery)
+    return outcome, GallerySource(images, keep, clean_pred, gallery, np.asarray(local), model)
 
 
 def _attack_every_budget(ctx, plan: Plan, model, x, y, correct):

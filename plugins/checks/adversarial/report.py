@@ -1,12 +1,12 @@
 """Presentation: the robust-accuracy and attack tables, the accuracy-against-budget curves and
-the gallery of successful attacks."""
+the drill-down gallery of successful attacks (original, attacked, perturbation amplified)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from mcaudit import Table
+from mcaudit import Gallery, GalleryItem, Table
 
 from .attacks import ATTACKS
 from .budgets import budget_label, norm_name
@@ -31,14 +31,13 @@ def tables(o: Outcome, table_rows) -> list[Table]:
               for a in o.attacks])]
 
 
-def figures(ctx, o: Outcome, gallery: GallerySource, count: int) -> list:
+def figures(o: Outcome) -> list:
     from mcaudit.reports import plots
 
     clean_acc = o.n_correct / o.n if o.n else float("nan")
     curves = [fig for fig in (_curve(plots, o.robust, clean_acc, o.attacks, "linf", o.eps_linf),
                               _curve(plots, o.robust, clean_acc, o.attacks, "l2", o.eps_l2)) if fig is not None]
-    shown = _gallery(plots, ctx, gallery, o.eps_linf, count)
-    return curves + ([shown] if shown is not None else [])
+    return curves
 
 
 def _curve(plots, robust, clean_acc, attacks, norm, eps_list):
@@ -65,61 +64,45 @@ def _curve(plots, robust, clean_acc, attacks, norm, eps_list):
         "eps 0 is the clean accuracy. Curves must fall with eps; a curve that rises hints at gradient masking.")
 
 
-def _gallery(plots, ctx, source: GallerySource, eps_linf, count):
-    """Successful attacks at the largest L-inf budget, from this process's rows."""
-    if count <= 0 or not source.adversarial or not eps_linf:
-        return None
+def galleries(ctx, source: GallerySource, eps_linf, count: int) -> list[Gallery]:
+    """The attacks that succeeded at the largest L-inf budget, most convincing first (highest
+    confidence in the wrong answer), from this process's rows: original, attacked and the
+    perturbation made visible, with the prediction before and after."""
+    from mcaudit.reports import plots
+
+    if count <= 0 or not source.adversarial or not eps_linf or source.model is None:
+        return []
     eps = max(eps_linf)
     name = next((a for a in GALLERY_PREFERENCE if (a, eps) in source.adversarial), None)
     if name is None:
-        return None
+        return []
     adv, adv_pred = source.adversarial[(name, eps)]
-    clean_pred = source.clean_pred[source.keep]
-    fooled = torch.nonzero(adv_pred != clean_pred).flatten()[:count].tolist()
-    if not fooled:
-        return None
-    tiles, row_labels = _gallery_rows(plots, ctx.classes, source.images[source.keep], adv, clean_pred, adv_pred, fooled)
-    mosaic, centres_x, centres_y = _mosaic(tiles)
-    fig, ax = plots.new_figure(6.0, 0.6 + 1.9 * len(tiles))
-    ax.imshow(mosaic, cmap="gray" if mosaic.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(centres_x, ["clean", "perturbation (amplified)", "attacked"], fontsize=8)
-    ax.xaxis.tick_top()
-    ax.set_yticks(centres_y, row_labels, fontsize=8)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    return plots.to_figure(
-        fig, f"Attack gallery ({name}, L-inf {budget_label('linf', eps)})",
-        "Each row: the clean image, the perturbation stretched to the full grey range so it is visible "
-        "(mid-grey is no change), and the attacked image; the row label gives the model's prediction before "
-        "and after the attack.")
+    clean, clean_pred = source.images[source.keep], source.clean_pred[source.keep]
+    fooled = torch.nonzero(adv_pred != clean_pred).flatten()
+    if not len(fooled):
+        return []
+    with torch.no_grad(), ctx.autocast():
+        before = source.model(clean[fooled]).float().softmax(dim=1).cpu()
+        after = source.model(adv[fooled]).float().softmax(dim=1).cpu()
+    order = sorted(range(len(fooled)), key=lambda j: (-float(after[j].max()), j))[:count]
+    rows = source.rows[source.keep.cpu().numpy()] if source.rows is not None else None
+    items = [_item(plots, ctx, clean[i], adv[i], int(clean_pred[i]), int(adv_pred[i]), before[j], after[j],
+                   ctx.source(int(rows[i])) if rows is not None else "")
+             for j, i in ((j, int(fooled[j])) for j in order)]
+    shown = "shown: the " + (f"{len(items)} " if len(items) > 1 else "") + "most convincing, surest wrong answer first"
+    return [Gallery(
+        f"Attacked images ({name}, L-inf {budget_label('linf', eps)})", items,
+        f"{len(fooled)} of {len(clean)} correctly classified images attacked here changed class; {shown}. "
+        "The perturbation is stretched so its largest change is full scale (mid-grey: no change).")]
 
 
-def _gallery_rows(plots, classes, clean, adv, clean_pred, adv_pred, fooled):
-    """Per fooled image: the clean, amplified-perturbation and attacked tiles, and the row label."""
-    tiles, row_labels = [], []
-    for i in fooled:
-        c = clean[i].detach().float().cpu()
-        a = adv[i].detach().float().cpu()
-        delta = a - c
-        amp = 0.5 + delta / (2 * max(float(delta.abs().max()), 1e-12))
-        tiles.append([plots.to_hwc(c), plots.to_hwc(amp), plots.to_hwc(a)])
-        row_labels.append(f"{plots.short_label(classes[int(clean_pred[i])], 16)}\n"
-                          f"-> {plots.short_label(classes[int(adv_pred[i])], 16)}")
-    return tiles, row_labels
-
-
-def _mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> tuple[np.ndarray, list[float], list[float]]:
-    """Equal-sized images laid out in rows, separated by white gaps; also the tile centres.
-
-    One mosaic in one axes is far cheaper to lay out and encode than a grid of subplots."""
-    h, w = tiles[0][0].shape[:2]
-    cols = len(tiles[0])
-    shape = (len(tiles) * (h + gap) - gap, cols * (w + gap) - gap) + tiles[0][0].shape[2:]
-    out = np.ones(shape, dtype=np.float32)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
-    centres_x = [c * (w + gap) + (w - 1) / 2 for c in range(cols)]
-    centres_y = [r * (h + gap) + (h - 1) / 2 for r in range(len(tiles))]
-    return out, centres_x, centres_y
+def _item(plots, ctx, clean, adv, before_class: int, after_class: int, before, after, source: str) -> GalleryItem:
+    delta = (adv - clean).detach().float().cpu()
+    gain = 0.5 / max(float(delta.abs().max()), 1e-12)
+    return GalleryItem(
+        pictures=[("original", plots.thumbnail(clean)), ("attacked", plots.thumbnail(adv)),
+                  (f"change x{gain:.0f}", plots.thumbnail(plots.amplified(delta)))],
+        label=ctx.classes[before_class], prediction=ctx.classes[after_class],
+        confidence=float(after[after_class]), source=source,
+        notes=[f"before the attack: {ctx.classes[before_class]}, {float(before[before_class]):.0%}",
+               f"largest pixel change {float(delta.abs().max()) * 255:.1f}/255"])

@@ -86,6 +86,8 @@ class SaliencyCheck(Check):
         "top_percent": Param(20.0, "share of the most relevant pixels compared with the mask for the IoU, in %",
                              max=100, validate=lambda v: positive(v)),
         "overlays_per_class": Param(2, "images of each class shown in the overlay grid", min=0),
+        "gallery": Param(3, "images shown in the drill-down with their heat map: this many of the most faithful "
+                            "maps and as many of the least faithful", min=0, max=20),
         "n_bootstrap": Param(1000, "bootstrap resamples over images (patients where the data name them) for the 95% "
                                    "intervals (0 turns them off)", min=0),
     }
@@ -130,7 +132,8 @@ class SaliencyCheck(Check):
     }
     profiles = {
         "quick": {"methods": ["saliency", "grad_cam"], "n_images": 8, "n_mask_images": 8, "steps": 5, "ig_steps": 8,
-                  "shap_samples": 4, "cascade_points": 1, "n_bootstrap": 200, "overlays_per_class": 1},
+                  "shap_samples": 4, "cascade_points": 1, "n_bootstrap": 200, "overlays_per_class": 1,
+                  "gallery": 2},
         "standard": {"methods": ["integrated_gradients", "saliency", "input_x_gradient", "gradient_shap", "grad_cam"],
                      "n_images": 100, "n_mask_images": 100, "steps": 20, "ig_steps": 32, "shap_samples": 16,
                      "cascade_points": 3, "n_bootstrap": 1000},
@@ -161,7 +164,9 @@ class SaliencyCheck(Check):
         warnings += unreadable_masks(ctx, rows, evidence.merged)
         judged = judge(ctx, params, methods, rows, evidence)
         figures = report.figures(ctx, rows, local, pixels, maps, masks, evidence, params, target_name)
-        return _result(ctx, params, methods, rows, tower, target_name, evidence, judged, figures, warnings)
+        result = _result(ctx, params, methods, rows, tower, target_name, evidence, judged, figures, warnings)
+        result.galleries = report.galleries(ctx, rows, local, pixels, maps, judged, params["gallery"])
+        return result
 
 
 def _result(ctx, params, methods, rows, tower: ImageTower, target_name: str, ev: Evidence, judged: Judgement,
@@ -186,7 +191,7 @@ def _result(ctx, params, methods, rows, tower: ImageTower, target_name: str, ev:
             "mean_insertion_curve": {k: v.mean(axis=0).tolist() for k, v in ev.insertion.items()},
         },
         per_image={f"{m}.{key}": ctx.per_image(rows, judged.values[f"{m}.{key}"])
-                   for key in ("deletion_auc", "insertion_auc", "mass_in_mask") for m in methods
+                   for key in ("deletion_auc", "insertion_auc", "deletion_gain", "insertion_gain", "mass_in_mask") for m in methods
                    if f"{m}.{key}" in judged.values},
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mcaudit import Table
+from mcaudit import Gallery, GalleryItem, Table
 
 from .attributions import METHOD_LABELS
 from .explanation import Evidence
@@ -104,6 +104,43 @@ def figures(ctx, rows, local, pixels, maps, masks, ev: Evidence, params, target_
     out.append(curves_figure(ev.deletion, ev.insertion, labels, score_name))
     if cascade is not None and len(cascade["levels"]) > 1:
         out.append(cascade_figure(cascade["levels"], {m: [float(np.nanmean(v)) for v in vs] for m, vs in cascade["spearman"].items()}, labels))
+    return out
+
+
+def galleries(ctx, rows, local, pixels, maps, judged, count: int) -> list[Gallery]:
+    """The ``count`` images whose map was most faithful and the ``count`` least faithful
+    (deletion plus insertion gain over a random order, per image), each with its heat map,
+    for the recommended method, else the most faithful on average. Only this process's images
+    have pixels at hand, so under torchrun the first process shows its own share."""
+    from mcaudit.reports.plots import heat_overlay, thumbnail  # matplotlib loads only when a report is drawn
+
+    if count <= 0 or not ctx.world.is_main or not len(local):
+        return []
+    method = judged.recommended or max(maps, key=lambda m: np.nan_to_num(
+        judged.metrics.get(f"{m}.deletion_gain", np.nan) + judged.metrics.get(f"{m}.insertion_gain", np.nan), nan=-np.inf))
+    gain = judged.values[f"{method}.deletion_gain"] + judged.values[f"{method}.insertion_gain"]
+    positions = np.searchsorted(rows, local)  # where each local image sits among ``rows``
+    ranked = sorted((i for i in range(len(local)) if np.isfinite(gain[positions[i]])), key=lambda i: (-gain[positions[i]], i))
+    picked = {"most faithful": ranked[:count], "least faithful": ranked[count:][::-1][:count]}
+    why = "the recommended method" if judged.recommended else "no method passed the sanity test; the most faithful on average"
+    out = []
+    for kind, chosen in picked.items():
+        items = []
+        for i in chosen:
+            row, p = int(local[i]), positions[i]
+            pred = int(ctx.forward.preds[row])
+            items.append(GalleryItem(
+                [("image", thumbnail(pixels[i])), (METHOD_LABELS[method], thumbnail(heat_overlay(pixels[i], maps[method][i])))],
+                label=ctx.classes[int(ctx.forward.labels[row])], prediction=ctx.classes[pred],
+                confidence=float(ctx.forward.probs[row, pred]), source=ctx.source(row),
+                notes=[f"deletion gain {judged.values[f'{method}.deletion_gain'][p]:+.3f}",
+                       f"insertion gain {judged.values[f'{method}.insertion_gain'][p]:+.3f}"]))
+        if items:
+            out.append(Gallery(
+                f"{METHOD_LABELS[method]} maps, {kind} first", items,
+                f"{METHOD_LABELS[method]} ({why}): the images where its map {'best' if kind == 'most faithful' else 'least'} "
+                "predicts which pixels matter (deletion plus insertion gain over a random pixel order); bright: "
+                "where the map says the model looked"))
     return out
 
 
