@@ -209,6 +209,7 @@ class CertifiedCheck(Check):
                       for s in sigmas}
         gate_r = float(params["gate_radius"])
         not_evaluated = _gate(metrics, counts, intervals, gate_r, max_radius, params)
+        paired = _gate_column(ctx, rows, outcome, labels, sigmas, best_sigma[gate_r], gate_r, per_image, not_evaluated)
         table = _table(table_rows, sigmas, radii, max_radius, params, n)
         figures = [self._curve(outcome, labels, sigmas, radii, max_radius)]
         warnings = []
@@ -219,6 +220,7 @@ class CertifiedCheck(Check):
                 f"{metrics['clean_accuracy']:.1%} clean; the model is not robust to Gaussian noise at these sigmas.")
         summary = self._summary(metrics, counts, intervals, gate_r, best_sigma[gate_r], not_evaluated, n)
         details = _details(rows, outcome, sigmas, radii, gate_r, best_sigma[gate_r], max_radius, params)
+        details["paired_columns"] = paired
         methods = {k: ("Bonferroni-adjusted exact (Clopper-Pearson), best of the noise levels"
                        if k.startswith("certified_accuracy.best") or k == "certified_accuracy_at_radius"
                        else "exact (Clopper-Pearson)") for k in intervals}
@@ -293,6 +295,21 @@ def _per_image_columns(ctx, rows, o: dict, labels: np.ndarray, s: float) -> dict
     return {f"certified_radius.sigma={_key(s)}": ctx.per_image(rows, [
                 None if p < 0 else float(r) for p, r in zip(pred, radius)]),
             f"certified_correct.sigma={_key(s)}": ctx.per_image(rows, (pred == labels).astype(int))}
+
+
+def _gate_column(ctx, rows, outcome: dict, labels: np.ndarray, sigmas, sigma: float, gate_r: float, per_image: dict,
+                 not_evaluated: dict) -> dict[str, str]:
+    """Adds the per-image column of the gated number (1: certified correct at the gate radius)
+    to ``per_image``; returns {metric: column} for image-by-image comparisons of runs
+    (mcaudit.comparison), only with one noise level: with several, the gated number is the best
+    of them, a choice made after seeing the data that a paired test of the column would ignore."""
+    if "certified_accuracy_at_radius" in not_evaluated:
+        return {}
+    o = outcome[sigma]
+    column = f"certified_at_gate_radius.sigma={_key(sigma)}"
+    certified = (o["prediction"] == labels) & (np.nan_to_num(o["radius"], nan=-1.0) >= gate_r)
+    per_image[column] = ctx.per_image(rows, certified.astype(int))
+    return {"certified_accuracy_at_radius": column} if len(sigmas) == 1 else {}
 
 
 def _best_over_sigmas(metrics: dict, counts: dict, intervals: dict, sigmas, radii, n: int) -> dict[float, float]:

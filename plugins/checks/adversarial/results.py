@@ -92,6 +92,7 @@ def masking_metrics(o: Outcome, worst, metrics, counts: Counts) -> tuple[list[st
 
 
 def details(o: Outcome, worst, params) -> dict[str, Any]:
+    smallest = smallest_budget(worst)
     return {
         "rows": [int(r) for r in o.rows],
         "attacks": o.attacks,
@@ -104,6 +105,11 @@ def details(o: Outcome, worst, params) -> dict[str, Any]:
         "square_queries": params["square_queries"],
         "sanity_eps": o.sanity,
         "notes": o.notes,
+        # robust_accuracy_at_smallest_eps is exactly the mean of this per-image column (the
+        # worst case over the attacks at that budget), so runs on the same images can be
+        # compared image by image (mcaudit.comparison); the retained accuracy is not a mean
+        "paired_columns": {} if smallest is None else {
+            "robust_accuracy_at_smallest_eps": f"robust.{smallest[0]}.{budget_label(*smallest)}"},
     }
 
 

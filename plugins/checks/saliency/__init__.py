@@ -189,11 +189,22 @@ def _result(ctx, params, methods, rows, tower: ImageTower, target_name: str, ev:
             "cascade_spearman": {m: [float(np.nanmean(v)) for v in vs] for m, vs in cascade["spearman"].items()} if cascade else {},
             "mean_deletion_curve": {k: v.mean(axis=0).tolist() for k, v in ev.deletion.items()},
             "mean_insertion_curve": {k: v.mean(axis=0).tolist() for k, v in ev.insertion.items()},
+            "paired_columns": _paired_columns(judged),
         },
         per_image={f"{m}.{key}": ctx.per_image(rows, judged.values[f"{m}.{key}"])
                    for key in ("deletion_auc", "insertion_auc", "deletion_gain", "insertion_gain", "mass_in_mask") for m in methods
                    if f"{m}.{key}" in judged.values},
     )
+
+
+def _paired_columns(judged: Judgement) -> dict[str, str]:
+    """The recommended method's metrics with the per-image column each is the mean of (over
+    the images where it is defined), for image-by-image comparisons of runs (mcaudit.comparison)."""
+    if not judged.recommended:
+        return {}
+    keys = ("deletion_gain", "insertion_gain", "mass_in_mask")
+    return {f"recommended_{k}": f"{judged.recommended}.{k}" for k in keys
+            if f"recommended_{k}" in judged.metrics and f"{judged.recommended}.{k}" in judged.values}
 
 
 @hookimpl
