@@ -36,6 +36,8 @@ from mcaudit.errors import InputError
 class RunConfig:
     model: str | None = None
     checkpoint: str | None = None
+    label: str | None = None  # the model's name in a multi-model audit
+    models: str | None = None  # a models TOML: several models audited on the same data
     data: str | None = None
     prompts: str | None = None
     groups: list[str] = field(default_factory=list)

@@ -207,7 +207,8 @@ def run_key(cfg, adapter, dataset, forward) -> str:
     """What a finished check's result depends on beyond its own name and parameters."""
     settings = {k: v for k, v in cfg.public().items()
                 if k not in ("out", "gate", "thresholds", "gate_policy", "config_file", "check_params", "checks",
-                             "profile", "threads", "workers", "cache_dir", "no_cache", "resume")}
+                             "profile", "threads", "workers", "cache_dir", "no_cache", "resume", "label",
+                             "models")}
     outputs = hashlib.sha256()
     for array in (forward.indices, forward.labels, forward.logits.numpy(), forward.image_features.numpy()):
         outputs.update(np.ascontiguousarray(array).tobytes())

@@ -115,8 +115,14 @@ def load_model(manager: PluginManager, cfg: RunConfig, device: torch.device, fla
     return adapter.to(device).eval()
 
 
-def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None, pixel_transform=None):
+def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: list[str] | None, pixel_transform=None,
+                   shared: SharedData | None = None):
     def open_dataset(spec: str, role: str = "audit", groups: tuple[str, ...] = ()) -> AuditDataset:
+        opened = shared.get(spec, role, groups) if shared is not None else None
+        if opened is not None:
+            opened.image_size = tuple(image_size)
+            opened.use_preprocessing(pixel_transform)
+            return opened
         options = dict(cfg.data_options)
         if classes and role == "audit":
             # An OOD set's labels are never used, so they need not be the audited classes.
@@ -129,9 +135,29 @@ def dataset_opener(manager: PluginManager, cfg: RunConfig, image_size, classes: 
                              "(see `mcaudit plugins` for the formats)")
         # The model sees every image through its own preprocessing, whatever reads it first.
         dataset.use_preprocessing(pixel_transform)
+        if shared is not None:
+            shared.put(spec, role, groups, dataset)
         return dataset
 
     return open_dataset
+
+
+class SharedData:
+    """The data sets of a multi-model audit, opened once and shared by every model: each
+    image is decoded once (kept in memory up to ``budget_bytes``) and every model sees the
+    same images, in the same order, with the same failures."""
+
+    def __init__(self, budget_bytes: int = 2 * 1024**3):
+        self.budget_bytes = budget_bytes
+        self.opened: dict[tuple[str, str, tuple[str, ...]], AuditDataset] = {}
+
+    def get(self, spec: str, role: str, groups: tuple[str, ...]) -> AuditDataset | None:
+        return self.opened.get((spec, role, tuple(groups)))
+
+    def put(self, spec: str, role: str, groups: tuple[str, ...], dataset: AuditDataset) -> None:
+        # the budget is shared: the audited set first, then the OOD set
+        dataset.keep_decoded(max(0, self.budget_bytes - sum(d.kept_bytes for d in self.opened.values())))
+        self.opened[(spec, role, tuple(groups))] = dataset
 
 
 SMALL_MODEL_PARAMS = 10_000_000
@@ -256,7 +282,8 @@ def choose_prompts(prompts: PromptSet, model: ModelAdapter, dataset: AuditDatase
     return prompts
 
 
-def build_context(cfg: RunConfig, manager: PluginManager, show: bool, cache=None) -> AuditContext:
+def build_context(cfg: RunConfig, manager: PluginManager, show: bool, cache=None,
+                  shared: SharedData | None = None) -> AuditContext:
     """Load the model and data, run the shared forward pass, and give checks their context."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -265,7 +292,7 @@ def build_context(cfg: RunConfig, manager: PluginManager, show: bool, cache=None
     model = load_model(manager, cfg, device)
     set_cpu_threads(cfg.threads, model, device)
     requested = load_prompts(Path(cfg.prompts) if cfg.prompts else None)
-    open_dataset = dataset_opener(manager, cfg, model.image_size, requested.classes or None, model.pixel_transform)
+    open_dataset = dataset_opener(manager, cfg, model.image_size, requested.classes or None, model.pixel_transform, shared)
     dataset = open_dataset(cfg.data, "audit", tuple(cfg.groups))
     # A bad --ood is a usage error now, not a check error later; the check reuses this one.
     opened_ood = {cfg.ood: open_dataset(cfg.ood, "ood", ())} if cfg.ood else {}
@@ -294,13 +321,13 @@ def build_context(cfg: RunConfig, manager: PluginManager, show: bool, cache=None
     )
 
 
-def run_audit(cfg: RunConfig, manager: PluginManager) -> AuditRun:
+def run_audit(cfg: RunConfig, manager: PluginManager, shared: SharedData | None = None) -> AuditRun:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     show = not cfg.quiet
     plan = plan_run(cfg, manager)
     cache = cache_for_run(cfg, show)
-    ctx = build_context(cfg, manager, show, cache)
+    ctx = build_context(cfg, manager, show, cache, shared)
     entries, check_results = run_checks(ctx, plan.selected, show, store_for_run(cfg, ctx, cache))
     finished = dt.datetime.now(dt.timezone.utc)
     results = {

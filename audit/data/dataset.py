@@ -82,6 +82,40 @@ class AuditDataset(torch.utils.data.Dataset):
             raise UnreadableImage(f"{record.source}: no file")
         return read_image(record.path, self.options)
 
+    def keep_decoded(self, budget_bytes: int) -> None:
+        """Keep decoded images in memory, up to ``budget_bytes``, so that the next model of a
+        multi-model audit (and any check re-reading an image) does not decode them again.
+        Unreadable images are remembered too, with their reason. Worker processes
+        (``--workers``) each fill their own copy, so there it saves less."""
+        self._decoded: dict[int, tuple[np.ndarray, bool] | str] = {}
+        self._decoded_budget = int(budget_bytes)
+        self._decoded_bytes = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of decoded images :meth:`keep_decoded` holds."""
+        return getattr(self, "_decoded_bytes", 0)
+
+    def decoded(self, index: int) -> tuple[np.ndarray, bool]:
+        """:meth:`load_pixels`, from memory when :meth:`keep_decoded` kept it."""
+        kept = getattr(self, "_decoded", None)
+        if kept is None:
+            return self.load_pixels(index)
+        if index in kept:
+            found = kept[index]
+            if isinstance(found, str):
+                raise UnreadableImage(found)
+            return found
+        try:
+            arr, grey = self.load_pixels(index)
+        except UnreadableImage as exc:
+            kept[index] = str(exc)
+            raise
+        if self._decoded_bytes + arr.nbytes <= self._decoded_budget:
+            kept[index] = (arr, grey)
+            self._decoded_bytes += arr.nbytes
+        return arr, grey
+
     def use_preprocessing(self, transform) -> None:
         """Give every image to ``transform`` (a model's preprocessing), or None for the default."""
         self.pixel_transform = transform
@@ -94,7 +128,7 @@ class AuditDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            arr, grey = self.load_pixels(index)
+            arr, grey = self.decoded(index)
             pixels = self.to_pixels(arr)
             return {"pixels": pixels, "index": index, "grey": grey, "error": None}
         except UnreadableImage as exc:
