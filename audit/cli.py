@@ -60,8 +60,13 @@ def cli():
 
 
 @cli.command()
-@click.option("--model", help="Model spec: ARCH, arch.json, FOLDER, hf-hub:ORG/NAME, demo, or a plugin's form.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Weights (.safetensors/.pt/.pth/.bin).")
+@click.option("--model", "models", multiple=True,
+              help="Model spec: ARCH, arch.json, FOLDER, hf-hub:ORG/NAME, demo, or a plugin's form. Repeat to audit and compare several models.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+              help="Weights (.safetensors/.pt/.pth/.bin); with several --model, one per model in the same order.")
+@click.option("--label", "labels", multiple=True, help="The model's name in reports; with several --model, one per model.")
+@click.option("--models", "models_file", type=click.Path(dir_okay=False),
+              help="A models TOML ([[model]] tables: label, spec, checkpoint, reference_model): audit and compare them.")
 @click.option("--data", help="Data: manifest.csv, an image folder, a MedMNIST .npz, or phantom:.")
 @click.option("--prompts", type=click.Path(dir_okay=False), help="Prompt TOML: class phrasings and templates.")
 @click.option("--group", "groups", multiple=True, help="Subgroup column for fairness (repeatable).")
@@ -97,31 +102,19 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bars or summary.")
 @plugin_option
 @click.pass_context
-def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_file, markdown_file, output_args, **options):
-    """Audit a model on a labelled image set; with no --model and --data, run the demo."""
-    from mcaudit.config import RunConfig, apply_config_file, default_config_file, parse_data_options, parse_set
+def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_file, markdown_file, output_args,
+        models, checkpoints, labels, models_file, **options):
+    """Audit a model on a labelled image set; with no --model and --data, run the demo.
+    With several models (--model repeated, or --models FILE) each is audited on the same
+    images and settings, and the output folder's report compares them with paired statistics."""
+    from mcaudit.multi_model import apply_model_options, audit_model_set
     from mcaudit.plugin_manager import make_plugin_manager
     from mcaudit.reports.writer import write_outputs
     from mcaudit.runner import apply_demo_defaults, run_audit
 
-    cfg = RunConfig()
-    source = Path(config_file) if config_file else default_config_file()
-    if config_file and not Path(config_file).is_file():
-        raise InputError(f"--config {config_file}: no such file")
-    if source is not None:
-        apply_config_file(cfg, source)
-    for key, value in options.items():
-        if value is None or value == ():
-            continue
-        if key == "checks":
-            value = [c.strip() for c in value.split(",") if c.strip()]
-        elif key == "groups":
-            value = list(value)
-        setattr(cfg, key, value)
+    cfg = run_config(config_file, options, data_options, set_params)
+    entries = apply_model_options(cfg, list(models), list(checkpoints), list(labels), models_file)
     cfg.quiet = quiet
-    cfg.data_options.update(parse_data_options(list(data_options)))
-    for check, params in parse_set(list(set_params)).items():
-        cfg.check_params.setdefault(check, {}).update(params)
     demo = apply_demo_defaults(cfg)
     load, block = split_plugin_args(plugin_args)
     manager = make_plugin_manager(load=load, block=block)
@@ -143,6 +136,10 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     if is_main:
         check_writable(out)
         check_outputs_writable(extra_outputs)
+    if entries:
+        with output_lock(out) if is_main else contextlib.nullcontext(), interrupt_guard() as interrupted:
+            code = audit_model_set(cfg, manager, entries, out, extra_outputs, interrupted)
+        ctx.exit(code)
     with output_lock(out) if is_main else contextlib.nullcontext(), interrupt_guard() as interrupted:
         audit = run_audit(cfg, manager)
         if interrupted():
@@ -157,6 +154,30 @@ def run(ctx, config_file, set_params, data_options, plugin_args, quiet, junit_fi
     barrier(audit.world)
     shutdown(audit.world)
     ctx.exit(audit.exit_code)
+
+
+def run_config(config_file, options, data_options, set_params):
+    """The run's settings: the config file's, then the options given."""
+    from mcaudit.config import RunConfig, apply_config_file, default_config_file, parse_data_options, parse_set
+
+    cfg = RunConfig()
+    source = Path(config_file) if config_file else default_config_file()
+    if config_file and not Path(config_file).is_file():
+        raise InputError(f"--config {config_file}: no such file")
+    if source is not None:
+        apply_config_file(cfg, source)
+    for key, value in options.items():
+        if value is None or value == ():
+            continue
+        if key == "checks":
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        elif key == "groups":
+            value = list(value)
+        setattr(cfg, key, value)
+    cfg.data_options.update(parse_data_options(list(data_options)))
+    for check, params in parse_set(list(set_params)).items():
+        cfg.check_params.setdefault(check, {}).update(params)
+    return cfg
 
 
 @contextlib.contextmanager
@@ -208,6 +229,10 @@ def read_results(path: str) -> dict:
         raise InputError(f"{path}: no such file") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a results.json file ({exc})") from exc
+    if isinstance(results, dict) and results.get("kind") == "models":
+        labels = ", ".join(results.get("models") or {})
+        raise InputError(f"{path}: the results of a multi-model audit ({labels}); use each model's "
+                         "models/LABEL/results.json, or `mcaudit compare` on them")
     if not isinstance(results, dict) or "checks" not in results:
         raise InputError(f"{path}: not a mcaudit results.json (no 'checks')")
     from mcaudit.reports.compare import check_numbers
@@ -293,24 +318,46 @@ def report(results_file, out, plugin_args):
 
 
 @cli.command()
-@click.argument("base_file", type=click.Path(dir_okay=False))
-@click.argument("new_file", type=click.Path(dir_okay=False))
-@click.option("--max-drop", type=float, default=None, help="Fail (exit 1) when a metric worsens by more than this.")
+@click.argument("run_files", nargs=-1, required=True, type=click.Path())
+@click.option("--max-drop", type=float, default=None, help="Fail (exit 1) when a metric of the last run is worse than the first's by more than this.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the comparison as HTML.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the paired comparison as JSON.")
+@click.option("--label", "labels", multiple=True, help="A name for each run, in order (default: its folder's name).")
 @click.pass_context
-def compare(ctx, base_file, new_file, max_drop, html_file):
-    """Metric deltas between two results.json files (two checkpoints, or one over time)."""
-    from mcaudit.reports.atomic import write_files_atomically
-    from mcaudit.reports.compare import compare_html, compare_results, compare_text, regressions
+def compare(ctx, run_files, max_drop, html_file, json_file, labels):
+    """Compare runs (results.json files or run folders): metric deltas from the first to the
+    last and, when the runs share their images, seed and settings (several models audited
+    the same way), the paired comparison of every pair of models with the ranking."""
+    from mcaudit.comparison import compare_runs, comparison_text, load_run
+    from mcaudit.reports.atomic import check_file_writable, write_files_atomically
+    from mcaudit.reports.compare import check_numbers, compare_html, compare_results, compare_text, regressions
+    from mcaudit.reports.writer import results_json
 
-    base, new = read_results(base_file), read_results(new_file)
+    if len(run_files) < 2:
+        raise InputError("compare: give at least two runs (results.json files or run folders)")
+    if labels and len(labels) != len(run_files):
+        raise InputError(f"--label given {len(labels)} times for {len(run_files)} runs: give one per run")
     if max_drop is not None and max_drop < 0:
         raise InputError(f"--max-drop {max_drop}: must be zero or positive")
-    deltas = compare_results(base, new)
+    for target, option in ((html_file, "--html"), (json_file, "--json")):
+        if target:
+            check_file_writable(Path(target), option)
+    runs = [load_run(path, labels[i] if labels else None) for i, path in enumerate(run_files)]
+    for run in runs:
+        check_numbers(run.results, run.source)
+    first, last = runs[0].results, runs[-1].results
+    deltas = compare_results(first, last)
     click.echo(compare_text(deltas, max_drop), nl=False)
+    comparison = compare_runs(runs)
+    click.echo(comparison_text(comparison), nl=False)
     if html_file:
         target = Path(html_file)
-        write_files_atomically(target.parent, {target.name: compare_html(base, new, deltas, max_drop)})
+        page = compare_html(first, runs[1].results, deltas, max_drop, more=[r.results for r in runs[2:]],
+                            comparison=comparison)
+        write_files_atomically(target.parent, {target.name: page})
+    if json_file:
+        target = Path(json_file)
+        write_files_atomically(target.parent, {target.name: results_json(comparison)})
     if max_drop is not None:
         bad = regressions(deltas, max_drop)
         click.echo(f"{len(bad)} regression(s) beyond {max_drop:g}")

@@ -26,7 +26,7 @@ MIN_GROUP = 5
 
 def as_written(value: float) -> float:
     """``value`` as samples.csv writes it, so ties break the same way in both."""
-    return float(f"{float(value):.8g}")
+    return float(f"{float(value):.9g}")
 
 
 def most_confident_wrong(labels: np.ndarray, probs: np.ndarray, rows: np.ndarray | None = None, k: int = PER_CLASS) -> list[int]:
@@ -143,7 +143,7 @@ def thumbnails(run, galleries: list[dict[str, Any]]) -> dict[str, bytes]:
 
 def _thumbnail(dataset, index: int) -> bytes | None:
     try:
-        arr, _grey = dataset.load_pixels(index)
+        arr, _grey = dataset.decoded(index)
     except Exception:  # noqa: BLE001 - an image that cannot be shown leaves its item without a picture
         return None
     image = Image.fromarray((np.clip(np.asarray(arr), 0, 1) * 255).astype(np.uint8))

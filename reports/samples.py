@@ -35,7 +35,7 @@ def samples_csv(run) -> str:
         writer.writerow(
             [text_cell(rec.source), text_cell(classes[fwd.labels[row]]), text_cell(classes[preds[row]]),
              int(preds[row] == fwd.labels[row])]
-            + [f"{p:.8g}" for p in probs[row]]
+            + [f"{p:.9g}" for p in probs[row]]  # 9 digits give float32 back exactly
             + [text_cell(rec.groups.get(g, "")) for g in group_cols]
             + [_cell(values[row]) for _, values in extra]
         )
@@ -46,7 +46,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{float(value):.8g}"
+        return "" if math.isnan(value) else f"{float(value):.9g}"
     return text_cell(str(value))
 
 

@@ -40,6 +40,11 @@ def write_outputs(run, out_dir: Path, manager) -> list[Path]:
     """results.json (figures as files under figures/), samples.csv, the figure and thumbnail
     files, and index.html, which embeds them all. ``run.results`` keeps its data URIs (the
     other outputs and plugins' report sections read it); only the written copy refers to files."""
+    return replace_folder(Path(out_dir), output_files(run, manager))
+
+
+def output_files(run, manager) -> dict[str, str | bytes]:
+    """The run folder's files by their names in it (see :func:`write_outputs`)."""
     from mcaudit.reports.figures import split_figures
     from mcaudit.reports.gallery import choose, thumbnails
 
@@ -54,4 +59,4 @@ def write_outputs(run, out_dir: Path, manager) -> list[Path]:
     files: dict[str, str | bytes] = {"results.json": results_json(stored), "samples.csv": samples}
     files["index.html"] = render_html(stored, plugin_sections(manager, run.results), files=assets, samples=samples)
     files.update(assets)
-    return replace_folder(Path(out_dir), files)
+    return files

@@ -52,9 +52,9 @@ def test_markdown_summary_and_github_step_summary(gated, tmp_path, monkeypatch):
 
 
 def test_compare_flags_regressions(tmp_path):
-    base = {"model": {"spec": "a"}, "finished_at": "t0", "checks": {"performance": {"metrics": {"accuracy": 0.90, "n_images": 10.0}},
+    base = {"model": {"spec": "a"}, "dataset": {"path": "d"}, "finished_at": "t0", "checks": {"performance": {"metrics": {"accuracy": 0.90, "n_images": 10.0}},
                                                                      "calibration": {"metrics": {"ece": 0.02}}}}
-    new = {"model": {"spec": "b"}, "finished_at": "t1", "checks": {"performance": {"metrics": {"accuracy": 0.86, "n_images": 10.0}},
+    new = {"model": {"spec": "b"}, "dataset": {"path": "d"}, "finished_at": "t1", "checks": {"performance": {"metrics": {"accuracy": 0.86, "n_images": 10.0}},
                                                                     "calibration": {"metrics": {"ece": 0.09}}}}
     (tmp_path / "a.json").write_text(json.dumps(base))
     (tmp_path / "b.json").write_text(json.dumps(new))
