@@ -100,9 +100,14 @@ def compare_text(deltas: list[Delta], max_drop: float | None) -> str:
 
 
 def compare_html(base: dict[str, Any], new: dict[str, Any], deltas: list[Delta], max_drop: float | None,
-                 more: list[dict[str, Any]] | None = None) -> str:
+                 more: list[dict[str, Any]] | None = None, comparison: dict[str, Any] | None = None,
+                 links: list[str | None] | None = None) -> str:
     """The comparison as a page: each run's verdict, every check's status side by side, and
-    every metric per run with the change from the first to the last and the regressions."""
+    every metric per run with the change from the first to the last and the regressions.
+    With ``comparison`` (:func:`mcaudit.comparison.compare_runs`) the page opens with the
+    models ranked on every audited dimension and the paired differences behind the ranking,
+    and shows each check's sentence and gated numbers per model; ``links`` points each run's
+    name at its own report."""
     from mcaudit.reports.html import _env, script
     from mcaudit.reports.plain import title
     from mcaudit.reports.verdicts import status_word
@@ -121,9 +126,42 @@ def compare_html(base: dict[str, Any], new: dict[str, Any], deltas: list[Delta],
     metrics = [{"name": d.name, "values": [_metric(r, d.name) for r in runs], "change": d.change} for d in deltas]
     text, digest = script()
     labelled = [_describe(i, r) for i, r in enumerate(runs)]
+    for i, run in enumerate(labelled):
+        if comparison is not None:
+            run["label"] = comparison["models"][i]["label"]
+        run["link"] = (links or [None] * len(runs))[i]
     return _env().get_template("compare.html").render(
         runs=labelled, statuses=statuses, metrics=metrics, bad=bad, max_drop=max_drop, word=status_word,
+        comparison=comparison, ranking=_ranking_cells(comparison, labelled), sections=side_by_side(runs, names) if comparison is not None else [],
         script=Markup(text), script_hash=digest)
+
+
+def _ranking_cells(comparison: dict[str, Any] | None, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if comparison is None:
+        return []
+    rows = []
+    for row in comparison.get("ranking", []):
+        by_label = {m["label"]: m for m in row.get("models", [])}
+        rows.append(row | {"cells": [by_label.get(run["label"]) for run in runs]})
+    return rows
+
+
+def side_by_side(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Each check with, per run, its status, plain sentence and gated numbers."""
+    from mcaudit.reports.plain import sentence, title
+
+    out = []
+    for name in names:
+        entry = next(r["checks"][name] for r in runs if name in r.get("checks", {}))
+        cells = []
+        for r in runs:
+            mine = r.get("checks", {}).get(name)
+            gated = [g for g in (r.get("gate") or {}).get("results", []) if g.get("check") == name]
+            cells.append(None if mine is None else {
+                "status": mine.get("status"), "sentence": sentence(name, mine) or mine.get("summary", ""),
+                "gated": [{"name": g["metric"], "sentence": g.get("sentence", ""), "status": g["status"]} for g in gated]})
+        out.append({"name": name, "title": title(name, entry), "cells": cells})
+    return out
 
 
 def _metric(results: dict[str, Any], name: str) -> float | None:

@@ -31,6 +31,21 @@ def _case(suite, classname: str, name: str, time: Any, status: str, message: str
 
 
 def junit_xml(results: dict[str, Any]) -> str:
+    """One ``<testsuite>``; a multi-model audit gives ``<testsuites>`` with one suite per model."""
+    if results.get("kind") == "models":
+        suites = ET.Element("testsuites", name=f"mcaudit: {len(results['models'])} models")
+        for label, one in results["models"].items():
+            suite = _suite(one)
+            suite.set("name", f"mcaudit {label}")
+            suites.append(suite)
+        ET.indent(suites)
+        return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+    suite = _suite(results)
+    ET.indent(suite)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+
+
+def _suite(results: dict[str, Any]) -> ET.Element:
     gate = results.get("gate") or {}
     policy = GatePolicy(**(gate.get("policy") or {}))
     checks = results.get("checks", {})
@@ -59,5 +74,4 @@ def junit_xml(results: dict[str, Any]) -> str:
     out += [f"check {n}: {c.get('status')}: {c.get('status_reason', '')}" for n, c in checks.items()]
     out += [f"caveat ({where}): {text}" for where, text in caveats(results)]
     ET.SubElement(suite, "system-out").text = "\n".join(out)
-    ET.indent(suite)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+    return suite

@@ -21,6 +21,8 @@ def _status(status: str) -> str:
 
 
 def markdown_summary(results: dict[str, Any]) -> str:
+    if results.get("kind") == "models":
+        return models_summary(results)
     gate = results.get("gate") or {}
     verdict = results.get("verdict") or {}
     d = results.get("dataset", {})
@@ -62,3 +64,32 @@ def markdown_summary(results: dict[str, Any]) -> str:
             lines.append(f"| {_cell(g['name'])} | {_cell(rule)} | {format_number(g['value'])} | {interval} | "
                          f"{g['n'] if g.get('n') is not None else ''} | {status} | {_cell(g['source'])} |")
     return "\n".join(lines) + "\n"
+
+
+def models_summary(results: dict[str, Any]) -> str:
+    """A multi-model audit: the ranking, the differences that decided it, then one block per
+    model (its own summary, headings one level down)."""
+    comparison = results.get("comparison") or {}
+    labels = list(results.get("models") or {})
+    lines = [f"## mcaudit: {len(labels)} models compared", ""]
+    for problem in comparison.get("problems") or []:
+        lines.append(f"- ⚠️ not paired: {_cell(problem)}")
+    lines += ["", "| dimension | " + " | ".join(_cell(label) for label in labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for row in comparison.get("ranking") or []:
+        by = {m["label"]: m for m in row.get("models", [])}
+        cells = [(f"#{by[label]['rank']} ({by[label]['wins']} better, {by[label]['losses']} worse)" if row.get("decided")
+                  else "undecided") if label in by else "-" for label in labels]
+        lines.append(f"| {_cell(row['dimension'])} | " + " | ".join(cells) + " |")
+    decided = [c for c in comparison.get("comparisons") or [] if c.get("better")]
+    if decided:
+        lines += ["", "| metric | models | difference (interval) | p (Holm) | better |", "|---|---|---|---|---|"]
+        for c in decided:
+            lo, hi = c["interval"]
+            lines.append(f"| {_cell(c['metric'])} | {_cell(c['a'])} vs {_cell(c['b'])} | {c['difference']:+.4g} "
+                         f"({lo:+.4g} to {hi:+.4g}) | {format_number(c['p_adjusted'])} | {_cell(c['better'])} |")
+    lines.append("")
+    for label, one in (results.get("models") or {}).items():
+        block = markdown_summary(one).replace("## mcaudit:", f"## {_cell(label)}:", 1)
+        lines.append("\n".join(("#" + line) if line.startswith("#") else line for line in block.splitlines()))
+        lines.append("")
+    return "\n".join(lines)
