@@ -328,13 +328,11 @@ def compare(ctx, run_files, max_drop, html_file, json_file, labels):
     """Compare runs (results.json files or run folders): metric deltas from the first to the
     last and, when the runs share their images, seed and settings (several models audited
     the same way), the paired comparison of every pair of models with the ranking."""
-    from mcaudit.comparison import compare_runs, comparison_text, load_run
+    from mcaudit.comparison import compare_runs, comparison_text, load_runs
     from mcaudit.reports.atomic import check_file_writable, write_files_atomically
     from mcaudit.reports.compare import check_numbers, compare_html, compare_results, compare_text, regressions
     from mcaudit.reports.writer import results_json
 
-    if len(run_files) < 2:
-        raise InputError("compare: give at least two runs (results.json files or run folders)")
     if labels and len(labels) != len(run_files):
         raise InputError(f"--label given {len(labels)} times for {len(run_files)} runs: give one per run")
     if max_drop is not None and max_drop < 0:
@@ -342,7 +340,9 @@ def compare(ctx, run_files, max_drop, html_file, json_file, labels):
     for target, option in ((html_file, "--html"), (json_file, "--json")):
         if target:
             check_file_writable(Path(target), option)
-    runs = [load_run(path, labels[i] if labels else None) for i, path in enumerate(run_files)]
+    runs = load_runs(run_files, labels)
+    if len(runs) < 2:
+        raise InputError("compare: give at least two runs (results.json files, run folders or a multi-model audit's folder)")
     for run in runs:
         check_numbers(run.results, run.source)
     first, last = runs[0].results, runs[-1].results

@@ -99,6 +99,17 @@ def test_compare_on_the_model_folders_gives_the_same_comparison(two_models, tmp_
     assert "Which model?" in (tmp_path / "c.html").read_text()
 
 
+def test_compare_expands_a_multi_model_folder(two_models, tmp_path):
+    out = run_cli(["compare", two_models, "--json", tmp_path / "c.json"])
+    assert out.exit_code == 0, out.output
+    again = json.loads((tmp_path / "c.json").read_text())
+    top = json.loads((two_models / "results.json").read_text())["comparison"]
+    assert [m["label"] for m in again["models"]] == ["demo", "hot"]
+    assert again["comparisons"] == top["comparisons"]
+    alone = run_cli(["compare", two_models / "models" / "demo"])
+    assert alone.exit_code == 2 and "at least two runs" in alone.output
+
+
 def test_junit_and_markdown_have_one_part_per_model(two_models):
     suites = ET.parse(two_models.parent / "junit.xml").getroot()
     assert suites.tag == "testsuites" and [s.get("name") for s in suites] == ["mcaudit demo", "mcaudit hot"]

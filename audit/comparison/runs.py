@@ -72,6 +72,24 @@ def load_run(path: str | Path, label: str | None = None) -> ComparedRun:
     return ComparedRun(label=label or folder.name or "run", results=results, samples=samples, source=str(results_path))
 
 
+def load_run_or_set(path: str | Path, label: str | None = None) -> list[ComparedRun]:
+    """The runs a path names: one run, or every model of a multi-model audit's folder (its
+    top results.json has ``kind = "models"``), each read from ``models/<label>/`` and
+    labelled as there (prefixed by ``label`` and a dot when one is given)."""
+    results_path = _results_file(Path(path))
+    try:
+        top = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        top = None
+    if not (isinstance(top, dict) and top.get("kind") == "models" and isinstance(top.get("models"), dict)):
+        return [load_run(results_path, label)]
+    runs = []
+    for name in top["models"]:
+        folder = results_path.parent / "models" / str(name)
+        runs.append(load_run(folder, f"{label}.{name}" if label else str(name)))
+    return runs
+
+
 def unique_labels(runs: Sequence[ComparedRun]) -> list[ComparedRun]:
     """The runs with clashing labels made unique by -2, -3, ... (the first keeps its label):
     comparisons and rankings name models by label, so two may not share one."""
@@ -89,7 +107,8 @@ def unique_labels(runs: Sequence[ComparedRun]) -> list[ComparedRun]:
 def load_runs(paths: Sequence[str | Path], labels: Sequence[str | None] | None = None) -> list[ComparedRun]:
     """Several runs, in order, with unique labels."""
     labels = list(labels or [])
-    return unique_labels([load_run(p, labels[i] if i < len(labels) else None) for i, p in enumerate(paths)])
+    return unique_labels([run for i, p in enumerate(paths)
+                          for run in load_run_or_set(p, labels[i] if i < len(labels) else None)])
 
 
 def _name(run: ComparedRun) -> str:
