@@ -61,6 +61,13 @@ CPU_BENCHMARKS = [
           [Row("PGD audit vs bare torchattacks", r"ratio audit / bare: ([\d.]+)", "ratio audit/bare", "<= 1.05", lambda v: v <= 1.05)]),
     Bench("Shift audit vs bare corruption loop", "bench_shift.py", ["--threads", "1"], ["--n", "32", "--corruptions", "core", "--repeats", "1"],
           [Row("Shift audit vs bare corruption loop", r"ratio audit / bare: ([\d.]+)", "ratio audit/bare", "<= 1.10", lambda v: v <= 1.10)]),
+    Bench("Two models in one audit vs two single-model audits; cached re-run", "bench_multi_model.py", ["--n", "2048"],
+          ["--n", "64", "--arch", "ViT-B-32"], [
+              Row("Two-model audit / two single-model audits, ViT-B-32, 2,048 images", r"ratio pair / singles: ([\d.]+)",
+                  "ratio", "<= 1.10", lambda v: v <= 1.10),
+              Row("Two-model audit re-run from the forward cache / first run", r"ratio cached / first: ([\d.]+)",
+                  "ratio", "<= 0.10", lambda v: v <= 0.10),
+          ]),
     Bench("Batched deletion curves vs unbatched captum loop", "bench_deletion.py", [], [],
           [Row("Batched deletion curves vs unbatched captum loop", r"speed-up\s*:\s*([\d.]+)x", "speed-up", "> 1 (report)", lambda v: v > 1.0)]),
     Bench("Scaling 1k / 4k / 16k images", "bench_scaling.py", [], ["--sizes", "200", "800", "3200"], [
