@@ -121,7 +121,13 @@ CPU_NOTES = """\
   once (per-batch output tensors had fragmented the C heap: +700 MB resident at 16k images).
 - One run per benchmark on a shared 2-core machine: ratios move by a few percent between
   runs (the forward ratio was 1.04 to 1.06 in four runs since prompts are cut; 1.06 to 1.16
-  before).""".splitlines()
+  before). Over several minutes the machine drifts more (the same 2,048-image audit took
+  148 s and then 116 s), so the two-model benchmark alternates its sides and compares best
+  times; one earlier single-pass measurement had read 1.17.
+- Two models in one audit save only the second decoding of each image (a 224 px PNG decodes
+  in about a millisecond): the pair costs what two single audits cost, plus the paired
+  comparison and its page. The saving grows with DICOM and large JPEGs. A re-run from the
+  forward cache encodes no image and costs the checks' statistics and the report.""".splitlines()
 
 GPU_NOTES = """\
 - Both sides of each comparison run on the same GPU with the same batch size, decoding
