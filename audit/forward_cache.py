@@ -11,6 +11,9 @@ text features and the logit scale: a changed prompt re-encodes text only. Finish
 
 Files are plain ``.npz`` arrays (read with ``allow_pickle=False``) except finished checks,
 which are pickles this code wrote under the cache folder; delete the folder to clear it.
+A pickle runs code when read, so one is read only when it is a regular file owned by the
+current user and writable by nobody else (:func:`written_by_us`): a cache folder shared with
+others (a group or world-writable scratch disk) cannot hand this user someone else's pickle.
 The cache is off under torchrun (ranks need not share a disk).
 """
 
@@ -218,6 +221,21 @@ def run_key(cfg, adapter, dataset, forward) -> str:
                     adapter.device.type])
 
 
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) owned by this user and writable only by
+    them. Whoever can write a folder can swap its entries, but not forge their owner, and
+    this code writes its files with mode 0600."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+
+
 @dataclass
 class CheckStore:
     """Finished checks of one run key: a re-run with ``--resume`` takes them instead of running
@@ -235,6 +253,10 @@ class CheckStore:
         path = self._path(name, params)
         if not self.resume or not path.is_file():
             return None
+        if not written_by_us(path):
+            print(f"mcaudit: not resuming {name} from {path}: the file is not this user's alone "
+                  "(another owner, or writable by others); running it again", file=sys.stderr)
+            return None
         try:
             with open(path, "rb") as f:
                 return pickle.load(f)  # noqa: S301 - written by save() below, under the user's own cache folder
@@ -246,7 +268,7 @@ class CheckStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 pickle.dump((entry, result), f)
         except Exception:  # noqa: BLE001 - a result that cannot be pickled is simply not kept
             tmp.unlink(missing_ok=True)

@@ -4,6 +4,8 @@ an interrupted run resumes with the metrics of an uninterrupted one."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,3 +118,30 @@ def test_an_interrupted_run_resumes_with_the_metrics_of_an_uninterrupted_one(tmp
 def test_resume_needs_the_cache(tmp_path):
     outcome = run_cli(["run", "--quiet", "--checks", "performance", "--no-cache", "--resume"], tmp_path / "out")
     assert outcome.exit_code == 2 and "--resume" in outcome.output
+
+
+def test_finished_checks_are_read_only_from_files_this_user_alone_could_write(tmp_path, capsys):
+    from mcaudit.forward_cache import CheckStore
+
+    store = CheckStore(tmp_path / "cache", "run-key", resume=True)
+    store.save("performance", {"a": 1}, {"status": "pass"}, {"metrics": {"accuracy": 0.5}})
+    path = store._path("performance", {"a": 1})
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert store.load("performance", {"a": 1}) == ({"status": "pass"}, {"metrics": {"accuracy": 0.5}})
+    assert CheckStore(tmp_path / "cache", "run-key", resume=False).load("performance", {"a": 1}) is None
+
+    path.chmod(0o666)  # anyone on a shared disk could have replaced it
+    assert store.load("performance", {"a": 1}) is None
+    assert "not resuming performance" in capsys.readouterr().err
+    path.chmod(0o600)
+    assert store.load("performance", {"a": 1}) is not None
+
+    elsewhere = tmp_path / "elsewhere.pkl"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    assert store.load("performance", {"a": 1}) is None
+    path.unlink()
+    elsewhere.rename(path)
+    if os.getuid() == 0:  # as root the test can give the file to another user
+        os.chown(path, 12345, -1)
+        assert store.load("performance", {"a": 1}) is None
