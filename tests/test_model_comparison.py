@@ -300,6 +300,20 @@ def test_a_metric_without_a_value_or_interval_is_kept_with_a_reason(runs):
     json.dumps(found, allow_nan=False)
 
 
+def test_a_metric_a_run_does_not_evaluate_decides_nothing(runs):
+    """A check may report a number it marks not evaluated (backdoor attack success when the
+    model already sends most images to the target): that number must not rank the models."""
+    a, b = load_run(runs["n100"], "a"), load_run(runs["n100"], "b")
+    b.results = json.loads(json.dumps(b.results))
+    calibration = b.results["checks"]["calibration"]
+    calibration["metrics"]["ece"], calibration["intervals"]["ece"] = 0.9, [0.89, 0.91]
+    calibration.setdefault("not_evaluated", {})["ece"] = "planted: too few images in the bins"
+    b.samples = None
+    ece = by_metric(compare_runs([a, b], n_boot=200))["calibration.ece"]
+    assert ece["better"] is None and ece["interval"] is None and ece["value_b"] is None
+    assert ece["reason"] == "b does not evaluate calibration.ece (planted: too few images in the bins)"
+
+
 # --- reading runs -----------------------------------------------------------------------------
 
 

@@ -63,8 +63,11 @@ def _reported(run: ComparedRun, check: str, metric: str) -> tuple[float | None, 
     value = (entry.get("metrics") or {}).get(metric)
     interval = (entry.get("intervals") or {}).get(metric)
     interval = tuple(interval) if interval and len(interval) == 2 and all(map(_finite, interval)) else None
+    not_evaluated = (entry.get("not_evaluated") or {}).get(metric)
+    if not_evaluated:  # a value the check itself says cannot be read as evidence ranks no model
+        return None, interval, f"{run.label} does not evaluate {check}.{metric} ({not_evaluated})"
     if not _finite(value):
-        why = (entry.get("not_evaluated") or {}).get(metric) or entry.get("status_reason") or "no value"
+        why = entry.get("status_reason") or "no value"
         return None, interval, f"{run.label} reports no {check}.{metric} ({why})"
     return float(value), interval, None
 
