@@ -78,7 +78,7 @@ def models_summary(results: dict[str, Any]) -> str:
     for row in comparison.get("ranking") or []:
         by = {m["label"]: m for m in row.get("models", [])}
         cells = [(f"#{by[label]['rank']} ({by[label]['wins']} better, {by[label]['losses']} worse)" if row.get("decided")
-                  else "undecided") if label in by else "-" for label in labels]
+                  else "not compared" if row.get("not_compared") else "undecided") if label in by else "-" for label in labels]
         lines.append(f"| {_cell(row['dimension'])} | " + " | ".join(cells) + " |")
     decided = [c for c in comparison.get("comparisons") or [] if c.get("better")]
     if decided:

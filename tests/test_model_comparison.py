@@ -309,9 +309,14 @@ def test_a_metric_a_run_does_not_evaluate_decides_nothing(runs):
     calibration["metrics"]["ece"], calibration["intervals"]["ece"] = 0.9, [0.89, 0.91]
     calibration.setdefault("not_evaluated", {})["ece"] = "planted: too few images in the bins"
     b.samples = None
-    ece = by_metric(compare_runs([a, b], n_boot=200))["calibration.ece"]
+    found = compare_runs([a, b], n_boot=200)
+    ece = by_metric(found)["calibration.ece"]
     assert ece["better"] is None and ece["interval"] is None and ece["value_b"] is None
     assert ece["reason"] == "b does not evaluate calibration.ece (planted: too few images in the bins)"
+    ranking = {row["dimension"]: row for row in found["ranking"]}
+    assert ranking["calibration"]["not_compared"] == ece["reason"] and not ranking["calibration"]["decided"]
+    assert ranking["performance"]["not_compared"] is None
+    assert f"calibration: 1. a (+0/-0), 1. b (+0/-0)  [not compared: {ece['reason']}]" in comparison_text(found)
 
 
 # --- reading runs -----------------------------------------------------------------------------

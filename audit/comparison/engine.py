@@ -120,7 +120,8 @@ def _finish(record: dict, found: PairedComparison | None) -> dict:
 
 
 def _ranking(labels: list[str], comparisons: list[dict]) -> list[dict]:
-    """Per dimension: wins minus losses over its comparisons; ties share a rank, 1 is best."""
+    """Per dimension: wins minus losses over its comparisons; ties share a rank, 1 is best;
+    ``not_compared`` says why when no comparison of the dimension could be tested."""
     out = []
     for dimension in dict.fromkeys(c["dimension"] for c in comparisons):
         mine = [c for c in comparisons if c["dimension"] == dimension]
@@ -130,8 +131,11 @@ def _ranking(labels: list[str], comparisons: list[dict]) -> list[dict]:
         score = {label: wins[label] - losses[label] for label in labels}
         models = [{"label": label, "wins": wins[label], "losses": losses[label],
                    "rank": 1 + sum(s > score[label] for s in score.values())} for label in labels]
+        # "undecided" would read as "compared, no difference": say so when nothing was testable
+        untested = None if any(c["interval"] is not None for c in mine) else next(
+            (c["reason"] for c in mine if c["reason"]), "no metric could be compared")
         out.append({"dimension": dimension, "metrics": list(dict.fromkeys(c["metric"] for c in mine)),
-                    "decided": any(c["better"] is not None for c in mine),
+                    "decided": any(c["better"] is not None for c in mine), "not_compared": untested,
                     "models": sorted(models, key=lambda m: (m["rank"], labels.index(m["label"])))})
     return out
 

@@ -22,7 +22,8 @@ def comparison_text(comparison: dict) -> str:
     lines += ["", "Ranking per dimension (wins - losses; 1 is best):"]
     for dim in comparison["ranking"]:
         ranked = ", ".join(f"{m['rank']}. {m['label']} (+{m['wins']}/-{m['losses']})" for m in dim["models"])
-        tail = "" if dim["decided"] else "  [undecided: no difference shown]"
+        tail = ("" if dim["decided"] else f"  [not compared: {dim['not_compared']}]" if dim.get("not_compared")
+                else "  [undecided: no difference shown]")
         lines.append(f"  {dim['dimension']}: {ranked}{tail}")
     decided = [c for c in comparison["comparisons"] if c["better"] is not None]
     lines += ["", "Decided differences:" if decided else "Decided differences: none"]
